@@ -1,0 +1,682 @@
+//! H.264 (RFC 6184) and H.265 (RFC 7798) depacketisation into access units,
+//! with the frame accounting that defines "zero drop".
+//!
+//! Input is the jitter buffer's in-order output: packets, and declared losses.
+//! An access unit that lost a packet is never handed on: it is counted as
+//! dropped, and every following frame is dropped too until a keyframe arrives
+//! (its references are gone), with one keyframe request. Supported: H.264
+//! single NAL unit, STAP-A and FU-A (packetization-mode 0 and 1); H.265 single
+//! NAL unit, AP and FU without DONL (sprop-max-don-diff = 0). STAP-B, MTAP,
+//! FU-B and PACI are counted as unsupported and drop their frame.
+
+use std::time::Instant;
+
+use zerodrop_crds::Codec;
+
+use crate::au::au_digest;
+
+const START_CODE: [u8; 4] = [0, 0, 0, 1];
+
+/// One whole access unit in Annex B form, ready for a byte-stream parser.
+#[derive(Debug)]
+pub struct AccessUnit {
+    pub data: Vec<u8>,
+    pub rtp_timestamp: u32,
+    pub keyframe: bool,
+    /// Arrival of the access unit's first packet.
+    pub first_arrival: Instant,
+    /// Whether any of its packets was repaired (retransmitted or reordered in).
+    pub content_digest: u64,
+}
+
+impl AccessUnit {
+    pub fn nal_units(&self) -> impl Iterator<Item = &[u8]> {
+        crate::au::annexb_nal_units(&self.data)
+    }
+}
+
+/// Why frames were not handed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A packet of the frame was lost.
+    Incomplete,
+    /// The frame arrived whole but a frame it depends on was dropped.
+    ReferenceLost,
+    /// No packet of the frame arrived (inferred from the timestamp step).
+    Missing,
+    /// A packet used a packetisation this depacketiser does not support, or
+    /// was malformed.
+    Malformed,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Incomplete => "incomplete",
+            DropReason::ReferenceLost => "reference_lost",
+            DropReason::Missing => "missing",
+            DropReason::Malformed => "malformed",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum DepayEvent {
+    Frame(AccessUnit),
+    Dropped { reason: DropReason, frames: u64, rtp_timestamp: Option<u32> },
+    /// Frames before the first keyframe of the stream: not decodable, not
+    /// counted as dropped (they were sent before we could have them).
+    SkippedBeforeKeyframe { rtp_timestamp: u32 },
+    /// Ask the sender for a keyframe (PLI).
+    KeyframeNeeded,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DepayCounters {
+    pub malformed_packets: u64,
+    pub unsupported_packets: u64,
+}
+
+struct Building {
+    data: Vec<u8>,
+    timestamp: u32,
+    first_arrival: Instant,
+    damaged: bool,
+    malformed: bool,
+    keyframe: bool,
+    /// Inside an FU: the reconstructed NAL's start offset in `data`.
+    in_fu: bool,
+}
+
+pub struct Depacketizer {
+    codec: Codec,
+    building: Option<Building>,
+    /// A loss was declared since the last packet.
+    loss_pending: bool,
+    /// Drop everything until a keyframe (references lost, or start of stream).
+    waiting_for_keyframe: bool,
+    started: bool,
+    initial_keyframe_requested: bool,
+    last_timestamp: Option<u32>,
+    /// Smallest positive timestamp step seen: the frame duration.
+    frame_step: Option<u32>,
+    counters: DepayCounters,
+}
+
+impl Depacketizer {
+    pub fn new(codec: Codec) -> Self {
+        Self {
+            codec,
+            building: None,
+            loss_pending: false,
+            waiting_for_keyframe: true,
+            started: false,
+            initial_keyframe_requested: false,
+            last_timestamp: None,
+            frame_step: None,
+            counters: DepayCounters::default(),
+        }
+    }
+
+    pub fn counters(&self) -> DepayCounters {
+        self.counters
+    }
+
+    /// The frame duration in RTP clock ticks, once seen.
+    pub fn frame_step(&self) -> Option<u32> {
+        self.frame_step
+    }
+
+    /// Packets `count` in sequence were lost.
+    pub fn push_loss(&mut self, _count: u64) {
+        self.loss_pending = true;
+    }
+
+    pub fn push_packet(&mut self, payload: &[u8], timestamp: u32, marker: bool, arrival: Instant, out: &mut Vec<DepayEvent>) {
+        let new_au = self.building.as_ref().is_none_or(|b| b.timestamp != timestamp);
+        if new_au {
+            if let Some(mut b) = self.building.take() {
+                // It never saw its marker: lost packets may have been its tail.
+                if self.loss_pending {
+                    b.damaged = true;
+                }
+                self.finish(b, out);
+            }
+            let lost_before = self.loss_pending && self.started;
+            if lost_before {
+                self.count_missing_frames(timestamp, out);
+            }
+            // After a loss, only a unit that provably starts here (delimiter or
+            // parameter set first: nothing but a delimiter may precede those)
+            // can be whole; a lost SEI or parameter set would otherwise go
+            // unnoticed.
+            let damaged = if lost_before {
+                !self.leads_access_unit(payload)
+            } else {
+                !self.starts_access_unit(payload)
+            };
+            self.building = Some(Building {
+                data: Vec::with_capacity(payload.len() * 8),
+                timestamp,
+                first_arrival: arrival,
+                damaged,
+                malformed: false,
+                keyframe: false,
+                in_fu: false,
+            });
+        } else if self.loss_pending {
+            if let Some(b) = self.building.as_mut() {
+                b.damaged = true;
+            }
+        }
+        self.loss_pending = false;
+        if let Some(mut b) = self.building.take() {
+            self.append(&mut b, payload);
+            if marker {
+                self.finish(b, out);
+            } else {
+                self.building = Some(b);
+            }
+        }
+    }
+
+    /// End of stream: hand on or drop what is being built.
+    pub fn flush(&mut self, out: &mut Vec<DepayEvent>) {
+        if let Some(mut b) = self.building.take() {
+            if self.loss_pending {
+                b.damaged = true;
+            }
+            self.finish(b, out);
+        }
+    }
+
+    fn count_missing_frames(&mut self, timestamp: u32, out: &mut Vec<DepayEvent>) {
+        let (Some(last), Some(step)) = (self.last_timestamp, self.frame_step) else { return };
+        let delta = timestamp.wrapping_sub(last);
+        if delta == 0 || delta > step.saturating_mul(1000) {
+            return;
+        }
+        // Round to whole frames; a step of 2.4 frames means 1 frame missing.
+        let frames = ((delta as u64 + step as u64 / 2) / step as u64).saturating_sub(1);
+        if frames > 0 {
+            out.push(DepayEvent::Dropped { reason: DropReason::Missing, frames, rtp_timestamp: None });
+            self.enter_keyframe_wait(out);
+        }
+    }
+
+    fn enter_keyframe_wait(&mut self, out: &mut Vec<DepayEvent>) {
+        if !self.waiting_for_keyframe {
+            self.waiting_for_keyframe = true;
+            out.push(DepayEvent::KeyframeNeeded);
+        }
+    }
+
+    fn finish(&mut self, b: Building, out: &mut Vec<DepayEvent>) {
+        if let Some(last) = self.last_timestamp {
+            let step = b.timestamp.wrapping_sub(last);
+            if step > 0 && step < u32::MAX / 2 {
+                self.frame_step = Some(self.frame_step.map_or(step, |s| s.min(step)));
+            }
+        }
+        self.last_timestamp = Some(b.timestamp);
+        let ts = Some(b.timestamp);
+        if b.damaged || b.malformed || b.in_fu || b.data.is_empty() {
+            let reason = if b.malformed { DropReason::Malformed } else { DropReason::Incomplete };
+            if self.started {
+                out.push(DepayEvent::Dropped { reason, frames: 1, rtp_timestamp: ts });
+                self.enter_keyframe_wait(out);
+            } else {
+                out.push(DepayEvent::SkippedBeforeKeyframe { rtp_timestamp: b.timestamp });
+            }
+            return;
+        }
+        if self.waiting_for_keyframe && !b.keyframe {
+            if self.started {
+                out.push(DepayEvent::Dropped { reason: DropReason::ReferenceLost, frames: 1, rtp_timestamp: ts });
+            } else {
+                if !self.initial_keyframe_requested {
+                    self.initial_keyframe_requested = true;
+                    out.push(DepayEvent::KeyframeNeeded);
+                }
+                out.push(DepayEvent::SkippedBeforeKeyframe { rtp_timestamp: b.timestamp });
+            }
+            return;
+        }
+        self.waiting_for_keyframe = false;
+        self.started = true;
+        let content_digest = au_digest(crate::au::annexb_nal_units(&b.data));
+        out.push(DepayEvent::Frame(AccessUnit {
+            data: b.data,
+            rtp_timestamp: b.timestamp,
+            keyframe: b.keyframe,
+            first_arrival: b.first_arrival,
+            content_digest,
+        }));
+    }
+
+    /// Whether a packet begins with a NAL unit that only ever leads an access
+    /// unit: an access unit delimiter, or the SPS (H.264) / VPS (H.265).
+    fn leads_access_unit(&self, payload: &[u8]) -> bool {
+        match self.codec {
+            Codec::H264 => {
+                let first = match payload.first().map(|h| h & 0x1f) {
+                    Some(24) => payload.get(3).map(|h| h & 0x1f),
+                    Some(28) => payload.get(1).filter(|fu| *fu & 0x80 != 0).map(|fu| fu & 0x1f),
+                    t => t,
+                };
+                matches!(first, Some(7 | 9))
+            }
+            Codec::H265 => {
+                let first = match payload.first().map(|h| (h >> 1) & 0x3f) {
+                    Some(48) => payload.get(4).map(|h| (h >> 1) & 0x3f),
+                    Some(49) => payload.get(2).filter(|fu| *fu & 0x80 != 0).map(|fu| fu & 0x3f),
+                    t => t,
+                };
+                matches!(first, Some(32 | 35))
+            }
+        }
+    }
+
+    /// Whether a packet begins an access unit: a parameter set, delimiter or
+    /// SEI, or the first slice of a picture (first_mb_in_slice == 0 in H.264,
+    /// first_slice_segment_in_pic_flag in H.265).
+    fn starts_access_unit(&self, payload: &[u8]) -> bool {
+        match self.codec {
+            Codec::H264 => {
+                let Some(&h) = payload.first() else { return false };
+                let (nal_type, slice_byte) = match h & 0x1f {
+                    24 => (payload.get(3).map_or(0, |b| b & 0x1f), payload.get(4)),
+                    28 => {
+                        let Some(&fu) = payload.get(1) else { return false };
+                        if fu & 0x80 == 0 {
+                            return false;
+                        }
+                        (fu & 0x1f, payload.get(2))
+                    }
+                    t => (t, payload.get(1)),
+                };
+                match nal_type {
+                    1 | 5 => slice_byte.is_some_and(|b| b & 0x80 != 0),
+                    6..=9 | 13..=18 => true,
+                    _ => false,
+                }
+            }
+            Codec::H265 => {
+                if payload.len() < 2 {
+                    return false;
+                }
+                let (nal_type, slice_byte) = match (payload[0] >> 1) & 0x3f {
+                    48 => (payload.get(4).map_or(0, |b| (b >> 1) & 0x3f), payload.get(6)),
+                    49 => {
+                        let Some(&fu) = payload.get(2) else { return false };
+                        if fu & 0x80 == 0 {
+                            return false;
+                        }
+                        (fu & 0x3f, payload.get(3))
+                    }
+                    t => (t, payload.get(2)),
+                };
+                match nal_type {
+                    0..=31 => slice_byte.is_some_and(|b| b & 0x80 != 0),
+                    32..=40 => true,
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn append(&mut self, b: &mut Building, payload: &[u8]) {
+        let ok = match self.codec {
+            Codec::H264 => self.append_h264(b, payload),
+            Codec::H265 => self.append_h265(b, payload),
+        };
+        if let Err(kind) = ok {
+            b.malformed = true;
+            match kind {
+                PacketError::Malformed => self.counters.malformed_packets += 1,
+                PacketError::Unsupported => self.counters.unsupported_packets += 1,
+            }
+        }
+    }
+
+    fn append_h264(&mut self, b: &mut Building, payload: &[u8]) -> Result<(), PacketError> {
+        let &header = payload.first().ok_or(PacketError::Malformed)?;
+        if header & 0x80 != 0 {
+            return Err(PacketError::Malformed); // forbidden_zero_bit
+        }
+        match header & 0x1f {
+            0 => Err(PacketError::Malformed),
+            t @ 1..=23 => {
+                if b.in_fu {
+                    return Err(PacketError::Malformed);
+                }
+                b.keyframe |= t == 5;
+                push_nal(&mut b.data, payload);
+                Ok(())
+            }
+            24 => {
+                if b.in_fu {
+                    return Err(PacketError::Malformed);
+                }
+                for nal in aggregation_units(&payload[1..])? {
+                    let t = nal.first().ok_or(PacketError::Malformed)? & 0x1f;
+                    b.keyframe |= t == 5;
+                    push_nal(&mut b.data, nal);
+                }
+                Ok(())
+            }
+            28 => {
+                let &fu = payload.get(1).ok_or(PacketError::Malformed)?;
+                let (start, end, t) = (fu & 0x80 != 0, fu & 0x40 != 0, fu & 0x1f);
+                if start && end || (start == b.in_fu) || payload.len() < 3 || t == 0 {
+                    // Start inside an FU, continuation without a start, or an
+                    // FU that claims to be whole: RFC 6184 §5.8 forbids all three.
+                    b.in_fu = false;
+                    return Err(PacketError::Malformed);
+                }
+                if start {
+                    b.keyframe |= t == 5;
+                    b.data.extend_from_slice(&START_CODE);
+                    b.data.push((header & 0xe0) | t);
+                    b.in_fu = true;
+                }
+                b.data.extend_from_slice(&payload[2..]);
+                if end {
+                    b.in_fu = false;
+                }
+                Ok(())
+            }
+            _ => Err(PacketError::Unsupported),
+        }
+    }
+
+    fn append_h265(&mut self, b: &mut Building, payload: &[u8]) -> Result<(), PacketError> {
+        if payload.len() < 3 || payload[0] & 0x80 != 0 {
+            return Err(PacketError::Malformed);
+        }
+        let is_irap = |t: u8| (16..=23).contains(&t);
+        match (payload[0] >> 1) & 0x3f {
+            t @ 0..=47 => {
+                if b.in_fu {
+                    return Err(PacketError::Malformed);
+                }
+                b.keyframe |= is_irap(t);
+                push_nal(&mut b.data, payload);
+                Ok(())
+            }
+            48 => {
+                if b.in_fu {
+                    return Err(PacketError::Malformed);
+                }
+                for nal in aggregation_units(&payload[2..])? {
+                    if nal.len() < 2 {
+                        return Err(PacketError::Malformed);
+                    }
+                    b.keyframe |= is_irap((nal[0] >> 1) & 0x3f);
+                    push_nal(&mut b.data, nal);
+                }
+                Ok(())
+            }
+            49 => {
+                let fu = payload[2];
+                let (start, end, t) = (fu & 0x80 != 0, fu & 0x40 != 0, fu & 0x3f);
+                if start && end || (start == b.in_fu) || payload.len() < 4 {
+                    b.in_fu = false;
+                    return Err(PacketError::Malformed);
+                }
+                if start {
+                    b.keyframe |= is_irap(t);
+                    b.data.extend_from_slice(&START_CODE);
+                    b.data.push((payload[0] & 0x81) | (t << 1));
+                    b.data.push(payload[1]);
+                    b.in_fu = true;
+                }
+                b.data.extend_from_slice(&payload[3..]);
+                if end {
+                    b.in_fu = false;
+                }
+                Ok(())
+            }
+            _ => Err(PacketError::Unsupported),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PacketError {
+    Malformed,
+    Unsupported,
+}
+
+fn push_nal(data: &mut Vec<u8>, nal: &[u8]) {
+    data.extend_from_slice(&START_CODE);
+    data.extend_from_slice(nal);
+}
+
+/// The NAL units of an aggregation packet body: 16-bit size, then the unit.
+fn aggregation_units(mut body: &[u8]) -> Result<Vec<&[u8]>, PacketError> {
+    let mut units = Vec::new();
+    while !body.is_empty() {
+        if body.len() < 2 {
+            return Err(PacketError::Malformed);
+        }
+        let size = u16::from_be_bytes([body[0], body[1]]) as usize;
+        if size == 0 || body.len() < 2 + size {
+            return Err(PacketError::Malformed);
+        }
+        units.push(&body[2..2 + size]);
+        body = &body[2 + size..];
+    }
+    if units.is_empty() {
+        return Err(PacketError::Malformed);
+    }
+    Ok(units)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDR: &[u8] = &[0x65, 0x88, 1, 2, 3, 4];
+    const SPS: &[u8] = &[0x67, 0x42, 0, 0x1f];
+    const PPS: &[u8] = &[0x68, 0xce, 0x3c, 0x80];
+    const P: &[u8] = &[0x41, 0x9a, 5, 6, 7];
+
+    fn frames(out: &[DepayEvent]) -> Vec<(u32, bool)> {
+        out.iter()
+            .filter_map(|e| match e {
+                DepayEvent::Frame(au) => Some((au.rtp_timestamp, au.keyframe)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn dropped(out: &[DepayEvent]) -> u64 {
+        out.iter().map(|e| if let DepayEvent::Dropped { frames, .. } = e { *frames } else { 0 }).sum()
+    }
+
+    fn fu_a(nal: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+        let header = nal[0];
+        let body = &nal[1..];
+        let parts: Vec<&[u8]> = body.chunks(chunk).collect();
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let mut fu = (header & 0x1f) | if i == 0 { 0x80 } else { 0 };
+                if i == parts.len() - 1 {
+                    fu |= 0x40;
+                }
+                let mut p = vec![(header & 0xe0) | 28, fu];
+                p.extend_from_slice(part);
+                p
+            })
+            .collect()
+    }
+
+    fn stap_a(nals: &[&[u8]]) -> Vec<u8> {
+        let mut p = vec![24];
+        for n in nals {
+            p.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            p.extend_from_slice(n);
+        }
+        p
+    }
+
+    #[test]
+    fn stap_a_and_fu_a_rebuild_the_exact_nal_units() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(&stap_a(&[SPS, PPS]), 0, false, t, &mut out);
+        let big_idr: Vec<u8> = [0x65u8, 0x88].iter().copied().chain((0..3000).map(|i| (i % 251) as u8)).collect();
+        let parts = fu_a(&big_idr, 1000);
+        for (i, p) in parts.iter().enumerate() {
+            d.push_packet(p, 0, i == parts.len() - 1, t, &mut out);
+        }
+        assert_eq!(frames(&out), vec![(0, true)]);
+        let DepayEvent::Frame(au) = &out[0] else { panic!() };
+        let nals: Vec<&[u8]> = au.nal_units().collect();
+        assert_eq!(nals, vec![SPS, PPS, &big_idr[..]]);
+        assert_eq!(au.content_digest, au_digest([SPS, PPS, &big_idr[..]]));
+    }
+
+    #[test]
+    fn loss_inside_a_frame_drops_it_and_waits_for_keyframe() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(IDR, 0, true, t, &mut out);
+        d.push_packet(P, 3000, true, t, &mut out);
+        // Frame at 6000 loses its second packet.
+        let p_big: Vec<u8> = [0x41u8, 0x9a].iter().copied().chain(0..200).collect();
+        let parts = fu_a(&p_big, 60);
+        d.push_packet(&parts[0], 6000, false, t, &mut out);
+        d.push_loss(1);
+        d.push_packet(&parts[2], 6000, false, t, &mut out);
+        d.push_packet(&parts[3], 6000, true, t, &mut out);
+        d.push_packet(P, 9000, true, t, &mut out); // refs broken
+        d.push_packet(IDR, 12000, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(0, true), (3000, false), (12000, true)]);
+        assert_eq!(dropped(&out), 2);
+        assert_eq!(out.iter().filter(|e| matches!(e, DepayEvent::KeyframeNeeded)).count(), 1);
+    }
+
+    #[test]
+    fn whole_missing_frames_are_counted_from_the_timestamp_step() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(IDR, 0, true, t, &mut out);
+        d.push_packet(P, 3000, true, t, &mut out);
+        d.push_loss(4);
+        // Two whole frames (6000, 9000) vanished; 12000 arrives whole but refs are gone.
+        d.push_packet(P, 12000, true, t, &mut out);
+        assert_eq!(dropped(&out), 3);
+    }
+
+    #[test]
+    fn lost_marker_packet_damages_the_frame_it_ended() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(IDR, 0, true, t, &mut out);
+        let parts = fu_a(&[0x41, 0x9a, 1, 2, 3, 4, 5, 6], 3);
+        d.push_packet(&parts[0], 3000, false, t, &mut out);
+        d.push_packet(&parts[1], 3000, false, t, &mut out);
+        d.push_loss(1); // the last FU with the marker
+        d.push_packet(&stap_a(&[SPS, PPS]), 6000, false, t, &mut out);
+        d.push_packet(IDR, 6000, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(0, true), (6000, true)]);
+        assert_eq!(dropped(&out), 1);
+    }
+
+    #[test]
+    fn after_a_loss_a_frame_without_its_leading_nal_is_not_trusted() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(IDR, 0, true, t, &mut out);
+        d.push_loss(1); // could have been the SPS/PPS of the next keyframe
+        d.push_packet(IDR, 3000, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(0, true)]);
+        assert_eq!(dropped(&out), 1);
+    }
+
+    #[test]
+    fn frames_before_the_first_keyframe_are_skipped_not_dropped() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(P, 0, true, t, &mut out);
+        d.push_packet(P, 3000, true, t, &mut out);
+        d.push_packet(IDR, 6000, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(6000, true)]);
+        assert_eq!(dropped(&out), 0);
+        assert_eq!(out.iter().filter(|e| matches!(e, DepayEvent::SkippedBeforeKeyframe { .. })).count(), 2);
+        assert!(out.iter().any(|e| matches!(e, DepayEvent::KeyframeNeeded)));
+    }
+
+    #[test]
+    fn garbage_fu_sequences_are_counted_not_panicked_on() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(IDR, 0, true, t, &mut out);
+        // Continuation without start, then start+end in one, then truncated STAP-A.
+        d.push_packet(&[0x7c, 0x01, 9, 9], 3000, false, t, &mut out);
+        d.push_packet(&[0x7c, 0xc1, 9, 9], 3000, false, t, &mut out);
+        d.push_packet(&[24, 0, 50, 1], 3000, true, t, &mut out);
+        d.push_packet(&[], 6000, true, t, &mut out);
+        d.push_packet(&[0x80], 9000, true, t, &mut out);
+        d.push_packet(&[25, 1, 2], 12000, true, t, &mut out);
+        assert!(d.counters().malformed_packets >= 4);
+        assert_eq!(d.counters().unsupported_packets, 1);
+        assert_eq!(frames(&out), vec![(0, true)]);
+    }
+
+    #[test]
+    fn h265_fu_and_aggregation_rebuild_nal_units() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H265);
+        let mut out = Vec::new();
+        let vps: &[u8] = &[0x40, 0x01, 0x0c];
+        let sps: &[u8] = &[0x42, 0x01, 0x01];
+        let idr: Vec<u8> = [0x26u8, 0x01, 0xaf].iter().copied().chain(0..100).collect(); // IDR_W_RADL
+        let mut ap = vec![48 << 1, 1];
+        for n in [vps, sps] {
+            ap.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            ap.extend_from_slice(n);
+        }
+        d.push_packet(&ap, 0, false, t, &mut out);
+        let fu_type = (idr[0] >> 1) & 0x3f;
+        let body = &idr[2..];
+        let mut p1 = vec![49 << 1, 1, 0x80 | fu_type];
+        p1.extend_from_slice(&body[..50]);
+        let mut p2 = vec![49 << 1, 1, 0x40 | fu_type];
+        p2.extend_from_slice(&body[50..]);
+        d.push_packet(&p1, 0, false, t, &mut out);
+        d.push_packet(&p2, 0, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(0, true)]);
+        let DepayEvent::Frame(au) = &out[0] else { panic!() };
+        let nals: Vec<&[u8]> = au.nal_units().collect();
+        assert_eq!(nals, vec![vps, sps, &idr[..]]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_payloads_never_panic(packets in proptest::collection::vec(
+            (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 0u32..4, proptest::prelude::any::<bool>(), proptest::prelude::any::<bool>()), 0..40)) {
+            for codec in [Codec::H264, Codec::H265] {
+                let t = Instant::now();
+                let mut d = Depacketizer::new(codec);
+                let mut out = Vec::new();
+                for (payload, ts, marker, loss) in &packets {
+                    if *loss { d.push_loss(1); }
+                    d.push_packet(payload, ts * 3000, *marker, t, &mut out);
+                }
+                d.flush(&mut out);
+            }
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! Reorder buffer with loss detection and NACK scheduling.
+//!
+//! Packets leave in sequence order as soon as they are contiguous: the buffer
+//! adds no delay to a clean stream. A gap holds later packets back until the
+//! missing packet arrives (original or retransmission) or its deadline passes
+//! (`latency` after the gap was seen), when it is declared lost. While a packet
+//! is missing, `NackScheduler` logic here asks for it again every RTT, as long
+//! as an answer could still arrive before the deadline.
+//!
+//! The buffer is pure: time is passed in, so tests drive it without sleeping.
+
+use std::time::{Duration, Instant};
+
+/// Settings, separate from running state.
+#[derive(Debug, Clone)]
+pub struct JitterSettings {
+    /// How long after a gap is seen a missing packet may still be repaired.
+    pub latency: Duration,
+    /// Ask for retransmissions at all.
+    pub nack: bool,
+    /// NACKs per missing packet, at most.
+    pub max_nack_retries: u32,
+    /// Packets the ring holds; a power of two.
+    pub capacity: usize,
+}
+
+impl Default for JitterSettings {
+    fn default() -> Self {
+        Self { latency: Duration::from_millis(200), nack: true, max_nack_retries: 5, capacity: 4096 }
+    }
+}
+
+/// A packet kept by the buffer: the datagram and where its RTP payload lies.
+#[derive(Debug)]
+pub struct StoredPacket {
+    pub data: Vec<u8>,
+    pub payload_offset: usize,
+    pub payload_len: usize,
+    pub timestamp: u32,
+    pub marker: bool,
+    pub arrival: Instant,
+    /// Whether this copy came from a retransmission.
+    pub retransmitted: bool,
+}
+
+impl StoredPacket {
+    pub fn payload(&self) -> &[u8] {
+        &self.data[self.payload_offset..self.payload_offset + self.payload_len]
+    }
+}
+
+/// What the buffer hands on, in sequence order.
+#[derive(Debug)]
+pub enum Output {
+    Packet { seq: u64, packet: StoredPacket },
+    /// `count` consecutive packets starting at `first` will never arrive.
+    Lost { first: u64, count: u64 },
+}
+
+/// What became of one pushed packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Stored,
+    /// A packet already held or already released.
+    Duplicate,
+    /// Arrived after it was declared lost: counted, not used.
+    TooLate,
+    /// The sequence jumped further than the ring holds: the buffer restarted
+    /// at this packet and declared everything in between lost.
+    Resynced { lost: u64 },
+}
+
+#[derive(Debug)]
+enum Slot {
+    Empty,
+    Missing { seen: Instant, nacks_sent: u32, next_nack: Instant },
+    Present(StoredPacket),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct JitterCounters {
+    pub received: u64,
+    pub duplicates: u64,
+    pub too_late: u64,
+    /// Packets that went missing at some point (gaps seen).
+    pub went_missing: u64,
+    /// Missing packets that arrived in time (retransmitted or reordered).
+    pub recovered: u64,
+    pub recovered_by_nack: u64,
+    pub lost: u64,
+}
+
+pub struct JitterBuffer {
+    settings: JitterSettings,
+    slots: Vec<Slot>,
+    mask: u64,
+    /// Next sequence number to release; `None` before the first packet.
+    next_out: Option<u64>,
+    /// One past the highest sequence number seen.
+    end: u64,
+    counters: JitterCounters,
+    spare: Vec<Vec<u8>>,
+    /// Loss declared by a resync, handed on by the next `pop_ready`.
+    resync_loss: Option<(u64, u64)>,
+}
+
+impl JitterBuffer {
+    pub fn new(settings: JitterSettings) -> Self {
+        let capacity = settings.capacity.next_power_of_two().max(64);
+        Self {
+            slots: (0..capacity).map(|_| Slot::Empty).collect(),
+            mask: capacity as u64 - 1,
+            settings,
+            next_out: None,
+            end: 0,
+            counters: JitterCounters::default(),
+            spare: Vec::new(),
+            resync_loss: None,
+        }
+    }
+
+    pub fn settings(&self) -> &JitterSettings {
+        &self.settings
+    }
+
+    pub fn counters(&self) -> JitterCounters {
+        self.counters
+    }
+
+    /// A buffer to receive the next datagram into, reused from released packets.
+    pub fn take_spare(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// Gives a released packet's buffer back for reuse.
+    pub fn recycle(&mut self, mut data: Vec<u8>) {
+        if self.spare.len() < 256 {
+            data.clear();
+            self.spare.push(data);
+        }
+    }
+
+    fn slot(&mut self, seq: u64) -> &mut Slot {
+        &mut self.slots[(seq & self.mask) as usize]
+    }
+
+    /// Forgets all state, as when the sender restarts with a new SSRC.
+    pub fn reset(&mut self) {
+        for s in &mut self.slots {
+            *s = Slot::Empty;
+        }
+        self.next_out = None;
+        self.end = 0;
+        self.resync_loss = None;
+    }
+
+    pub fn push(&mut self, seq: u64, packet: StoredPacket, now: Instant) -> PushOutcome {
+        let capacity = self.slots.len() as u64;
+        let Some(next_out) = self.next_out else {
+            self.next_out = Some(seq);
+            self.end = seq + 1;
+            self.counters.received += 1;
+            *self.slot(seq) = Slot::Present(packet);
+            return PushOutcome::Stored;
+        };
+        if seq < next_out {
+            self.counters.too_late += 1;
+            self.recycle(packet.data);
+            return PushOutcome::TooLate;
+        }
+        let mut outcome = PushOutcome::Stored;
+        if seq >= next_out + capacity {
+            // Too far ahead to keep the gap: everything before the packet is lost.
+            let lost = seq - next_out;
+            for s in next_out..self.end.min(next_out + capacity) {
+                if let Slot::Present(p) = std::mem::replace(self.slot(s), Slot::Empty) {
+                    self.recycle(p.data);
+                }
+            }
+            self.counters.lost += lost;
+            self.counters.went_missing += lost;
+            self.next_out = Some(seq);
+            self.end = seq;
+            self.resync_loss = Some((next_out, lost));
+            outcome = PushOutcome::Resynced { lost };
+        }
+        if seq >= self.end {
+            // New packets beyond the highest: every skipped number is missing now.
+            let first_nack = now;
+            for s in self.end..seq {
+                *self.slot(s) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: first_nack };
+                self.counters.went_missing += 1;
+            }
+            self.end = seq + 1;
+            *self.slot(seq) = Slot::Present(packet);
+            self.counters.received += 1;
+            return outcome;
+        }
+        match self.slot(seq) {
+            Slot::Present(_) => {
+                self.counters.duplicates += 1;
+                self.recycle(packet.data);
+                PushOutcome::Duplicate
+            }
+            Slot::Missing { nacks_sent, .. } => {
+                let by_nack = *nacks_sent > 0 && packet.retransmitted;
+                *self.slot(seq) = Slot::Present(packet);
+                self.counters.received += 1;
+                self.counters.recovered += 1;
+                if by_nack {
+                    self.counters.recovered_by_nack += 1;
+                }
+                PushOutcome::Stored
+            }
+            Slot::Empty => {
+                // Cannot happen for next_out <= seq < end; store it anyway.
+                *self.slot(seq) = Slot::Present(packet);
+                self.counters.received += 1;
+                PushOutcome::Stored
+            }
+        }
+    }
+
+    /// Releases what is ready, in order, into `out`: contiguous packets, and
+    /// missing packets whose deadline has passed (as `Output::Lost`).
+    pub fn pop_ready(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let Some(mut next) = self.next_out else { return };
+        if let Some((first, count)) = self.resync_loss.take() {
+            out.push(Output::Lost { first, count });
+        }
+        let latency = self.settings.latency;
+        while next < self.end {
+            let idx = (next & self.mask) as usize;
+            match &self.slots[idx] {
+                Slot::Present(_) => {
+                    let Slot::Present(packet) = std::mem::replace(&mut self.slots[idx], Slot::Empty) else {
+                        unreachable!()
+                    };
+                    out.push(Output::Packet { seq: next, packet });
+                    next += 1;
+                }
+                Slot::Missing { seen, .. } if now >= *seen + latency => {
+                    let first = next;
+                    while next < self.end {
+                        let idx = (next & self.mask) as usize;
+                        match &self.slots[idx] {
+                            Slot::Missing { seen, .. } if now >= *seen + latency => {
+                                self.slots[idx] = Slot::Empty;
+                                next += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    self.counters.lost += next - first;
+                    out.push(Output::Lost { first, count: next - first });
+                }
+                _ => break,
+            }
+        }
+        self.next_out = Some(next);
+    }
+
+    /// Collects the sequence numbers to NACK now, given the current RTT
+    /// estimate, and schedules their next retry. A packet is asked for only
+    /// while an answer could still arrive before its deadline.
+    pub fn due_nacks(&mut self, now: Instant, rtt: Duration, out: &mut Vec<u64>) {
+        if !self.settings.nack {
+            return;
+        }
+        let Some(start) = self.next_out else { return };
+        let retry = rtt.mul_f32(1.25).max(Duration::from_millis(5));
+        let max = self.settings.max_nack_retries;
+        let latency = self.settings.latency;
+        for seq in start..self.end {
+            let idx = (seq & self.mask) as usize;
+            if let Slot::Missing { seen, nacks_sent, next_nack } = &mut self.slots[idx] {
+                let deadline = *seen + latency;
+                // The first request goes out regardless of the RTT guess; later
+                // ones only if the retransmission could still make it.
+                let useful = *nacks_sent == 0 || now + rtt / 2 < deadline;
+                if *nacks_sent < max && now >= *next_nack && useful && now < deadline {
+                    *nacks_sent += 1;
+                    *next_nack = now + retry;
+                    out.push(seq);
+                }
+            }
+        }
+    }
+
+    /// The earliest instant at which `pop_ready` or `due_nacks` has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let start = self.next_out?;
+        let mut earliest: Option<Instant> = None;
+        for seq in start..self.end {
+            if let Slot::Missing { seen, nacks_sent, next_nack } = &self.slots[(seq & self.mask) as usize] {
+                let mut t = *seen + self.settings.latency;
+                if self.settings.nack && *nacks_sent < self.settings.max_nack_retries {
+                    t = t.min(*next_nack);
+                }
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            }
+        }
+        earliest
+    }
+
+    /// Packets held waiting for a gap to close.
+    pub fn held(&self) -> u64 {
+        self.next_out.map_or(0, |n| self.end - n)
+    }
+
+    /// Whether a sequence number is currently missing and has been NACKed.
+    pub fn was_nacked(&self, seq: u64) -> bool {
+        matches!(self.slots[(seq & self.mask) as usize], Slot::Missing { nacks_sent, .. } if nacks_sent > 0)
+            && self.next_out.is_some_and(|n| seq >= n && seq < self.end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkt(now: Instant, ts: u32) -> StoredPacket {
+        StoredPacket {
+            data: vec![0; 12],
+            payload_offset: 12,
+            payload_len: 0,
+            timestamp: ts,
+            marker: false,
+            arrival: now,
+            retransmitted: false,
+        }
+    }
+
+    fn released(out: &[Output]) -> Vec<i64> {
+        // Packets as their seq, losses as negative seqs.
+        let mut v = Vec::new();
+        for o in out {
+            match o {
+                Output::Packet { seq, .. } => v.push(*seq as i64),
+                Output::Lost { first, count } => v.extend((*first..first + count).map(|s| -(s as i64))),
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn in_order_packets_leave_without_delay() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings::default());
+        let mut out = Vec::new();
+        for s in 100..110 {
+            jb.push(s, pkt(t0, 0), t0);
+            jb.pop_ready(t0, &mut out);
+        }
+        assert_eq!(released(&out), (100..110).collect::<Vec<_>>());
+        assert_eq!(jb.held(), 0);
+    }
+
+    #[test]
+    fn gap_is_nacked_at_once_and_filled_by_retransmission() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings::default());
+        let mut out = Vec::new();
+        jb.push(10, pkt(t0, 0), t0);
+        jb.push(13, pkt(t0, 0), t0);
+        let mut nacks = Vec::new();
+        jb.due_nacks(t0, Duration::from_millis(20), &mut nacks);
+        assert_eq!(nacks, vec![11, 12]);
+        jb.pop_ready(t0, &mut out);
+        assert_eq!(released(&out), vec![10]);
+        let t1 = t0 + Duration::from_millis(20);
+        let mut rtx = pkt(t1, 0);
+        rtx.retransmitted = true;
+        jb.push(11, rtx, t1);
+        let mut rtx = pkt(t1, 0);
+        rtx.retransmitted = true;
+        jb.push(12, rtx, t1);
+        jb.pop_ready(t1, &mut out);
+        assert_eq!(released(&out), vec![10, 11, 12, 13]);
+        let c = jb.counters();
+        assert_eq!((c.went_missing, c.recovered, c.recovered_by_nack, c.lost), (2, 2, 2, 0));
+    }
+
+    #[test]
+    fn nack_retries_follow_rtt_and_stop_at_limit_or_deadline() {
+        let t0 = Instant::now();
+        let settings = JitterSettings { latency: Duration::from_millis(100), max_nack_retries: 3, ..Default::default() };
+        let mut jb = JitterBuffer::new(settings);
+        jb.push(1, pkt(t0, 0), t0);
+        jb.push(3, pkt(t0, 0), t0);
+        let rtt = Duration::from_millis(10);
+        let mut sent = Vec::new();
+        let mut t = t0;
+        while t < t0 + Duration::from_millis(200) {
+            let mut n = Vec::new();
+            jb.due_nacks(t, rtt, &mut n);
+            if !n.is_empty() {
+                sent.push(t - t0);
+            }
+            t += Duration::from_millis(1);
+        }
+        assert_eq!(sent.len(), 3, "retries capped at max_nack_retries: {sent:?}");
+        assert!(sent[1] - sent[0] >= rtt, "retry not before one RTT");
+    }
+
+    #[test]
+    fn missing_packet_is_declared_lost_at_its_deadline() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings { latency: Duration::from_millis(50), ..Default::default() });
+        let mut out = Vec::new();
+        jb.push(1, pkt(t0, 0), t0);
+        jb.push(4, pkt(t0, 0), t0);
+        jb.pop_ready(t0 + Duration::from_millis(49), &mut out);
+        assert_eq!(released(&out), vec![1]);
+        assert_eq!(jb.next_deadline(), Some(t0));
+        jb.pop_ready(t0 + Duration::from_millis(50), &mut out);
+        assert_eq!(released(&out), vec![1, -2, -3, 4]);
+        assert_eq!(jb.counters().lost, 2);
+        // The original turning up afterwards is too late, and counted.
+        assert_eq!(jb.push(2, pkt(t0, 0), t0 + Duration::from_millis(60)), PushOutcome::TooLate);
+    }
+
+    #[test]
+    fn reordered_packet_fills_gap_without_loss() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings::default());
+        let mut out = Vec::new();
+        for s in [1, 3, 2, 4] {
+            jb.push(s, pkt(t0, 0), t0);
+            jb.pop_ready(t0, &mut out);
+        }
+        assert_eq!(released(&out), vec![1, 2, 3, 4]);
+        assert_eq!(jb.counters().lost, 0);
+        assert_eq!(jb.counters().recovered_by_nack, 0);
+    }
+
+    #[test]
+    fn duplicates_are_counted_and_dropped() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings::default());
+        jb.push(1, pkt(t0, 0), t0);
+        jb.push(3, pkt(t0, 0), t0);
+        assert_eq!(jb.push(3, pkt(t0, 0), t0), PushOutcome::Duplicate);
+        assert_eq!(jb.counters().duplicates, 1);
+    }
+
+    #[test]
+    fn jump_beyond_capacity_resyncs_and_counts_loss() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings { capacity: 64, ..Default::default() });
+        let mut out = Vec::new();
+        jb.push(10, pkt(t0, 0), t0);
+        jb.pop_ready(t0, &mut out);
+        assert_eq!(jb.push(1000, pkt(t0, 0), t0), PushOutcome::Resynced { lost: 989 });
+        jb.pop_ready(t0, &mut out);
+        assert_eq!(released(&out).len(), 1 + 989 + 1);
+        assert_eq!(released(&out).last(), Some(&1000));
+        assert_eq!(jb.counters().lost, 989);
+    }
+}

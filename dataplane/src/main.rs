@@ -1,0 +1,28 @@
+use clap::{Parser, Subcommand};
+
+/// ZeroDrop: live video pipelines that do not drop frames.
+#[derive(Parser)]
+#[command(name = "zerodrop", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Test source: encode with GStreamer and send RTP, answering NACKs with RTX.
+    Send(zerodrop_dataplane::sender::SendArgs),
+    /// Seeded lossy relay between any RTP sender and receiver, passing RTCP back.
+    Relay(zerodrop_dataplane::relay::RelayArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Send(args) => zerodrop_dataplane::sender::run(args),
+        Command::Relay(args) => zerodrop_dataplane::relay::run(args),
+    }
+}

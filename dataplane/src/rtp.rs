@@ -1,0 +1,377 @@
+//! RTP and RTCP wire code shared by the receiver, the test sender and the relay.
+//!
+//! Parsing borrows the datagram (`rtp-types`, `rtcp-types`) and returns errors
+//! as values: nothing here panics on wire input. Builders write into a caller's
+//! buffer so the hot path does not allocate.
+
+use rtcp_types::{
+    Compound, CompoundBuilder, Nack, Packet as RtcpPacket, Pli, ReceiverReport, ReportBlock,
+    RtcpPacketWriter, RtcpPacketWriterExt, Sdes, SdesChunk, SdesItem, TransportFeedback, PayloadFeedback,
+};
+pub use rtp_types::{RtpPacket, RtpPacketBuilder, RtpParseError};
+
+/// The first byte of RTCP packet types SR..APP (200..=204) and feedback
+/// (205, 206) lies in 192..=223 when the version bits are read as RTP: RFC 5761
+/// §4 says to demultiplex rtcp-mux on the second byte being 192..=223.
+pub fn is_rtcp(datagram: &[u8]) -> bool {
+    datagram.len() >= 2 && (192..=223).contains(&datagram[1])
+}
+
+/// Original sequence number and original payload of an RTX packet (RFC 4588 §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtxPayload<'a> {
+    pub original_seq: u16,
+    pub payload: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RtxError {
+    #[error("RTX payload of {0} bytes is shorter than the 2-byte original sequence number")]
+    Truncated(usize),
+}
+
+/// Splits an RTX packet's payload into the original sequence number (OSN) and
+/// the original payload.
+pub fn parse_rtx(payload: &[u8]) -> Result<RtxPayload<'_>, RtxError> {
+    if payload.len() < 2 {
+        return Err(RtxError::Truncated(payload.len()));
+    }
+    Ok(RtxPayload { original_seq: u16::from_be_bytes([payload[0], payload[1]]), payload: &payload[2..] })
+}
+
+/// Writes an RTX packet for `original` into `out` (SSRC-multiplexed, as
+/// GStreamer's `rtprtxsend` does) and returns its length.
+pub fn write_rtx(
+    original: &RtpPacket<'_>,
+    rtx_pt: u8,
+    rtx_ssrc: u32,
+    rtx_seq: u16,
+    out: &mut Vec<u8>,
+) -> Result<(), rtp_types::RtpWriteError> {
+    out.clear();
+    let osn = original.sequence_number().to_be_bytes();
+    let builder = RtpPacketBuilder::<&[u8], &[u8]>::new()
+        .payload_type(rtx_pt)
+        .ssrc(rtx_ssrc)
+        .sequence_number(rtx_seq)
+        .timestamp(original.timestamp())
+        .marker_bit(original.marker_bit())
+        .payload(&osn[..])
+        .payload(original.payload());
+    builder.write_into_vec(out)
+}
+
+/// What a receiver or sender needs from one incoming RTCP compound packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RtcpEvent {
+    /// A sender report: its SSRC and the middle 32 bits of its NTP timestamp
+    /// (the LSR a receiver echoes back for RTT measurement, RFC 3550 §6.4.1).
+    SenderReport { ssrc: u32, ntp_middle: u32, rtp_timestamp: u32, packet_count: u32 },
+    /// A report block about `media_ssrc`, from a RR or SR.
+    ReportBlock { media_ssrc: u32, fraction_lost: u8, cumulative_lost: u32, jitter: u32, lsr: u32, dlsr: u32 },
+    /// Generic NACK (RFC 4585 §6.2.1): sequence numbers the peer is missing.
+    Nack { media_ssrc: u32, seqs: Vec<u16> },
+    /// Picture loss indication (RFC 4585 §6.3.1).
+    Pli { media_ssrc: u32 },
+    /// Full intra request (RFC 5104 §4.3.1).
+    Fir { media_ssrc: u32 },
+    Bye { ssrcs: Vec<u32> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed RTCP ({len} bytes): {reason}")]
+pub struct RtcpError {
+    pub len: usize,
+    pub reason: String,
+}
+
+/// Parses one RTCP compound datagram into events, appending to `events`.
+/// Unknown packet types are skipped; a malformed compound is an error.
+pub fn parse_rtcp(datagram: &[u8], events: &mut Vec<RtcpEvent>) -> Result<(), RtcpError> {
+    let err = |reason: String| RtcpError { len: datagram.len(), reason };
+    let compound = Compound::parse(datagram).map_err(|e| err(format!("{e:?}")))?;
+    for packet in compound {
+        let packet = packet.map_err(|e| err(format!("{e:?}")))?;
+        match packet {
+            RtcpPacket::Sr(sr) => {
+                events.push(RtcpEvent::SenderReport {
+                    ssrc: sr.ssrc(),
+                    ntp_middle: (sr.ntp_timestamp() >> 16) as u32,
+                    rtp_timestamp: sr.rtp_timestamp(),
+                    packet_count: sr.packet_count(),
+                });
+                for rb in sr.report_blocks() {
+                    events.push(report_block_event(&rb));
+                }
+            }
+            RtcpPacket::Rr(rr) => {
+                for rb in rr.report_blocks() {
+                    events.push(report_block_event(&rb));
+                }
+            }
+            RtcpPacket::TransportFeedback(fb) => {
+                if let Ok(nack) = fb.parse_fci::<Nack>() {
+                    events.push(RtcpEvent::Nack { media_ssrc: fb.media_ssrc(), seqs: nack.entries().collect() });
+                }
+            }
+            RtcpPacket::PayloadFeedback(fb) => {
+                if fb.parse_fci::<Pli>().is_ok() {
+                    events.push(RtcpEvent::Pli { media_ssrc: fb.media_ssrc() });
+                } else if fb.parse_fci::<rtcp_types::Fir>().is_ok() {
+                    events.push(RtcpEvent::Fir { media_ssrc: fb.media_ssrc() });
+                }
+            }
+            RtcpPacket::Bye(bye) => events.push(RtcpEvent::Bye { ssrcs: bye.ssrcs().collect() }),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn report_block_event(rb: &ReportBlock<'_>) -> RtcpEvent {
+    RtcpEvent::ReportBlock {
+        media_ssrc: rb.ssrc(),
+        fraction_lost: rb.fraction_lost(),
+        cumulative_lost: rb.cumulative_lost(),
+        jitter: rb.interarrival_jitter(),
+        lsr: rb.last_sender_report_timestamp(),
+        dlsr: rb.delay_since_last_sender_report_timestamp(),
+    }
+}
+
+/// The receiver's view of one media source, written into a report block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceptionReport {
+    pub media_ssrc: u32,
+    pub fraction_lost: u8,
+    pub cumulative_lost: u32,
+    pub extended_highest_seq: u32,
+    pub jitter: u32,
+    pub lsr: u32,
+    pub dlsr: u32,
+}
+
+/// What one outgoing receiver RTCP compound carries besides the mandatory RR
+/// and SDES CNAME (RFC 3550 §6.1 requires both in every compound; GStreamer's
+/// rtpsession drops a compound that does not start with SR or RR).
+#[derive(Debug, Default)]
+pub struct ReceiverFeedback<'a> {
+    pub report: Option<ReceptionReport>,
+    /// Lost sequence numbers to request, for `report.media_ssrc` / `media_ssrc`.
+    pub nacks: &'a [u16],
+    pub pli: bool,
+    pub media_ssrc: u32,
+}
+
+/// Writes a receiver RTCP compound into `out` and returns its length.
+pub fn write_receiver_rtcp(
+    sender_ssrc: u32,
+    cname: &str,
+    feedback: &ReceiverFeedback<'_>,
+    out: &mut Vec<u8>,
+) -> Result<usize, RtcpError> {
+    let mut rr = ReceiverReport::builder(sender_ssrc);
+    if let Some(r) = feedback.report {
+        rr = rr.add_report_block(
+            ReportBlock::builder(r.media_ssrc)
+                .fraction_lost(r.fraction_lost)
+                .cumulative_lost(r.cumulative_lost.min(0x7f_ffff))
+                .extended_sequence_number(r.extended_highest_seq)
+                .interarrival_jitter(r.jitter)
+                .last_sender_report_timestamp(r.lsr)
+                .delay_since_last_sender_report_timestamp(r.dlsr),
+        );
+    }
+    let sdes = Sdes::builder().add_chunk(SdesChunk::builder(sender_ssrc).add_item(SdesItem::builder(SdesItem::CNAME, cname)));
+    let mut compound = CompoundBuilder::default().add_packet(rr).add_packet(sdes);
+    if !feedback.nacks.is_empty() {
+        let mut nack = Nack::builder();
+        for &seq in feedback.nacks {
+            nack = nack.add_rtp_sequence(seq);
+        }
+        compound = compound.add_packet(
+            TransportFeedback::builder_owned(nack).sender_ssrc(sender_ssrc).media_ssrc(feedback.media_ssrc),
+        );
+    }
+    if feedback.pli {
+        compound = compound.add_packet(
+            PayloadFeedback::builder_owned(Pli::builder()).sender_ssrc(sender_ssrc).media_ssrc(feedback.media_ssrc),
+        );
+    }
+    write_compound(compound, out)
+}
+
+/// Writes a sender report (with SDES CNAME) into `out`; used by the test sender.
+pub fn write_sender_rtcp(
+    ssrc: u32,
+    cname: &str,
+    ntp_timestamp: u64,
+    rtp_timestamp: u32,
+    packet_count: u32,
+    octet_count: u32,
+    out: &mut Vec<u8>,
+) -> Result<usize, RtcpError> {
+    let sr = rtcp_types::SenderReport::builder(ssrc)
+        .ntp_timestamp(ntp_timestamp)
+        .rtp_timestamp(rtp_timestamp)
+        .packet_count(packet_count)
+        .octet_count(octet_count);
+    let sdes = Sdes::builder().add_chunk(SdesChunk::builder(ssrc).add_item(SdesItem::builder(SdesItem::CNAME, cname)));
+    write_compound(CompoundBuilder::default().add_packet(sr).add_packet(sdes), out)
+}
+
+fn write_compound(compound: CompoundBuilder<'_>, out: &mut Vec<u8>) -> Result<usize, RtcpError> {
+    let size = compound.calculate_size().map_err(|e| RtcpError { len: 0, reason: format!("{e:?}") })?;
+    out.clear();
+    out.resize(size, 0);
+    compound.write_into(out).map_err(|e| RtcpError { len: size, reason: format!("{e:?}") })
+}
+
+/// NTP timestamp (RFC 3550 §4: seconds since 1900 in the high 32 bits) for a
+/// wall-clock time.
+pub fn ntp_timestamp(now: std::time::SystemTime) -> u64 {
+    const UNIX_TO_NTP: u64 = 2_208_988_800;
+    let d = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() + UNIX_TO_NTP;
+    let frac = ((d.subsec_nanos() as u64) << 32) / 1_000_000_000;
+    (secs << 32) | frac
+}
+
+/// Extends 16-bit RTP sequence numbers to a monotonic 64-bit index, tolerating
+/// reordering within half the sequence space (RFC 3550 Appendix A.1).
+#[derive(Debug, Clone, Default)]
+pub struct SeqExtender {
+    highest: Option<u64>,
+}
+
+impl SeqExtender {
+    pub fn extend(&mut self, seq: u16) -> u64 {
+        let Some(highest) = self.highest else {
+            // Start one cycle up so that packets reordered before the first one
+            // still get a positive index.
+            let ext = (1u64 << 16) | seq as u64;
+            self.highest = Some(ext);
+            return ext;
+        };
+        let delta = seq.wrapping_sub(highest as u16) as i16 as i64;
+        let ext = (highest as i64 + delta).max(0) as u64;
+        if ext > highest {
+            self.highest = Some(ext);
+        }
+        ext
+    }
+
+    pub fn highest(&self) -> Option<u64> {
+        self.highest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rtp(seq: u16, pt: u8, payload: &[u8]) -> Vec<u8> {
+        RtpPacketBuilder::<&[u8], &[u8]>::new()
+            .payload_type(pt)
+            .sequence_number(seq)
+            .timestamp(1234)
+            .ssrc(0xdead_beef)
+            .marker_bit(true)
+            .payload(payload)
+            .write_vec()
+            .unwrap()
+    }
+
+    #[test]
+    fn rtx_round_trip_restores_sequence_and_payload() {
+        let original = rtp(4242, 96, b"nal unit bytes");
+        let parsed = RtpPacket::parse(&original).unwrap();
+        let mut out = Vec::new();
+        write_rtx(&parsed, 97, 0x1111, 7, &mut out).unwrap();
+        let rtx = RtpPacket::parse(&out).unwrap();
+        assert_eq!(rtx.payload_type(), 97);
+        assert_eq!(rtx.ssrc(), 0x1111);
+        assert_eq!(rtx.timestamp(), 1234);
+        let inner = parse_rtx(rtx.payload()).unwrap();
+        assert_eq!(inner.original_seq, 4242);
+        assert_eq!(inner.payload, b"nal unit bytes");
+    }
+
+    #[test]
+    fn truncated_rtx_is_an_error() {
+        assert_eq!(parse_rtx(&[1]), Err(RtxError::Truncated(1)));
+    }
+
+    #[test]
+    fn receiver_rtcp_carries_rr_sdes_nack_and_pli() {
+        let mut out = Vec::new();
+        let nacks = [10u16, 11, 12, 40, 65535, 0];
+        let fb = ReceiverFeedback {
+            report: Some(ReceptionReport { media_ssrc: 5, extended_highest_seq: 99, jitter: 3, ..Default::default() }),
+            nacks: &nacks,
+            pli: true,
+            media_ssrc: 5,
+        };
+        write_receiver_rtcp(1, "zerodrop@test", &fb, &mut out).unwrap();
+        assert!(is_rtcp(&out));
+        let mut events = Vec::new();
+        parse_rtcp(&out, &mut events).unwrap();
+        let mut seqs: Vec<u16> = events
+            .iter()
+            .find_map(|e| match e {
+                RtcpEvent::Nack { media_ssrc: 5, seqs } => Some(seqs.clone()),
+                _ => None,
+            })
+            .expect("NACK present");
+        seqs.sort_unstable();
+        let mut want = nacks.to_vec();
+        want.sort_unstable();
+        assert_eq!(seqs, want);
+        assert!(events.contains(&RtcpEvent::Pli { media_ssrc: 5 }));
+        assert!(events.iter().any(|e| matches!(e, RtcpEvent::ReportBlock { media_ssrc: 5, jitter: 3, .. })));
+    }
+
+    #[test]
+    fn sender_report_exposes_lsr_middle_bits() {
+        let mut out = Vec::new();
+        write_sender_rtcp(9, "s", 0x0123_4567_89ab_cdef, 90_000, 10, 1000, &mut out).unwrap();
+        let mut events = Vec::new();
+        parse_rtcp(&out, &mut events).unwrap();
+        assert!(events.contains(&RtcpEvent::SenderReport {
+            ssrc: 9,
+            ntp_middle: 0x4567_89ab,
+            rtp_timestamp: 90_000,
+            packet_count: 10
+        }));
+    }
+
+    #[test]
+    fn rtp_is_not_mistaken_for_rtcp() {
+        assert!(!is_rtcp(&rtp(1, 96, b"x")));
+        assert!(!is_rtcp(&rtp(1, 127, b"x")));
+    }
+
+    #[test]
+    fn sequence_extender_handles_wrap_and_reorder() {
+        let mut ext = SeqExtender::default();
+        let a = ext.extend(65534);
+        let b = ext.extend(65535);
+        let c = ext.extend(1);
+        let d = ext.extend(0);
+        assert_eq!(b, a + 1);
+        assert_eq!(c, a + 3);
+        assert_eq!(d, a + 2);
+        assert_eq!(ext.highest(), Some(c));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut events = Vec::new();
+        for len in 0..64usize {
+            let data: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+            let _ = RtpPacket::parse(&data);
+            let _ = parse_rtcp(&data, &mut events);
+            let _ = parse_rtx(&data);
+        }
+    }
+}
