@@ -73,7 +73,7 @@ pub enum PushOutcome {
 #[derive(Debug)]
 enum Slot {
     Empty,
-    Missing { seen: Instant, nacks_sent: u32, next_nack: Instant },
+    Missing { seen: Instant, nacks_sent: u32, next_nack: Instant, last_nack: Option<Instant> },
     Present(StoredPacket),
 }
 
@@ -188,7 +188,7 @@ impl JitterBuffer {
             // New packets beyond the highest: every skipped number is missing now.
             let first_nack = now;
             for s in self.end..seq {
-                *self.slot(s) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: first_nack };
+                *self.slot(s) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: first_nack, last_nack: None };
                 self.counters.went_missing += 1;
             }
             self.end = seq + 1;
@@ -273,7 +273,7 @@ impl JitterBuffer {
         let latency = self.settings.latency;
         for seq in start..self.end {
             let idx = (seq & self.mask) as usize;
-            if let Slot::Missing { seen, nacks_sent, next_nack } = &mut self.slots[idx] {
+            if let Slot::Missing { seen, nacks_sent, next_nack, last_nack } = &mut self.slots[idx] {
                 let deadline = *seen + latency;
                 // The first request goes out regardless of the RTT guess; later
                 // ones only if the retransmission could still make it.
@@ -281,6 +281,7 @@ impl JitterBuffer {
                 if *nacks_sent < max && now >= *next_nack && useful && now < deadline {
                     *nacks_sent += 1;
                     *next_nack = now + retry;
+                    *last_nack = Some(now);
                     out.push(seq);
                 }
             }
@@ -292,7 +293,7 @@ impl JitterBuffer {
         let start = self.next_out?;
         let mut earliest: Option<Instant> = None;
         for seq in start..self.end {
-            if let Slot::Missing { seen, nacks_sent, next_nack } = &self.slots[(seq & self.mask) as usize] {
+            if let Slot::Missing { seen, nacks_sent, next_nack, .. } = &self.slots[(seq & self.mask) as usize] {
                 let mut t = *seen + self.settings.latency;
                 if self.settings.nack && *nacks_sent < self.settings.max_nack_retries {
                     t = t.min(*next_nack);
@@ -308,10 +309,33 @@ impl JitterBuffer {
         self.next_out.map_or(0, |n| self.end - n)
     }
 
-    /// Whether a sequence number is currently missing and has been NACKed.
-    pub fn was_nacked(&self, seq: u64) -> bool {
-        matches!(self.slots[(seq & self.mask) as usize], Slot::Missing { nacks_sent, .. } if nacks_sent > 0)
-            && self.next_out.is_some_and(|n| seq >= n && seq < self.end)
+    /// For a missing packet: how many NACKs asked for it, and when the last
+    /// one went out. A retransmission answering the only NACK gives a clean
+    /// RTT sample (Karn's rule: ambiguous samples are not used).
+    pub fn nack_state(&self, seq: u64) -> Option<(u32, Option<Instant>)> {
+        let start = self.next_out?;
+        if seq < start || seq >= self.end {
+            return None;
+        }
+        match &self.slots[(seq & self.mask) as usize] {
+            Slot::Missing { nacks_sent, last_nack, .. } => Some((*nacks_sent, *last_nack)),
+            _ => None,
+        }
+    }
+
+    /// Releases everything held, declaring the gaps lost: for shutdown.
+    pub fn drain(&mut self, out: &mut Vec<Output>) {
+        let Some(start) = self.next_out else { return };
+        let far_future = self.slots.iter().filter_map(|s| match s {
+            Slot::Missing { seen, .. } => Some(*seen),
+            _ => None,
+        }).max();
+        if let Some(t) = far_future {
+            self.pop_ready(t + self.settings.latency, out);
+        } else {
+            self.pop_ready(Instant::now(), out);
+        }
+        debug_assert!(self.next_out.is_none_or(|n| n >= start));
     }
 }
 

@@ -10,19 +10,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run every source of the StreamPipeline manifests in FILE on this machine.
+    Run(zerodrop_dataplane::runner::RunArgs),
     /// Test source: encode with GStreamer and send RTP, answering NACKs with RTX.
     Send(zerodrop_dataplane::sender::SendArgs),
     /// Seeded lossy relay between any RTP sender and receiver, passing RTCP back.
     Relay(zerodrop_dataplane::relay::RelayArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
+        Command::Run(args) => zerodrop_dataplane::runner::run(args),
         Command::Send(args) => zerodrop_dataplane::sender::run(args),
         Command::Relay(args) => zerodrop_dataplane::relay::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zerodrop: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

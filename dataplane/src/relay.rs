@@ -1,0 +1,591 @@
+//! Seeded lossy relay between any RTP sender and receiver (`zerodrop relay`).
+//!
+//! ```text
+//! sender ──RTP──► listen      ──(loss model)──► forward        receiver
+//! sender ──RTCP─► listen+1    ──(no loss)─────► forward+1      receiver
+//! sender ◄─RTCP── listen+1    ◄───────────────  downstream RTCP ◄─ RR/NACK/PLI
+//! ```
+//!
+//! The loss model decides per packet in arrival order on the RTP port, so the
+//! same seed drops the same packets of the same input sequence: GStreamer's
+//! receiver and ours can be judged on identical loss. Caveat: the decision is
+//! by arrival index, not by RTP sequence number, so reordering (or kernel drops)
+//! before the relay shifts which packets are dropped.
+//!
+//! RTCP from the receiver is recognised by where it comes from: anything that
+//! reaches the relay's downstream sockets (the addresses the receiver sees the
+//! media come from, so a symmetric receiver answers there), and anything on the
+//! listen ports whose source is the forward RTP or RTCP address. It goes to the
+//! address the sender's RTCP came from, or, until the sender has sent RTCP, to
+//! the sender's RTP source port + offset (`--sender-rtcp` overrides both).
+//!
+//! This file also holds the small UDP helpers the test sender shares with the
+//! relay: binding an RTP/RTCP port pair, polling sockets, and the stop signal.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::loss::{LossModel, LossSpec};
+use crate::rtp;
+
+/// Command-line arguments of `zerodrop relay`.
+#[derive(Debug, Clone, clap::Parser)]
+pub struct RelayArgs {
+    /// Address to receive the sender's RTP on; its RTCP port is port + rtcp-offset.
+    #[arg(long, default_value = "127.0.0.1:6000")]
+    pub listen: SocketAddr,
+    /// Receiver's RTP address; its RTCP goes to port + rtcp-offset.
+    #[arg(long, default_value = "127.0.0.1:5004")]
+    pub forward: SocketAddr,
+    /// Loss model applied to RTP (media and RTX), e.g. `none`, `uniform:0.03`,
+    /// `ge:loss=0.05,burst=5`, `trace:FILE`, `uniform:0.1+ge:p=0.01,r=0.3`.
+    #[arg(long, default_value = "none")]
+    pub loss: LossSpec,
+    /// Seed of the loss model: the same seed drops the same packet indices.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Distance of the RTCP port from the RTP port, on both sides.
+    #[arg(long, default_value_t = 1)]
+    pub rtcp_offset: u16,
+    /// RTP and RTCP share one port on both sides (RFC 5761).
+    #[arg(long)]
+    pub rtcp_mux: bool,
+    /// Where to send the receiver's RTCP (default: where the sender's RTCP
+    /// came from, else the sender's RTP source port + rtcp-offset).
+    #[arg(long)]
+    pub sender_rtcp: Option<SocketAddr>,
+    /// Local RTP address for the downstream side (RTCP on port + rtcp-offset);
+    /// a receiver with a fixed RTCP destination should send its RTCP to that
+    /// RTCP port or to the listen RTCP port. Default: an ephemeral pair.
+    #[arg(long)]
+    pub downstream_bind: Option<SocketAddr>,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Write the final counters as JSON to this file.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+}
+
+/// Configuration of an in-process relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// RTP listen address; port 0 picks an ephemeral RTP/RTCP pair.
+    pub listen: SocketAddr,
+    pub forward: SocketAddr,
+    pub loss: LossSpec,
+    pub seed: u64,
+    pub rtcp_offset: u16,
+    pub rtcp_mux: bool,
+    pub sender_rtcp: Option<SocketAddr>,
+    pub downstream_bind: Option<SocketAddr>,
+}
+
+impl RelayConfig {
+    /// A lossless relay from `listen` to `forward` with RTCP on port + 1.
+    pub fn new(listen: SocketAddr, forward: SocketAddr) -> Self {
+        Self {
+            listen,
+            forward,
+            loss: LossSpec::None,
+            seed: 0,
+            rtcp_offset: 1,
+            rtcp_mux: false,
+            sender_rtcp: None,
+            downstream_bind: None,
+        }
+    }
+
+    fn forward_rtcp(&self) -> SocketAddr {
+        if self.rtcp_mux { self.forward } else { with_port_offset(self.forward, self.rtcp_offset) }
+    }
+}
+
+impl From<&RelayArgs> for RelayConfig {
+    fn from(a: &RelayArgs) -> Self {
+        Self {
+            listen: a.listen,
+            forward: a.forward,
+            loss: a.loss.clone(),
+            seed: a.seed,
+            rtcp_offset: a.rtcp_offset,
+            rtcp_mux: a.rtcp_mux,
+            sender_rtcp: a.sender_rtcp,
+            downstream_bind: a.downstream_bind,
+        }
+    }
+}
+
+/// Live counters of a running relay.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// RTP datagrams (media and RTX) forwarded to the receiver.
+    pub forwarded: AtomicU64,
+    /// RTP datagrams dropped by the loss model.
+    pub dropped: AtomicU64,
+    /// Receiver RTCP datagrams passed up to the sender.
+    pub rtcp_up: AtomicU64,
+    /// Sender RTCP datagrams passed down to the receiver.
+    pub rtcp_down: AtomicU64,
+    /// Receiver RTCP that arrived before any sender address was known.
+    pub rtcp_unroutable: AtomicU64,
+    /// Non-RTCP datagrams arriving from the receiver side, ignored.
+    pub ignored: AtomicU64,
+    /// Datagrams the kernel refused to send.
+    pub send_errors: AtomicU64,
+}
+
+/// A snapshot of [`RelayCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RelayStats {
+    pub forwarded: u64,
+    pub dropped: u64,
+    pub rtcp_up: u64,
+    pub rtcp_down: u64,
+    pub rtcp_unroutable: u64,
+    pub ignored: u64,
+    pub send_errors: u64,
+}
+
+impl RelayCounters {
+    pub fn snapshot(&self) -> RelayStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RelayStats {
+            forwarded: g(&self.forwarded),
+            dropped: g(&self.dropped),
+            rtcp_up: g(&self.rtcp_up),
+            rtcp_down: g(&self.rtcp_down),
+            rtcp_unroutable: g(&self.rtcp_unroutable),
+            ignored: g(&self.ignored),
+            send_errors: g(&self.send_errors),
+        }
+    }
+}
+
+/// The local addresses of a running relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayAddrs {
+    /// Where the sender sends RTP.
+    pub rtp: SocketAddr,
+    /// Where the sender sends RTCP (equal to `rtp` with rtcp-mux).
+    pub rtcp: SocketAddr,
+    /// Where the receiver sees RTP come from.
+    pub downstream_rtp: SocketAddr,
+    /// Where the receiver sees RTCP come from, and may send its RTCP.
+    pub downstream_rtcp: SocketAddr,
+}
+
+/// The seeded lossy relay.
+pub struct Relay;
+
+impl Relay {
+    /// Binds the sockets and starts the relay thread.
+    pub fn start(config: RelayConfig) -> anyhow::Result<RelayHandle> {
+        let sockets = RelaySockets::bind(&config)?;
+        let addrs = sockets.addrs()?;
+        let counters = Arc::new(RelayCounters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = RelayWorker {
+            model: config.loss.model(config.seed),
+            forward_rtcp: config.forward_rtcp(),
+            config,
+            sockets,
+            counters: counters.clone(),
+            stop: stop.clone(),
+            sender_rtp_src: None,
+            sender_rtcp_src: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("zerodrop-relay".into())
+            .spawn(move || worker.run())
+            .context("spawning the relay thread")?;
+        Ok(RelayHandle { addrs, counters, stop, thread: Some(thread) })
+    }
+}
+
+/// A running relay; stops on [`stop`](Self::stop) or drop.
+pub struct RelayHandle {
+    addrs: RelayAddrs,
+    counters: Arc<RelayCounters>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl RelayHandle {
+    pub fn addrs(&self) -> RelayAddrs {
+        self.addrs
+    }
+
+    pub fn counters(&self) -> &RelayCounters {
+        &self.counters
+    }
+
+    pub fn stats(&self) -> RelayStats {
+        self.counters.snapshot()
+    }
+
+    /// True once the relay thread has ended (it only ends on its own after a
+    /// socket error).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the relay and returns its final counters.
+    pub fn stop(mut self) -> anyhow::Result<RelayStats> {
+        self.shutdown()?;
+        Ok(self.counters.snapshot())
+    }
+
+    fn shutdown(&mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(result) => result.context("relay socket error")?,
+                Err(_) => anyhow::bail!("relay thread panicked"),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// `zerodrop relay`: runs until SIGINT/SIGTERM or `--duration`.
+pub fn run(args: RelayArgs) -> anyhow::Result<()> {
+    install_stop_signal_handler();
+    let config = RelayConfig::from(&args);
+    let relay = Relay::start(config)
+        .with_context(|| format!("starting the relay on {} towards {}", args.listen, args.forward))?;
+    let a = relay.addrs();
+    tracing::info!(
+        rtp = %a.rtp, rtcp = %a.rtcp, downstream_rtp = %a.downstream_rtp, downstream_rtcp = %a.downstream_rtcp,
+        forward = %args.forward, loss = %args.loss, seed = args.seed,
+        "relay running"
+    );
+    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let mut last_log = Instant::now();
+    while !stop_signal_received() && deadline.is_none_or(|d| Instant::now() < d) && !relay.is_finished() {
+        // The relay thread does the work; this thread only watches for the end.
+        std::thread::sleep(Duration::from_millis(50));
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            let s = relay.stats();
+            tracing::debug!(forwarded = s.forwarded, dropped = s.dropped, rtcp_up = s.rtcp_up, rtcp_down = s.rtcp_down, "relay");
+        }
+    }
+    let stats = relay.stop()?;
+    tracing::info!(
+        forwarded = stats.forwarded, dropped = stats.dropped, rtcp_up = stats.rtcp_up, rtcp_down = stats.rtcp_down,
+        rtcp_unroutable = stats.rtcp_unroutable, send_errors = stats.send_errors,
+        "relay stopped"
+    );
+    if let Some(path) = &args.stats_json {
+        let json = serde_json::json!({
+            "loss": args.loss.to_string(),
+            "seed": args.seed,
+            "listen": a.rtp.to_string(),
+            "forward": args.forward.to_string(),
+            "stats": stats,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("writing relay stats to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+struct RelaySockets {
+    up_rtp: UdpSocket,
+    /// `None` with rtcp-mux: `up_rtp` carries both.
+    up_rtcp: Option<UdpSocket>,
+    down_rtp: UdpSocket,
+    down_rtcp: Option<UdpSocket>,
+}
+
+impl RelaySockets {
+    fn bind(config: &RelayConfig) -> anyhow::Result<Self> {
+        let down_bind = config.downstream_bind.unwrap_or_else(|| SocketAddr::new(unspecified(config.forward.ip()), 0));
+        if config.rtcp_mux {
+            let up = bind_udp(config.listen).with_context(|| format!("binding the listen address {}", config.listen))?;
+            let down = bind_udp(down_bind).with_context(|| format!("binding the downstream address {down_bind}"))?;
+            Ok(Self { up_rtp: up, up_rtcp: None, down_rtp: down, down_rtcp: None })
+        } else {
+            let (up_rtp, up_rtcp) = bind_rtp_rtcp_pair(config.listen, config.rtcp_offset)
+                .with_context(|| format!("binding the listen RTP/RTCP pair at {}", config.listen))?;
+            let (down_rtp, down_rtcp) = bind_rtp_rtcp_pair(down_bind, config.rtcp_offset)
+                .with_context(|| format!("binding the downstream RTP/RTCP pair at {down_bind}"))?;
+            Ok(Self { up_rtp, up_rtcp: Some(up_rtcp), down_rtp, down_rtcp: Some(down_rtcp) })
+        }
+    }
+
+    fn addrs(&self) -> io::Result<RelayAddrs> {
+        let rtp = self.up_rtp.local_addr()?;
+        let downstream_rtp = self.down_rtp.local_addr()?;
+        Ok(RelayAddrs {
+            rtp,
+            rtcp: self.up_rtcp.as_ref().map_or(Ok(rtp), UdpSocket::local_addr)?,
+            downstream_rtp,
+            downstream_rtcp: self.down_rtcp.as_ref().map_or(Ok(downstream_rtp), UdpSocket::local_addr)?,
+        })
+    }
+
+    fn up_rtcp(&self) -> &UdpSocket {
+        self.up_rtcp.as_ref().unwrap_or(&self.up_rtp)
+    }
+
+    fn down_rtcp(&self) -> &UdpSocket {
+        self.down_rtcp.as_ref().unwrap_or(&self.down_rtp)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ingress {
+    UpRtp,
+    UpRtcp,
+    Down,
+}
+
+struct RelayWorker {
+    config: RelayConfig,
+    forward_rtcp: SocketAddr,
+    sockets: RelaySockets,
+    model: LossModel,
+    counters: Arc<RelayCounters>,
+    stop: Arc<AtomicBool>,
+    sender_rtp_src: Option<SocketAddr>,
+    sender_rtcp_src: Option<SocketAddr>,
+}
+
+impl RelayWorker {
+    fn run(mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; 65_536];
+        // Poll order puts the RTP ingress first; the loss decision only ever
+        // depends on its own arrival order, which one thread reads in sequence.
+        let mut ingress = vec![(Ingress::UpRtp, 0usize), (Ingress::Down, 2)];
+        if self.sockets.up_rtcp.is_some() {
+            ingress.push((Ingress::UpRtcp, 1));
+            ingress.push((Ingress::Down, 3));
+        }
+        while !self.stop.load(Ordering::Relaxed) {
+            let sockets = [
+                Some(&self.sockets.up_rtp),
+                self.sockets.up_rtcp.as_ref(),
+                Some(&self.sockets.down_rtp),
+                self.sockets.down_rtcp.as_ref(),
+            ];
+            let socks: Vec<&UdpSocket> = ingress.iter().filter_map(|&(_, i)| sockets[i]).collect();
+            let ready = poll_readable(&socks, Duration::from_millis(50))?;
+            let ready_ingress: Vec<(Ingress, usize)> =
+                ingress.iter().zip(&ready).filter(|(_, r)| **r).map(|(x, _)| *x).collect();
+            for (kind, idx) in ready_ingress {
+                // Bounded per round so one busy socket cannot starve RTCP.
+                for _ in 0..256 {
+                    let sock = match idx {
+                        0 => &self.sockets.up_rtp,
+                        1 => self.sockets.up_rtcp(),
+                        2 => &self.sockets.down_rtp,
+                        _ => self.sockets.down_rtcp(),
+                    };
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, src)) => self.handle(kind, &buf[..n], src),
+                        Err(e) if is_transient(&e) => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_from_receiver(&self, src: SocketAddr) -> bool {
+        src == self.config.forward || src == self.forward_rtcp
+    }
+
+    fn handle(&mut self, kind: Ingress, data: &[u8], src: SocketAddr) {
+        let c = &self.counters;
+        match kind {
+            Ingress::Down => {
+                if rtp::is_rtcp(data) {
+                    self.pass_up(data);
+                } else {
+                    c.ignored.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ if rtp::is_rtcp(data) && self.is_from_receiver(src) => self.pass_up(data),
+            _ if rtp::is_rtcp(data) => {
+                self.sender_rtcp_src = Some(src);
+                let sent = send_to_waiting(self.sockets.down_rtcp(), data, self.forward_rtcp);
+                self.count_send(sent, &self.counters.rtcp_down);
+            }
+            Ingress::UpRtp => {
+                self.sender_rtp_src = Some(src);
+                if self.model.should_drop() {
+                    c.dropped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let sent = send_to_waiting(&self.sockets.down_rtp, data, self.config.forward);
+                    self.count_send(sent, &self.counters.forwarded);
+                }
+            }
+            // Non-RTCP on the RTCP port is not media we were asked to relay.
+            Ingress::UpRtcp => {
+                c.ignored.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn pass_up(&self, data: &[u8]) {
+        let dest = self.config.sender_rtcp.or(self.sender_rtcp_src).or_else(|| {
+            self.sender_rtp_src
+                .map(|a| if self.config.rtcp_mux { a } else { with_port_offset(a, self.config.rtcp_offset) })
+        });
+        match dest {
+            Some(dest) => {
+                let sent = send_to_waiting(self.sockets.up_rtcp(), data, dest);
+                self.count_send(sent, &self.counters.rtcp_up);
+            }
+            None => {
+                self.counters.rtcp_unroutable.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn count_send(&self, sent: io::Result<usize>, counter: &AtomicU64) {
+        match sent {
+            Ok(_) => counter.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.counters.send_errors.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+// ---------------------------------------------------------------------------
+// UDP helpers shared with the test sender.
+
+/// The unspecified address of `ip`'s family.
+pub fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// `addr` with its port moved by `offset` (wrapping, for RTCP = RTP + 1).
+pub fn with_port_offset(addr: SocketAddr, offset: u16) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port().wrapping_add(offset))
+}
+
+/// Binds one non-blocking UDP socket with a large receive buffer.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Bursts of a keyframe's packets must not overflow the default buffer;
+    // the kernel caps this at net.core.rmem_max, which is fine.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Binds an RTP socket at `rtp` and its RTCP socket at port + `offset`. With
+/// port 0 it picks an ephemeral even RTP port whose RTCP neighbour is free,
+/// so peers that assume "RTCP = RTP + 1" find it.
+pub fn bind_rtp_rtcp_pair(rtp: SocketAddr, offset: u16) -> io::Result<(UdpSocket, UdpSocket)> {
+    if rtp.port() != 0 {
+        let a = bind_udp(rtp)?;
+        let b = bind_udp(with_port_offset(rtp, offset))?;
+        return Ok((a, b));
+    }
+    let mut last_err = None;
+    for _ in 0..64 {
+        let a = bind_udp(rtp)?;
+        let port = a.local_addr()?.port();
+        if port % 2 == 1 || port.checked_add(offset).is_none() {
+            continue;
+        }
+        match bind_udp(SocketAddr::new(rtp.ip(), port + offset)) {
+            Ok(b) => return Ok((a, b)),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free RTP/RTCP port pair found")))
+}
+
+/// Waits up to `timeout` for any of `sockets` to become readable; returns which.
+pub fn poll_readable(sockets: &[&UdpSocket], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut fds: Vec<libc::pollfd> =
+        sockets.iter().map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(fds.iter().map(|p| p.revents & (libc::POLLIN | libc::POLLERR) != 0).collect())
+}
+
+/// Sends on a non-blocking socket, waiting up to 100 ms for buffer space so a
+/// burst (a keyframe's packets) is not lost on our own side.
+pub fn send_to_waiting(socket: &UdpSocket, data: &[u8], dest: SocketAddr) -> io::Result<usize> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    loop {
+        match socket.send_to(data, dest) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut fd, 1, 10) };
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Errors after which a socket is still usable: nothing to read, a signal, or
+/// an ICMP error (port unreachable) reported on a later call.
+pub fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_signal: libc::c_int) {
+    STOP_SIGNAL.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM set a flag that [`stop_signal_received`] reads,
+/// so the CLI commands can flush their counters before exiting.
+pub fn install_stop_signal_handler() {
+    let handler = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// True once SIGINT or SIGTERM arrived after [`install_stop_signal_handler`].
+pub fn stop_signal_received() -> bool {
+    STOP_SIGNAL.load(Ordering::SeqCst)
+}

@@ -1,0 +1,411 @@
+//! The `StreamPipeline` spec: what the user asks for.
+//!
+//! Doc comments on these types and fields are the CRD's field descriptions
+//! (`kubectl explain streampipeline.spec...`), so they speak to the user.
+//! Range checks live in the schema (`#[schemars(range/length)]`); checks that
+//! relate several fields are CEL rules, kept in [`crate::rules`].
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::rules;
+use crate::status::StreamPipelineStatus;
+
+/// A set of live streams that ZeroDrop ingests, repairs, decodes and publishes.
+// Clippy reads the repeated `type_ = ...` of the printcolumns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "zerodrop.dev",
+    version = "v1alpha1",
+    kind = "StreamPipeline",
+    shortname = "sp",
+    category = "zerodrop",
+    namespaced,
+    status = "StreamPipelineStatus",
+    derive = "PartialEq",
+    doc = "A StreamPipeline runs a set of live video streams without dropping frames: it ingests \
+           them (RTP), repairs packet loss (NACK/RTX, FEC), decodes them (NVDEC or software) and \
+           publishes the result, sharded over replicas. Status reports readiness and per-stream \
+           frame counts.",
+    scale(
+        spec_replicas_path = ".spec.scaling.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.replicas",
+        description = "Data-plane replicas (shards) running"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether every stream is being decoded"
+    ),
+    printcolumn(
+        name = "Streams",
+        type_ = "integer",
+        json_path = ".status.streamCount",
+        description = "Streams the pipeline runs"
+    ),
+    printcolumn(
+        name = "Decoder",
+        type_ = "string",
+        json_path = ".spec.decode.decoder",
+        description = "Requested decoder"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::kubernetes_openapi)]
+pub struct StreamPipelineSpec {
+    /// The live streams to ingest, at least 1 and at most 128 (split larger fleets into several
+    /// pipelines). Source names are unique, and no two sources may listen on the same UDP port.
+    #[schemars(length(min = 1, max = rules::MAX_SOURCES))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"],
+        "x-kubernetes-validations" = rules::source_list()
+    ))]
+    pub sources: Vec<Source>,
+    /// How packet loss is repaired before decoding: the jitter buffer latency, NACK/RTX
+    /// retransmission and FEC.
+    #[serde(default)]
+    pub repair: RepairSpec,
+    /// Which decoder the pipeline uses.
+    #[serde(default)]
+    pub decode: DecodeSpec,
+    /// How many data-plane replicas (shards) run the streams. Each stream belongs to one shard.
+    #[serde(default)]
+    pub scaling: ScalingSpec,
+    /// When and how to ask senders for a lower bitrate when the network loses more than repair
+    /// can absorb, and when to go back up. Without it the bitrate is never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitrate_policy: Option<BitratePolicy>,
+}
+
+/// One live stream: where it arrives and how it is encoded.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = rules::source()))]
+pub struct Source {
+    /// Unique name of the source within the pipeline, a DNS-1123 label (lowercase letters,
+    /// digits and '-', at most 63 characters). It labels the stream's metrics and names its
+    /// Service.
+    #[schemars(length(min = 1, max = rules::MAX_NAME_LENGTH))]
+    #[schemars(extend("x-kubernetes-validations" = rules::source_name()))]
+    pub name: String,
+    /// How the stream reaches the pipeline. Set exactly one member (today: rtp).
+    pub transport: Transport,
+    /// The video codec the stream carries: h264 or h265.
+    pub codec: Codec,
+    /// RTP payload type of the media packets, in the dynamic range 96-127. Defaults to 96.
+    #[serde(default = "default_payload_type")]
+    #[schemars(range(min = 96, max = 127))]
+    pub payload_type: u8,
+    /// RTP clock rate in Hz. H.264 and H.265 always use 90000, the default.
+    #[serde(default = "default_clock_rate")]
+    pub clock_rate: u32,
+    /// RTP payload type of RTX retransmissions (RFC 4588), in 96-127 and different from
+    /// payloadType. Leave unset when the sender does not send RTX; NACKs are then answered by
+    /// plain retransmissions, if at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 96, max = 127))]
+    pub rtx_payload_type: Option<u8>,
+}
+
+fn default_payload_type() -> u8 {
+    96
+}
+fn default_clock_rate() -> u32 {
+    90_000
+}
+
+/// How a source's packets reach the pipeline. Exactly one member is set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = rules::transport()))]
+pub struct Transport {
+    /// The sender pushes RTP over UDP to a port the pipeline listens on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtp: Option<RtpTransport>,
+}
+
+/// RTP over UDP, pushed by the sender to a port the pipeline listens on.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = rules::rtp_transport()))]
+pub struct RtpTransport {
+    /// IP address to listen on. Defaults to 0.0.0.0 (all IPv4 addresses); use 127.0.0.1 for a
+    /// local run that accepts only local senders.
+    #[serde(default = "default_listen_address")]
+    #[schemars(length(min = 2, max = 45))]
+    #[schemars(extend("x-kubernetes-validations" = rules::listen_address()))]
+    pub listen_address: String,
+    /// UDP port the RTP media arrives on, 1-65535. Unique within the pipeline.
+    #[schemars(range(min = 1))]
+    pub port: u16,
+    /// UDP port RTCP arrives on and is sent from, 1-65535. Defaults to port + 1 (RFC 3550);
+    /// not allowed together with rtcpMux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub rtcp_port: Option<u16>,
+    /// Carry RTCP on the RTP port itself (RFC 5761), as WebRTC senders do. Defaults to false.
+    #[serde(default)]
+    pub rtcp_mux: bool,
+    /// Size of the socket receive buffer (SO_RCVBUF) in bytes, 65536 to 1073741824. Larger
+    /// buffers ride out longer stalls before the kernel drops packets. Defaults to the data
+    /// plane's own choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 65_536, max = 1_073_741_824))]
+    pub receive_buffer_bytes: Option<u32>,
+    /// Forward error correction the sender adds to the stream. Repair uses it only when
+    /// repair.fec.enabled is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fec: Option<FecTransport>,
+}
+
+fn default_listen_address() -> String {
+    "0.0.0.0".into()
+}
+
+impl RtpTransport {
+    /// The port RTCP arrives on: the RTP port itself with rtcp-mux, else the
+    /// explicit RTCP port, else RTP port + 1 (RFC 3550 §11).
+    pub fn effective_rtcp_port(&self) -> u16 {
+        if self.rtcp_mux {
+            self.port
+        } else {
+            self.rtcp_port.unwrap_or(self.port.saturating_add(1))
+        }
+    }
+}
+
+/// How the sender's FEC packets arrive.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = rules::fec_transport()))]
+pub struct FecTransport {
+    /// The FEC scheme: st2022-1 (SMPTE ST 2022-1 column/row FEC on two extra ports) or ulpfec
+    /// (RFC 5109, in the RTP stream under its own payload type).
+    pub scheme: FecScheme,
+    /// ST 2022-1: [column port, row port]; ULPFEC: empty (in-band, by payload type).
+    #[serde(default)]
+    #[schemars(length(max = 2), inner(range(min = 1)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub ports: Vec<u16>,
+    /// RTP payload type of ULPFEC packets, in 96-127; required for ulpfec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 96, max = 127))]
+    pub payload_type: Option<u8>,
+}
+
+/// A forward error correction scheme.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FecScheme {
+    /// SMPTE ST 2022-1: XOR column and row FEC, each on a port of its own.
+    #[serde(rename = "st2022-1")]
+    St2022_1,
+    /// RFC 5109 ULPFEC, in-band with the media under its own payload type.
+    Ulpfec,
+}
+
+/// A video codec.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// H.264 / AVC, RTP payload format RFC 6184.
+    H264,
+    /// H.265 / HEVC, RTP payload format RFC 7798.
+    H265,
+}
+
+/// How packet loss is repaired before decoding.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepairSpec {
+    /// How long, in milliseconds, a packet may wait in the jitter buffer for missing packets
+    /// before it is decoded anyway, 20 to 10000. Repair must finish within it: allow a few
+    /// round trips to the sender for NACK/RTX. Defaults to 200.
+    #[serde(default = "default_latency_ms")]
+    #[schemars(range(min = 20, max = 10_000))]
+    pub latency_ms: u32,
+    /// Retransmission requests (RTCP NACK, RFC 4585) for lost packets.
+    #[serde(default)]
+    pub nack: NackSpec,
+    /// Recovery of lost packets from the sender's FEC packets.
+    #[serde(default)]
+    pub fec: FecSpec,
+}
+
+fn default_latency_ms() -> u32 {
+    200
+}
+
+impl Default for RepairSpec {
+    fn default() -> Self {
+        Self {
+            latency_ms: default_latency_ms(),
+            nack: NackSpec::default(),
+            fec: FecSpec::default(),
+        }
+    }
+}
+
+/// Retransmission requests (RTCP NACK) for lost packets.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NackSpec {
+    /// Send NACKs for lost packets. Defaults to true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How many times one lost packet is requested again before it is given up, 0 to 64.
+    /// Defaults to 5.
+    #[serde(default = "default_max_retries")]
+    #[schemars(range(max = 64))]
+    pub max_retries: u32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_retries() -> u32 {
+    5
+}
+
+impl Default for NackSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_retries: default_max_retries(),
+        }
+    }
+}
+
+/// Recovery of lost packets from FEC.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FecSpec {
+    /// Recover lost packets from the FEC that sources declare in transport.rtp.fec. Defaults
+    /// to false.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+/// Which decoder the pipeline uses.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DecodeSpec {
+    /// auto (NVDEC when the node has an NVIDIA GPU, else software; the default), software, or
+    /// nvdec (fails when no NVDEC is present).
+    #[serde(default)]
+    pub decoder: DecoderChoice,
+}
+
+/// A decoder choice.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderChoice {
+    /// NVDEC when the GPU elements load, software otherwise.
+    #[default]
+    Auto,
+    /// Software decoding (libav).
+    Software,
+    /// NVIDIA NVDEC; the pipeline reports Degraded when it is missing.
+    Nvdec,
+}
+
+/// How many data-plane replicas (shards) run the streams.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = rules::scaling()))]
+pub struct ScalingSpec {
+    /// Fewest replicas the operator's policy runs, 1 to 1000. Defaults to 1.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Most replicas the operator's policy scales out to, 1 to 1000 and at least minReplicas.
+    /// Defaults to 1.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// A fixed replica count, 0 to 1000. When set, the operator runs exactly this many replicas
+    /// and leaves scaling to whoever sets it (kubectl scale, an HPA or KEDA through the scale
+    /// subresource); when unset, the operator's policy scales between minReplicas and
+    /// maxReplicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: Option<i32>,
+}
+
+fn default_one() -> i32 {
+    1
+}
+
+impl Default for ScalingSpec {
+    fn default() -> Self {
+        Self {
+            min_replicas: 1,
+            max_replicas: 1,
+            replicas: None,
+        }
+    }
+}
+
+/// When to ask senders for a lower bitrate and when to go back up. The policy steps down the
+/// renditions list, one step at a time, when unrepaired loss stays high, and back up after a
+/// stable period. RTP senders are asked through RTCP TMMBR/REMB.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = rules::bitrate_policy()))]
+pub struct BitratePolicy {
+    /// Step down one rendition when the packets that repair could not recover exceed this
+    /// percentage of the packets expected, more than 0 and at most 100, for
+    /// downgradeWindowSeconds.
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub downgrade_loss_percent: f64,
+    /// How long, in seconds, unrepaired loss must stay above downgradeLossPercent before the
+    /// policy steps down, 1 to 3600. Defaults to 10.
+    #[serde(default = "default_downgrade_window_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub downgrade_window_seconds: u32,
+    /// How long, in seconds, loss must stay below downgradeLossPercent before the policy steps
+    /// up one rendition again, 1 to 86400.
+    #[schemars(range(min = 1, max = 86_400))]
+    pub upgrade_after_seconds: u32,
+    /// The bitrate ladder, from the highest bitrate (where every stream starts) to the lowest,
+    /// 2 to 16 entries with unique names and bitrates.
+    #[schemars(length(min = 2, max = 16))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"],
+        "x-kubernetes-validations" = rules::renditions()
+    ))]
+    pub renditions: Vec<Rendition>,
+}
+
+fn default_downgrade_window_seconds() -> u32 {
+    10
+}
+
+/// One step of the bitrate ladder.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rendition {
+    /// Name of the rendition, a DNS-1123 label such as "1080p" or "low"; reported in status.
+    #[schemars(length(min = 1, max = rules::MAX_NAME_LENGTH))]
+    #[schemars(extend("x-kubernetes-validations" = rules::rendition_name()))]
+    pub name: String,
+    /// Target video bitrate in kilobits per second, 50 to 100000.
+    #[schemars(range(min = 50, max = 100_000))]
+    pub bitrate_kbps: u32,
+}

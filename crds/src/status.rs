@@ -1,0 +1,107 @@
+//! The `StreamPipeline` status: what the operator observed. Written by the
+//! operator only, through the status subresource.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::rules;
+
+/// What the operator last observed of the pipeline.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = rules::kubernetes_openapi)]
+pub struct StreamPipelineStatus {
+    /// The metadata.generation of the spec this status describes. When it is lower than
+    /// metadata.generation, the operator has not acted on the latest change yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready (every stream is being decoded), Degraded (the pipeline runs but loses frames, or
+    /// runs without something it asked for, such as NVDEC) and Scaling (replicas are being
+    /// added or removed). At most one condition per type.
+    #[serde(default)]
+    #[schemars(length(max = 8))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Data-plane replicas (shards) currently running; the scale subresource's status.replicas.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Label selector of the data-plane pods, as a string (the scale subresource's selector,
+    /// used by an HPA).
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub selector: String,
+    /// How many streams the pipeline runs, including those left out of streams.
+    #[serde(default)]
+    pub stream_count: i32,
+    /// True when streams lists only the first 256 of streamCount streams.
+    #[serde(default)]
+    pub streams_truncated: bool,
+    /// Per-stream summary, at most 256 entries (see streamsTruncated).
+    #[serde(default)]
+    #[schemars(length(max = rules::MAX_STREAM_STATUSES))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub streams: Vec<StreamStatus>,
+}
+
+/// The condition types a StreamPipeline reports in status.conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConditionType {
+    /// Every stream is received and decoded.
+    Ready,
+    /// The pipeline runs but drops frames, or runs without something the spec asked for.
+    Degraded,
+    /// Replicas are being added or removed and streams are moving between shards.
+    Scaling,
+}
+
+impl ConditionType {
+    /// The `type` string of the condition.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Ready => "Ready",
+            ConditionType::Degraded => "Degraded",
+            ConditionType::Scaling => "Scaling",
+        }
+    }
+}
+
+impl StreamPipelineStatus {
+    /// The condition of the given type, if the operator has set it.
+    pub fn condition(&self, kind: ConditionType) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == kind.as_str())
+    }
+}
+
+/// How one stream is doing. Counters count since the owning shard started.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamStatus {
+    /// Name of the source in spec.sources.
+    #[schemars(length(max = rules::MAX_NAME_LENGTH))]
+    pub name: String,
+    /// Ordinal of the replica (shard) that owns the stream.
+    #[serde(default)]
+    pub shard: i32,
+    /// The GStreamer decoder element in use, such as nvh264dec or avdec_h264.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub decoder: Option<String>,
+    /// Frames decoded.
+    #[serde(default)]
+    pub frames_decoded: u64,
+    /// Frames that could not be decoded whole and in order (each one triggered a keyframe
+    /// request).
+    #[serde(default)]
+    pub frames_dropped: u64,
+    /// RTP packets lost on the network, before repair.
+    #[serde(default)]
+    pub packets_lost: u64,
+    /// Lost RTP packets that repair (NACK/RTX or FEC) recovered.
+    #[serde(default)]
+    pub packets_recovered: u64,
+    /// The rendition the bitrate policy currently asks the sender for, when a policy is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = rules::MAX_NAME_LENGTH))]
+    pub rendition: Option<String>,
+}

@@ -1,0 +1,363 @@
+//! Stream-health metrics (prometheus-client, OpenMetrics text) and the HTTP
+//! endpoint that serves them with a health check.
+//!
+//! The counters here are the one record of what happened to a stream: the live
+//! table, the run report and `/metrics` all read the same handles.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub pipeline: String,
+    pub stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RepairMethod {
+    Nack,
+    Reorder,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecoveredLabels {
+    pub pipeline: String,
+    pub stream: String,
+    pub method: RepairMethod,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub pipeline: String,
+    pub stream: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecoderLabels {
+    pub pipeline: String,
+    pub stream: String,
+    pub decoder: String,
+}
+
+type F64Gauge = Gauge<f64, AtomicU64>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~8 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14))
+}
+
+/// Every metric family the data plane exports.
+pub struct Metrics {
+    registry: Registry,
+    packets_received: Family<StreamLabels, Counter>,
+    packets_lost: Family<StreamLabels, Counter>,
+    packets_recovered: Family<RecoveredLabels, Counter>,
+    packets_unrecovered: Family<StreamLabels, Counter>,
+    packets_duplicate: Family<StreamLabels, Counter>,
+    packets_late: Family<StreamLabels, Counter>,
+    packets_discarded: Family<ReasonLabels, Counter>,
+    bytes_received: Family<StreamLabels, Counter>,
+    nacks_sent: Family<StreamLabels, Counter>,
+    retransmissions_received: Family<StreamLabels, Counter>,
+    keyframe_requests: Family<StreamLabels, Counter>,
+    frames_expected: Family<StreamLabels, Counter>,
+    frames_assembled: Family<StreamLabels, Counter>,
+    frames_decoded: Family<StreamLabels, Counter>,
+    frames_dropped: Family<ReasonLabels, Counter>,
+    frames_skipped: Family<StreamLabels, Counter>,
+    gop_interval: Family<StreamLabels, F64Gauge>,
+    jitter: Family<StreamLabels, F64Gauge>,
+    rtt: Family<StreamLabels, F64Gauge>,
+    assembly_latency: Family<StreamLabels, Histogram, fn() -> Histogram>,
+    decode_latency: Family<StreamLabels, Histogram, fn() -> Histogram>,
+    decoder_info: Family<DecoderLabels, Gauge>,
+    stream_up: Family<StreamLabels, Gauge>,
+    receive_buffer: Family<StreamLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("zerodrop");
+        let m = Metrics {
+            packets_received: Family::default(),
+            packets_lost: Family::default(),
+            packets_recovered: Family::default(),
+            packets_unrecovered: Family::default(),
+            packets_duplicate: Family::default(),
+            packets_late: Family::default(),
+            packets_discarded: Family::default(),
+            bytes_received: Family::default(),
+            nacks_sent: Family::default(),
+            retransmissions_received: Family::default(),
+            keyframe_requests: Family::default(),
+            frames_expected: Family::default(),
+            frames_assembled: Family::default(),
+            frames_decoded: Family::default(),
+            frames_dropped: Family::default(),
+            frames_skipped: Family::default(),
+            gop_interval: Family::default(),
+            jitter: Family::default(),
+            rtt: Family::default(),
+            assembly_latency: Family::new_with_constructor(latency_histogram),
+            decode_latency: Family::new_with_constructor(latency_histogram),
+            decoder_info: Family::default(),
+            stream_up: Family::default(),
+            receive_buffer: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("rtp_packets_received", "Media packets accepted, originals and repairs", m.packets_received.clone());
+        r.register("rtp_packets_lost", "Media packets that went missing on the network (gaps seen)", m.packets_lost.clone());
+        r.register("rtp_packets_recovered", "Missing media packets that arrived in time, by method", m.packets_recovered.clone());
+        r.register("rtp_packets_unrecovered", "Media packets declared lost at their deadline", m.packets_unrecovered.clone());
+        r.register("rtp_packets_duplicate", "Media packets received twice", m.packets_duplicate.clone());
+        r.register("rtp_packets_late", "Media packets that arrived after being declared lost", m.packets_late.clone());
+        r.register("rtp_packets_discarded", "Datagrams discarded unparsed or unusable, by reason", m.packets_discarded.clone());
+        r.register_with_unit("rtp_received", "Datagram bytes received on the RTP socket", Unit::Bytes, m.bytes_received.clone());
+        r.register("nacks_sent", "Sequence numbers requested by generic NACK (RFC 4585)", m.nacks_sent.clone());
+        r.register("retransmissions_received", "RTX packets received (RFC 4588)", m.retransmissions_received.clone());
+        r.register("keyframe_requests", "Picture loss indications sent", m.keyframe_requests.clone());
+        r.register("frames_expected", "Frames the source sent, as far as the receiver can tell", m.frames_expected.clone());
+        r.register("frames_assembled", "Whole access units handed to the decoder", m.frames_assembled.clone());
+        r.register("frames_decoded", "Frames the decoder produced", m.frames_decoded.clone());
+        r.register("frames_dropped", "Frames not delivered whole, by reason", m.frames_dropped.clone());
+        r.register("frames_skipped_before_keyframe", "Frames before the stream's first keyframe", m.frames_skipped.clone());
+        r.register_with_unit("gop_interval", "Time between the last two keyframes", Unit::Seconds, m.gop_interval.clone());
+        r.register_with_unit("interarrival_jitter", "RFC 3550 inter-arrival jitter", Unit::Seconds, m.jitter.clone());
+        r.register_with_unit("round_trip_time", "Smoothed NACK-to-retransmission round trip", Unit::Seconds, m.rtt.clone());
+        r.register_with_unit(
+            "assembly_latency",
+            "Time from a frame's first packet arriving to its access unit leaving the jitter buffer",
+            Unit::Seconds,
+            m.assembly_latency.clone(),
+        );
+        r.register_with_unit(
+            "frame_latency",
+            "Time from a frame's first packet arriving to the decoded frame",
+            Unit::Seconds,
+            m.decode_latency.clone(),
+        );
+        r.register("decoder_info", "Decoder element in use (value 1)", m.decoder_info.clone());
+        r.register("stream_up", "1 while packets arrive, 0 when the source went silent", m.stream_up.clone());
+        r.register_with_unit("socket_receive_buffer", "Receive buffer the kernel granted the RTP socket", Unit::Bytes, m.receive_buffer.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Handles for one stream; cheap clones of the shared atomics.
+    pub fn stream(&self, pipeline: &str, stream: &str) -> StreamMetrics {
+        let l = StreamLabels { pipeline: pipeline.into(), stream: stream.into() };
+        let method = |method| RecoveredLabels { pipeline: pipeline.into(), stream: stream.into(), method };
+        StreamMetrics {
+            labels: l.clone(),
+            packets_received: handle(&self.packets_received, &l),
+            packets_lost: handle(&self.packets_lost, &l),
+            recovered_nack: handle(&self.packets_recovered, &method(RepairMethod::Nack)),
+            recovered_reorder: handle(&self.packets_recovered, &method(RepairMethod::Reorder)),
+            packets_unrecovered: handle(&self.packets_unrecovered, &l),
+            packets_duplicate: handle(&self.packets_duplicate, &l),
+            packets_late: handle(&self.packets_late, &l),
+            packets_discarded: self.packets_discarded.clone(),
+            bytes_received: handle(&self.bytes_received, &l),
+            nacks_sent: handle(&self.nacks_sent, &l),
+            retransmissions_received: handle(&self.retransmissions_received, &l),
+            keyframe_requests: handle(&self.keyframe_requests, &l),
+            frames_expected: handle(&self.frames_expected, &l),
+            frames_assembled: handle(&self.frames_assembled, &l),
+            frames_decoded: handle(&self.frames_decoded, &l),
+            frames_dropped: self.frames_dropped.clone(),
+            frames_dropped_total: Counter::default(),
+            frames_skipped: handle(&self.frames_skipped, &l),
+            gop_interval: handle(&self.gop_interval, &l),
+            jitter: handle(&self.jitter, &l),
+            rtt: handle(&self.rtt, &l),
+            assembly_latency: handle(&self.assembly_latency, &l),
+            decode_latency: handle(&self.decode_latency, &l),
+            decoder_info: self.decoder_info.clone(),
+            decoder_name: Arc::new(Mutex::new(String::new())),
+            stream_up: handle(&self.stream_up, &l),
+            receive_buffer: handle(&self.receive_buffer, &l),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A family member's handle. The family's read guard must be dropped before
+/// the next `get_or_create` on it, or a write (new label set) deadlocks.
+fn handle<S, M, C>(family: &Family<S, M, C>, labels: &S) -> M
+where
+    S: Clone + std::hash::Hash + Eq,
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    family.get_or_create(labels).clone()
+}
+
+/// One stream's metric handles.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    pub labels: StreamLabels,
+    pub packets_received: Counter,
+    pub packets_lost: Counter,
+    pub recovered_nack: Counter,
+    pub recovered_reorder: Counter,
+    pub packets_unrecovered: Counter,
+    pub packets_duplicate: Counter,
+    pub packets_late: Counter,
+    packets_discarded: Family<ReasonLabels, Counter>,
+    pub bytes_received: Counter,
+    pub nacks_sent: Counter,
+    pub retransmissions_received: Counter,
+    pub keyframe_requests: Counter,
+    pub frames_expected: Counter,
+    pub frames_assembled: Counter,
+    pub frames_decoded: Counter,
+    frames_dropped: Family<ReasonLabels, Counter>,
+    /// Sum over reasons, for the live table and the report.
+    pub frames_dropped_total: Counter,
+    pub frames_skipped: Counter,
+    pub gop_interval: F64Gauge,
+    pub jitter: F64Gauge,
+    pub rtt: F64Gauge,
+    pub assembly_latency: Histogram,
+    pub decode_latency: Histogram,
+    decoder_info: Family<DecoderLabels, Gauge>,
+    decoder_name: Arc<Mutex<String>>,
+    pub stream_up: Gauge,
+    pub receive_buffer: Gauge,
+}
+
+impl StreamMetrics {
+    fn reason(&self, reason: &str) -> ReasonLabels {
+        ReasonLabels { pipeline: self.labels.pipeline.clone(), stream: self.labels.stream.clone(), reason: reason.into() }
+    }
+
+    pub fn discarded(&self, reason: &str) {
+        self.packets_discarded.get_or_create(&self.reason(reason)).inc();
+    }
+
+    pub fn discarded_total(&self) -> u64 {
+        ["rtp_header", "rtx_header", "payload_type", "ssrc", "rtcp", "depacketize", "unsupported"]
+            .iter()
+            .map(|r| self.packets_discarded.get(&self.reason(r)).map_or(0, |c| c.get()))
+            .sum()
+    }
+
+    pub fn frames_dropped(&self, reason: &str, n: u64) {
+        self.frames_dropped.get_or_create(&self.reason(reason)).inc_by(n);
+        self.frames_dropped_total.inc_by(n);
+        self.frames_expected.inc_by(n);
+    }
+
+    pub fn set_decoder(&self, name: &str) {
+        let mut current = self.decoder_name.lock().unwrap_or_else(|e| e.into_inner());
+        let labels = |d: &str| DecoderLabels {
+            pipeline: self.labels.pipeline.clone(),
+            stream: self.labels.stream.clone(),
+            decoder: d.into(),
+        };
+        if !current.is_empty() {
+            self.decoder_info.get_or_create(&labels(&current)).set(0);
+        }
+        self.decoder_info.get_or_create(&labels(name)).set(1);
+        *current = name.to_string();
+    }
+
+    pub fn decoder(&self) -> String {
+        self.decoder_name.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn observe(h: &Histogram, d: Duration) {
+        h.observe(d.as_secs_f64());
+    }
+}
+
+/// Serves `/metrics` (OpenMetrics) and `/healthz` on `addr` from a thread.
+/// Returns the bound address (useful with port 0).
+pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<std::net::SocketAddr> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| anyhow::anyhow!("metrics listener on {addr} is not an IP socket"))?;
+    std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
+        for request in server.incoming_requests() {
+            let path = request.url().split('?').next().unwrap_or("");
+            let response = match path {
+                "/metrics" => tiny_http::Response::from_string(metrics.encode()).with_header(
+                    tiny_http::Header::from_bytes(
+                        &b"Content-Type"[..],
+                        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+                    )
+                    .expect("static header is valid"),
+                ),
+                "/healthz" | "/readyz" => tiny_http::Response::from_string("ok\n"),
+                _ => tiny_http::Response::from_string("not found: try /metrics or /healthz\n").with_status_code(404),
+            };
+            let _ = request.respond(response);
+        }
+    })?;
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_handles_share_the_registry_counters() {
+        let m = Metrics::new();
+        let s = m.stream("demo", "cam1");
+        s.packets_received.inc_by(5);
+        s.frames_dropped("incomplete", 2);
+        s.set_decoder("avdec_h264");
+        let text = m.encode();
+        assert!(text.contains(r#"zerodrop_rtp_packets_received_total{pipeline="demo",stream="cam1"} 5"#), "{text}");
+        assert!(text.contains(r#"zerodrop_frames_dropped_total{pipeline="demo",stream="cam1",reason="incomplete"} 2"#));
+        assert!(text.contains(r#"zerodrop_decoder_info{pipeline="demo",stream="cam1",decoder="avdec_h264"} 1"#));
+        assert!(text.contains("# TYPE zerodrop_frame_latency_seconds histogram"));
+        assert!(text.trim_end().ends_with("# EOF"));
+        assert_eq!(s.frames_dropped_total.get(), 2);
+    }
+
+    #[test]
+    fn http_endpoint_serves_metrics_and_health() {
+        use std::io::{Read, Write};
+        let m = Arc::new(Metrics::new());
+        m.stream("p", "s").packets_received.inc();
+        let addr = serve("127.0.0.1:0", m).unwrap();
+        let get = |path: &str| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            write!(c, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            s
+        };
+        let metrics = get("/metrics");
+        assert!(metrics.contains("application/openmetrics-text"));
+        assert!(metrics.contains("zerodrop_rtp_packets_received_total"));
+        assert!(get("/healthz").contains("200 OK"));
+        assert!(get("/nope").contains("404"));
+    }
+}

@@ -1,0 +1,644 @@
+//! The receive path of one source: UDP in batches → RTP parse → jitter buffer
+//! with NACK/RTX repair → depacketiser → decoder, with RTCP receiver reports,
+//! NACKs and keyframe requests going back to the sender.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::config::SourceConfig;
+use crate::decode::Decoder;
+use crate::depay::{DepayEvent, Depacketizer};
+use crate::jitter::{JitterBuffer, Output, PushOutcome, StoredPacket};
+use crate::metrics::StreamMetrics;
+use crate::rtp::{self, RtcpEvent, RtpPacket, SeqExtender};
+use crate::udp::{self, RecvBatch};
+
+/// A source is reported silent after this long without a media packet.
+const SILENCE: Duration = Duration::from_secs(2);
+/// Regular receiver reports (RFC 3550 leaves the interval to the profile;
+/// AVPF sends feedback early, between these).
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+const BATCH: usize = 32;
+
+#[derive(Debug, Clone, Default)]
+pub struct ReceiverOptions {
+    /// Write one line per access unit handed to the decoder:
+    /// `index rtp_timestamp digest keyframe`.
+    pub au_log: Option<PathBuf>,
+    /// Skip decoding (benchmarks that measure the receive path alone).
+    pub no_decode: bool,
+}
+
+/// Final figures for one stream, written to the run report.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamReport {
+    pub pipeline: String,
+    pub stream: String,
+    pub decoder: String,
+    pub frames_expected: u64,
+    pub frames_assembled: u64,
+    pub frames_decoded: u64,
+    pub frames_dropped: u64,
+    pub frames_skipped_before_keyframe: u64,
+    pub packets_received: u64,
+    pub packets_lost: u64,
+    pub packets_recovered_nack: u64,
+    pub packets_recovered_reorder: u64,
+    pub packets_unrecovered: u64,
+    pub packets_discarded: u64,
+    pub nacks_sent: u64,
+    pub retransmissions_received: u64,
+    pub keyframe_requests: u64,
+    pub receive_buffer_bytes: i64,
+    /// Arrival of a frame's first packet to its access unit leaving the
+    /// jitter buffer, over all frames.
+    pub assembly_latency_ms: LatencySummary,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl LatencySummary {
+    fn from_samples(samples: &mut [f32]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize] as f64;
+        LatencySummary {
+            count: samples.len() as u64,
+            mean: samples.iter().map(|&s| s as f64).sum::<f64>() / samples.len() as f64,
+            p50: q(0.5),
+            p99: q(0.99),
+            max: q(1.0),
+        }
+    }
+}
+
+/// RFC 3550 §6.4.1 / A.8 interarrival jitter, in RTP clock units.
+#[derive(Debug, Default)]
+struct JitterEstimate {
+    last_transit: Option<i64>,
+    jitter: f64,
+}
+
+impl JitterEstimate {
+    fn update(&mut self, arrival_ticks: i64, rtp_timestamp: u32) -> f64 {
+        let transit = arrival_ticks.wrapping_sub(rtp_timestamp as i64);
+        if let Some(last) = self.last_transit {
+            let d = (transit - last).unsigned_abs() as f64;
+            // Sender clocks wrap at 2^32: a jump that large is a wrap, not jitter.
+            if d < (1u64 << 31) as f64 {
+                self.jitter += (d - self.jitter) / 16.0;
+            }
+        }
+        self.last_transit = Some(transit);
+        self.jitter
+    }
+}
+
+struct Receiver {
+    cfg: SourceConfig,
+    metrics: StreamMetrics,
+    jb: JitterBuffer,
+    depay: Depacketizer,
+    decoder: Option<Decoder>,
+    rtp_socket: UdpSocket,
+    rtcp_socket: Option<UdpSocket>,
+    media_ssrc: Option<u32>,
+    our_ssrc: u32,
+    cname: String,
+    /// Where RTCP goes: the sender's RTCP source address once seen
+    /// (symmetric RTCP, RFC 4961), else derived from its RTP address.
+    rtcp_peer: Option<SocketAddr>,
+    rtp_peer: Option<SocketAddr>,
+    last_sr: Option<(u32, Instant)>,
+    rtt: Option<Duration>,
+    jitter: JitterEstimate,
+    seq: SeqExtender,
+    /// First extended sequence number of the current SSRC (RFC 3550 A.3 base).
+    base_seq: Option<u64>,
+    epoch: Instant,
+    last_packet: Option<Instant>,
+    silent: bool,
+    keyframe_wanted: bool,
+    last_pli: Option<Instant>,
+    next_report: Instant,
+    report_prior: (u64, u64),
+    rtp_ts_ext: Option<(u32, i64)>,
+    last_keyframe: Option<i64>,
+    au_log: Option<BufWriter<File>>,
+    au_index: u64,
+    latency_ms: Vec<f32>,
+    rtcp_buf: Vec<u8>,
+    outputs: Vec<Output>,
+    events: Vec<DepayEvent>,
+    nacks: Vec<u64>,
+    nack_seqs: Vec<u16>,
+    rtcp_events: Vec<RtcpEvent>,
+}
+
+/// Runs one source until `stop` is set; returns its final report.
+pub fn run(
+    cfg: SourceConfig,
+    metrics: StreamMetrics,
+    stop: Arc<AtomicBool>,
+    options: ReceiverOptions,
+) -> anyhow::Result<StreamReport> {
+    let id = cfg.id();
+    let (rtp_socket, granted) = udp::bind(cfg.rtp_bind, cfg.receive_buffer)
+        .with_context(|| format!("{id}: cannot bind RTP socket {}", cfg.rtp_bind))?;
+    let rtcp_socket = match cfg.rtcp_bind {
+        Some(addr) => Some(
+            udp::bind(addr, 256 << 10).with_context(|| format!("{id}: cannot bind RTCP socket {addr}"))?.0,
+        ),
+        None => None,
+    };
+    metrics.receive_buffer.set(granted as i64);
+    if granted < cfg.receive_buffer {
+        tracing::warn!(
+            stream = %id, requested = cfg.receive_buffer, granted,
+            "kernel granted a smaller receive buffer than requested (raise net.core.rmem_max or run with CAP_NET_ADMIN)"
+        );
+    }
+    let decoder = if options.no_decode {
+        None
+    } else {
+        Some(Decoder::start(cfg.codec, cfg.decoder, metrics.clone())?)
+    };
+    let au_log = match &options.au_log {
+        Some(path) => Some(BufWriter::new(
+            File::create(path).with_context(|| format!("{id}: cannot create AU log {}", path.display()))?,
+        )),
+        None => None,
+    };
+    tracing::info!(
+        stream = %id, rtp = %cfg.rtp_bind, rtcp = ?cfg.rtcp_bind, receive_buffer = granted,
+        decoder = decoder.as_ref().map_or("none", |d| d.name()), latency_ms = cfg.jitter.latency.as_millis() as u64,
+        "receiving"
+    );
+    let now = Instant::now();
+    let mut r = Receiver {
+        jb: JitterBuffer::new(cfg.jitter.clone()),
+        depay: Depacketizer::new(cfg.codec),
+        decoder,
+        rtp_socket,
+        rtcp_socket,
+        media_ssrc: None,
+        our_ssrc: rand::random(),
+        cname: format!("zerodrop-{}@{}", cfg.name, std::process::id()),
+        rtcp_peer: None,
+        rtp_peer: None,
+        last_sr: None,
+        rtt: None,
+        jitter: JitterEstimate::default(),
+        seq: SeqExtender::default(),
+        base_seq: None,
+        epoch: now,
+        last_packet: None,
+        silent: false,
+        keyframe_wanted: false,
+        last_pli: None,
+        next_report: now + REPORT_INTERVAL,
+        report_prior: (0, 0),
+        rtp_ts_ext: None,
+        last_keyframe: None,
+        au_log,
+        au_index: 0,
+        latency_ms: Vec::new(),
+        rtcp_buf: Vec::with_capacity(1500),
+        outputs: Vec::with_capacity(BATCH * 4),
+        events: Vec::new(),
+        nacks: Vec::new(),
+        nack_seqs: Vec::new(),
+        rtcp_events: Vec::new(),
+        metrics,
+        cfg,
+    };
+    r.run_loop(&stop)?;
+    Ok(r.shutdown())
+}
+
+impl Receiver {
+    fn run_loop(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let mut batch = RecvBatch::new(BATCH);
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let mut wake = (now + Duration::from_millis(100)).min(self.next_report);
+            if let Some(t) = self.jb.next_deadline() {
+                wake = wake.min(t);
+            }
+            let timeout = wake.saturating_duration_since(now);
+            let readable = {
+                let mut socks = vec![&self.rtp_socket];
+                if let Some(s) = &self.rtcp_socket {
+                    socks.push(s);
+                }
+                udp::wait_readable(&socks, timeout)?
+            };
+            if readable[0] {
+                // Drain what is queued, a batch at a time, before running timers.
+                for _ in 0..64 {
+                    let n = batch.recv(&self.rtp_socket)?;
+                    if n == 0 {
+                        break;
+                    }
+                    let now = Instant::now();
+                    for i in 0..n {
+                        self.on_datagram(&mut batch, i, now);
+                    }
+                    self.release(now);
+                    if n < BATCH {
+                        break;
+                    }
+                }
+            }
+            if readable.get(1).copied().unwrap_or(false) {
+                let socket = self.rtcp_socket.take();
+                if let Some(s) = &socket {
+                    loop {
+                        let n = batch.recv(s)?;
+                        let now = Instant::now();
+                        for i in 0..n {
+                            let from = batch.sources[i];
+                            let data = batch.datagram(i).to_vec();
+                            self.on_rtcp(&data, from, now);
+                        }
+                        if n < BATCH {
+                            break;
+                        }
+                    }
+                }
+                self.rtcp_socket = socket;
+            }
+            let now = Instant::now();
+            self.release(now);
+            self.feedback(now);
+            self.watch_silence(now);
+        }
+        Ok(())
+    }
+
+    fn on_datagram(&mut self, batch: &mut RecvBatch, i: usize, now: Instant) {
+        let datagram = batch.datagram(i);
+        self.metrics.bytes_received.inc_by(datagram.len() as u64);
+        if batch.truncated[i] {
+            self.metrics.discarded("rtp_header");
+            return;
+        }
+        if self.rtcp_socket.is_none() && rtp::is_rtcp(datagram) {
+            let data = datagram.to_vec();
+            self.on_rtcp(&data, batch.sources[i], now);
+            return;
+        }
+        let (pt, ssrc, seq, ts, marker, offset, len) = match RtpPacket::parse(datagram) {
+            Ok(p) => (
+                p.payload_type(),
+                p.ssrc(),
+                p.sequence_number(),
+                p.timestamp(),
+                p.marker_bit(),
+                p.payload_offset(),
+                p.payload_len(),
+            ),
+            Err(_) => {
+                self.metrics.discarded("rtp_header");
+                return;
+            }
+        };
+        let (seq, offset, len, retransmitted) = if pt == self.cfg.payload_type {
+            match self.media_ssrc {
+                Some(current) if current != ssrc => {
+                    if self.last_packet.is_some_and(|t| now - t < SILENCE) {
+                        self.metrics.discarded("ssrc");
+                        return;
+                    }
+                    tracing::info!(stream = %self.cfg.id(), old = current, new = ssrc, "sender restarted with a new SSRC");
+                    self.restart();
+                    self.media_ssrc = Some(ssrc);
+                }
+                None => self.media_ssrc = Some(ssrc),
+                _ => {}
+            }
+            (seq, offset, len, false)
+        } else if Some(pt) == self.cfg.rtx_payload_type {
+            match rtp::parse_rtx(&datagram[offset..offset + len]) {
+                Ok(rtx) => {
+                    self.metrics.retransmissions_received.inc();
+                    (rtx.original_seq, offset + 2, rtx.payload.len(), true)
+                }
+                Err(_) => {
+                    self.metrics.discarded("rtx_header");
+                    return;
+                }
+            }
+        } else {
+            self.metrics.discarded("payload_type");
+            return;
+        };
+        self.rtp_peer = batch.sources[i];
+        self.last_packet = Some(now);
+        if self.silent {
+            self.silent = false;
+            self.metrics.stream_up.set(1);
+            tracing::info!(stream = %self.cfg.id(), "source resumed");
+        } else if self.metrics.stream_up.get() == 0 {
+            self.metrics.stream_up.set(1);
+        }
+        if !retransmitted {
+            let ticks = (now - self.epoch).as_nanos() as i64 * self.cfg.clock_rate as i64 / 1_000_000_000;
+            let j = self.jitter.update(ticks, ts);
+            self.metrics.jitter.set(j / self.cfg.clock_rate as f64);
+        }
+        let ext = self.seq.extend(seq);
+        self.base_seq = Some(self.base_seq.map_or(ext, |b| b.min(ext)));
+        if retransmitted {
+            // Karn: only a retransmission answering a single NACK times the RTT.
+            if let Some((1, Some(sent))) = self.jb.nack_state(ext) {
+                let sample = now - sent;
+                let rtt = match self.rtt {
+                    Some(old) => old.mul_f64(0.875) + sample.mul_f64(0.125),
+                    None => sample,
+                };
+                self.rtt = Some(rtt);
+                self.metrics.rtt.set(rtt.as_secs_f64());
+            }
+        }
+        let data = batch.take(i, self.jb.take_spare());
+        let packet = StoredPacket {
+            data,
+            payload_offset: offset,
+            payload_len: len,
+            timestamp: ts,
+            marker,
+            arrival: now,
+            retransmitted,
+        };
+        let before = self.jb.counters();
+        match self.jb.push(ext, packet, now) {
+            PushOutcome::Duplicate => self.metrics.packets_duplicate.inc(),
+            PushOutcome::TooLate => self.metrics.packets_late.inc(),
+            PushOutcome::Stored | PushOutcome::Resynced { .. } => self.metrics.packets_received.inc(),
+        };
+        let after = self.jb.counters();
+        self.metrics.packets_lost.inc_by(after.went_missing - before.went_missing);
+        let by_nack = after.recovered_by_nack - before.recovered_by_nack;
+        self.metrics.recovered_nack.inc_by(by_nack);
+        self.metrics.recovered_reorder.inc_by((after.recovered - before.recovered) - by_nack);
+    }
+
+    fn restart(&mut self) {
+        let mut out = std::mem::take(&mut self.outputs);
+        self.jb.drain(&mut out);
+        self.outputs = out;
+        self.deliver(Instant::now());
+        self.jb.reset();
+        self.seq = SeqExtender::default();
+        self.base_seq = None;
+        self.report_prior = (0, 0);
+        self.jitter = JitterEstimate::default();
+    }
+
+    fn on_rtcp(&mut self, data: &[u8], from: Option<SocketAddr>, now: Instant) {
+        self.rtcp_events.clear();
+        if rtp::parse_rtcp(data, &mut self.rtcp_events).is_err() {
+            self.metrics.discarded("rtcp");
+            return;
+        }
+        for e in &self.rtcp_events {
+            if let RtcpEvent::SenderReport { ntp_middle, .. } = e {
+                self.last_sr = Some((*ntp_middle, now));
+                self.rtcp_peer = from;
+            }
+        }
+    }
+
+    /// Moves what the jitter buffer releases through the depacketiser.
+    fn release(&mut self, now: Instant) {
+        self.jb.pop_ready(now, &mut self.outputs);
+        self.deliver(now);
+    }
+
+    fn deliver(&mut self, now: Instant) {
+        let mut outputs = std::mem::take(&mut self.outputs);
+        for o in outputs.drain(..) {
+            match o {
+                Output::Packet { packet, .. } => {
+                    self.depay.push_packet(packet.payload(), packet.timestamp, packet.marker, packet.arrival, &mut self.events);
+                    self.jb.recycle(packet.data);
+                }
+                Output::Lost { count, .. } => {
+                    self.metrics.packets_unrecovered.inc_by(count);
+                    self.depay.push_loss(count);
+                }
+            }
+            self.handle_depay_events(now);
+        }
+        self.outputs = outputs;
+    }
+
+    fn flush_depay(&mut self, now: Instant) {
+        self.depay.flush(&mut self.events);
+        self.handle_depay_events(now);
+    }
+
+    fn handle_depay_events(&mut self, now: Instant) {
+        let before = self.depay.counters();
+        for event in std::mem::take(&mut self.events) {
+            match event {
+                DepayEvent::Frame(au) => {
+                    let ts = self.extend_timestamp(au.rtp_timestamp);
+                    if au.keyframe {
+                        if let Some(last) = self.last_keyframe {
+                            self.metrics.gop_interval.set((ts - last) as f64 / self.cfg.clock_rate as f64);
+                        }
+                        self.last_keyframe = Some(ts);
+                        self.keyframe_wanted = false;
+                    }
+                    let latency = now - au.first_arrival;
+                    StreamMetrics::observe(&self.metrics.assembly_latency, latency);
+                    if self.latency_ms.len() < 1_000_000 {
+                        self.latency_ms.push(latency.as_secs_f32() * 1000.0);
+                    }
+                    if let Some(log) = &mut self.au_log {
+                        let _ = writeln!(
+                            log,
+                            "{} {} {:016x} {}",
+                            self.au_index, au.rtp_timestamp, au.content_digest, au.keyframe as u8
+                        );
+                    }
+                    self.au_index += 1;
+                    let pts_ns = (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;
+                    let queued = match &mut self.decoder {
+                        Some(d) => d.push(au.data, pts_ns, au.first_arrival, au.keyframe),
+                        None => true,
+                    };
+                    if queued {
+                        self.metrics.frames_assembled.inc();
+                        self.metrics.frames_expected.inc();
+                    } else {
+                        self.metrics.frames_dropped("decoder_backlog", 1);
+                        self.keyframe_wanted = true;
+                    }
+                }
+                DepayEvent::Dropped { reason, frames, .. } => {
+                    self.metrics.frames_dropped(reason.as_str(), frames);
+                }
+                DepayEvent::SkippedBeforeKeyframe { .. } => {
+                    self.metrics.frames_skipped.inc();
+                }
+                DepayEvent::KeyframeNeeded => self.keyframe_wanted = true,
+            }
+        }
+        let after = self.depay.counters();
+        for _ in before.malformed_packets..after.malformed_packets {
+            self.metrics.discarded("depacketize");
+        }
+        for _ in before.unsupported_packets..after.unsupported_packets {
+            self.metrics.discarded("unsupported");
+        }
+    }
+
+    /// RTP timestamp extended past its 32-bit wrap, relative to the first one.
+    fn extend_timestamp(&mut self, ts: u32) -> i64 {
+        let ext = match self.rtp_ts_ext {
+            None => 0,
+            Some((last, ext)) => ext + ts.wrapping_sub(last) as i32 as i64,
+        };
+        self.rtp_ts_ext = Some((ts, ext));
+        ext
+    }
+
+    /// NACKs due now, keyframe requests, and the regular receiver report.
+    fn feedback(&mut self, now: Instant) {
+        self.nacks.clear();
+        let rtt = self.rtt.unwrap_or(Duration::from_millis(30));
+        self.jb.due_nacks(now, rtt, &mut self.nacks);
+        let pli_interval = rtt.max(Duration::from_millis(300));
+        let pli = self.keyframe_wanted
+            && self.media_ssrc.is_some()
+            && self.last_pli.is_none_or(|t| now - t >= pli_interval);
+        let report_due = now >= self.next_report;
+        if self.nacks.is_empty() && !pli && !report_due {
+            return;
+        }
+        let Some(peer) = self.feedback_peer() else { return };
+        let media_ssrc = self.media_ssrc.unwrap_or(0);
+        self.nack_seqs.clear();
+        self.nack_seqs.extend(self.nacks.iter().map(|&s| s as u16));
+        let report = if report_due { self.reception_report(now, media_ssrc) } else { None };
+        let fb = rtp::ReceiverFeedback { report, nacks: &self.nack_seqs, pli, media_ssrc };
+        if rtp::write_receiver_rtcp(self.our_ssrc, &self.cname, &fb, &mut self.rtcp_buf).is_ok() {
+            let socket = self.rtcp_socket.as_ref().unwrap_or(&self.rtp_socket);
+            if let Err(e) = socket.send_to(&self.rtcp_buf, peer) {
+                tracing::debug!(stream = %self.cfg.id(), %peer, error = %e, "RTCP send failed");
+            }
+        }
+        self.metrics.nacks_sent.inc_by(self.nacks.len() as u64);
+        if pli {
+            self.metrics.keyframe_requests.inc();
+            self.last_pli = Some(now);
+        }
+        if report_due {
+            self.next_report = now + REPORT_INTERVAL;
+        }
+    }
+
+    fn feedback_peer(&self) -> Option<SocketAddr> {
+        if let Some(p) = self.rtcp_peer {
+            return Some(p);
+        }
+        let mut p = self.rtp_peer?;
+        if self.rtcp_socket.is_some() {
+            p.set_port(p.port().wrapping_add(1));
+        }
+        Some(p)
+    }
+
+    fn reception_report(&mut self, now: Instant, media_ssrc: u32) -> Option<rtp::ReceptionReport> {
+        let highest = self.seq.highest()?;
+        let c = self.jb.counters();
+        let base = self.base_seq?;
+        let expected = highest.saturating_sub(base).saturating_add(1);
+        let (prior_expected, prior_received) = self.report_prior;
+        let expected_interval = expected.saturating_sub(prior_expected);
+        let received_interval = c.received.saturating_sub(prior_received);
+        let lost_interval = expected_interval.saturating_sub(received_interval);
+        self.report_prior = (expected, c.received);
+        let fraction = if expected_interval == 0 { 0 } else { ((lost_interval << 8) / expected_interval).min(255) as u8 };
+        let (lsr, dlsr) = match self.last_sr {
+            Some((lsr, at)) => (lsr, ((now - at).as_secs_f64() * 65536.0) as u32),
+            None => (0, 0),
+        };
+        Some(rtp::ReceptionReport {
+            media_ssrc,
+            fraction_lost: fraction,
+            cumulative_lost: expected.saturating_sub(c.received) as u32,
+            extended_highest_seq: highest as u32,
+            jitter: self.jitter.jitter as u32,
+            lsr,
+            dlsr,
+        })
+    }
+
+    fn watch_silence(&mut self, now: Instant) {
+        if let Some(last) = self.last_packet {
+            if !self.silent && now - last >= SILENCE {
+                self.silent = true;
+                self.metrics.stream_up.set(0);
+                tracing::warn!(stream = %self.cfg.id(), silent_for_s = (now - last).as_secs_f32(), "source went silent");
+            }
+        }
+    }
+
+    fn shutdown(mut self) -> StreamReport {
+        let now = Instant::now();
+        let mut out = std::mem::take(&mut self.outputs);
+        self.jb.drain(&mut out);
+        self.outputs = out;
+        self.deliver(now);
+        self.flush_depay(now);
+        if let Some(log) = &mut self.au_log {
+            let _ = log.flush();
+        }
+        if let Some(d) = self.decoder.take() {
+            d.finish(Duration::from_secs(5));
+        }
+        let m = &self.metrics;
+        StreamReport {
+            pipeline: self.cfg.pipeline.clone(),
+            stream: self.cfg.name.clone(),
+            decoder: m.decoder(),
+            frames_expected: m.frames_expected.get(),
+            frames_assembled: m.frames_assembled.get(),
+            frames_decoded: m.frames_decoded.get(),
+            frames_dropped: m.frames_dropped_total.get(),
+            frames_skipped_before_keyframe: m.frames_skipped.get(),
+            packets_received: m.packets_received.get(),
+            packets_lost: m.packets_lost.get(),
+            packets_recovered_nack: m.recovered_nack.get(),
+            packets_recovered_reorder: m.recovered_reorder.get(),
+            packets_unrecovered: m.packets_unrecovered.get(),
+            packets_discarded: m.discarded_total(),
+            nacks_sent: m.nacks_sent.get(),
+            retransmissions_received: m.retransmissions_received.get(),
+            keyframe_requests: m.keyframe_requests.get(),
+            receive_buffer_bytes: m.receive_buffer.get(),
+            assembly_latency_ms: LatencySummary::from_samples(&mut self.latency_ms),
+        }
+    }
+}

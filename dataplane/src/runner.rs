@@ -1,0 +1,201 @@
+//! `zerodrop run pipeline.yaml`: every source of every pipeline in the file,
+//! on this machine, with metrics, a live table and a final report.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::config::{self, SourceConfig};
+use crate::metrics::{Metrics, StreamMetrics};
+use crate::receiver::{self, ReceiverOptions, StreamReport};
+use crate::table;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TableMode {
+    /// A live table when standard error is a terminal, else periodic log lines.
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// File holding one or more StreamPipeline documents (the YAML you would
+    /// `kubectl apply`).
+    pub file: PathBuf,
+    /// Where to serve /metrics (OpenMetrics) and /healthz.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+    /// Stop by itself after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Write a JSON report of every stream's final figures here on exit.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Write per-access-unit content digests, one file per stream, here.
+    #[arg(long)]
+    pub au_log_dir: Option<PathBuf>,
+    /// Receive and repair only; no decoding.
+    #[arg(long)]
+    pub no_decode: bool,
+    /// Validate the file and exit.
+    #[arg(long)]
+    pub check: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub table: TableMode,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub file: String,
+    pub duration_s: f64,
+    pub streams: Vec<StreamReport>,
+}
+
+/// Exit status for input that was rejected before anything started.
+pub const EXIT_INVALID_INPUT: i32 = 2;
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read manifest file {}", args.file.display()))?;
+    let pipelines = match zerodrop_crds::parse_manifests(&text) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}: {e}", args.file.display());
+            std::process::exit(EXIT_INVALID_INPUT);
+        }
+    };
+    let mut sources: Vec<SourceConfig> = Vec::new();
+    for p in &pipelines {
+        match config::sources(p) {
+            Ok(s) => sources.extend(s),
+            Err(e) => {
+                eprintln!("{}: {e:#}", args.file.display());
+                std::process::exit(EXIT_INVALID_INPUT);
+            }
+        }
+    }
+    if let Err(e) = check_port_clashes(&sources) {
+        eprintln!("{}: {e}", args.file.display());
+        std::process::exit(EXIT_INVALID_INPUT);
+    }
+    for s in &sources {
+        if let Err(e) = crate::decode::check(s.codec, s.decoder) {
+            if !args.no_decode {
+                eprintln!("{}: pipeline {} source {}: {e:#}", args.file.display(), s.pipeline, s.name);
+                std::process::exit(EXIT_INVALID_INPUT);
+            }
+        }
+    }
+    if args.check {
+        println!("{}: {} pipeline(s), {} source(s): valid", args.file.display(), pipelines.len(), sources.len());
+        return Ok(());
+    }
+    if let Some(dir) = &args.au_log_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+
+    let metrics = Arc::new(Metrics::new());
+    let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone())?;
+    eprintln!("zerodrop: {} source(s) from {}; metrics at http://{bound}/metrics", sources.len(), args.file.display());
+
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, anyhow::Result<StreamReport>)>();
+    let mut handles = Vec::new();
+    let mut stream_metrics: Vec<StreamMetrics> = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        let m = metrics.stream(&source.pipeline, &source.name);
+        stream_metrics.push(m.clone());
+        let options = ReceiverOptions {
+            au_log: args.au_log_dir.as_ref().map(|d| d.join(format!("{}.{}.au", source.pipeline, source.name))),
+            no_decode: args.no_decode,
+        };
+        let (source, stop, done_tx) = (source.clone(), stop.clone(), done_tx.clone());
+        handles.push(std::thread::Builder::new().name(format!("rx-{}", source.name)).spawn(move || {
+            let result = receiver::run(source, m, stop.clone(), options);
+            if result.is_err() {
+                // A source that cannot run stops the whole local run.
+                stop.store(true, Ordering::Relaxed);
+            }
+            let _ = done_tx.send((i, result));
+        })?);
+    }
+    drop(done_tx);
+
+    let started = Instant::now();
+    let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s));
+    let live = match args.table {
+        TableMode::Always => true,
+        TableMode::Never => false,
+        TableMode::Auto => std::io::stderr().is_terminal(),
+    };
+    let mut view = table::LiveTable::new(live, &stream_metrics);
+    let mut results: Vec<Option<anyhow::Result<StreamReport>>> = (0..sources.len()).map(|_| None).collect();
+    let mut finished = 0;
+    while finished < sources.len() {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        match done_rx.recv_timeout(Duration::from_millis(500)) {
+            Ok((i, r)) => {
+                results[i] = Some(r);
+                finished += 1;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+        if !stop.load(Ordering::Relaxed) {
+            view.refresh(started.elapsed());
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    view.finish(started.elapsed());
+
+    let mut reports = Vec::new();
+    let mut first_error = None;
+    for (source, r) in sources.iter().zip(results) {
+        match r {
+            Some(Ok(report)) => reports.push(report),
+            Some(Err(e)) => {
+                eprintln!("zerodrop: {}: {e:#}", source.id());
+                first_error.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    let report = RunReport { file: args.file.display().to_string(), duration_s: started.elapsed().as_secs_f64(), streams: reports };
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write report {}", path.display()))?;
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Two sources of the file bound to one UDP port would steal each other's
+/// packets; the CRD rules catch it within a pipeline, this across pipelines.
+fn check_port_clashes(sources: &[SourceConfig]) -> anyhow::Result<()> {
+    let mut seen: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
+    for s in sources {
+        for port in [Some(s.rtp_bind.port()), s.rtcp_bind.map(|a| a.port())].into_iter().flatten() {
+            if let Some(other) = seen.insert(port, s.id()) {
+                if other != s.id() {
+                    anyhow::bail!("UDP port {port} is used by both {other} and {}: give each source its own ports", s.id());
+                }
+            }
+        }
+    }
+    Ok(())
+}

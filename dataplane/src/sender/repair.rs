@@ -1,0 +1,245 @@
+//! The sender's RTCP side: answers NACKs with RTX (RFC 4588, SSRC-multiplexed)
+//! from a history of sent packets, turns PLI/FIR into a forced keyframe, sends
+//! sender reports so the receiver can measure RTT, and reads the receiver's
+//! report blocks for the RTT it measured back.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use gstreamer as gst;
+
+use super::SendCounters;
+use crate::loss::LossModel;
+use crate::relay::{is_transient, poll_readable, send_to_waiting};
+use crate::rtp::{self, RtcpEvent, RtpPacket};
+
+/// The last `capacity` sent RTP packets, by sequence number.
+pub struct PacketHistory {
+    slots: Vec<Option<(u16, Vec<u8>)>>,
+}
+
+impl PacketHistory {
+    pub fn new(capacity: usize) -> Self {
+        Self { slots: (0..capacity.clamp(1, 65_536)).map(|_| None).collect() }
+    }
+
+    pub fn insert(&mut self, seq: u16, packet: &[u8]) {
+        let n = self.slots.len();
+        let slot = &mut self.slots[seq as usize % n];
+        match slot {
+            // Reuse the evicted packet's allocation.
+            Some((s, bytes)) => {
+                *s = seq;
+                bytes.clear();
+                bytes.extend_from_slice(packet);
+            }
+            None => *slot = Some((seq, packet.to_vec())),
+        }
+    }
+
+    pub fn get(&self, seq: u16) -> Option<&[u8]> {
+        match &self.slots[seq as usize % self.slots.len()] {
+            Some((s, bytes)) if *s == seq => Some(bytes),
+            _ => None,
+        }
+    }
+}
+
+/// State the send loop writes and the RTCP side reads.
+pub(super) struct SendShared {
+    pub history: PacketHistory,
+    /// RTP timestamp of the latest frame and when its first packet left, to
+    /// map wall-clock time to RTP time in sender reports.
+    pub last_frame: Option<(u32, Instant)>,
+    pub packet_count: u32,
+    pub octet_count: u32,
+}
+
+pub(super) struct RtcpResponder {
+    pub rtcp: UdpSocket,
+    /// The RTP socket also receives RTCP from rtcp-mux or symmetric receivers,
+    /// and carries RTX.
+    pub rtp: UdpSocket,
+    pub rtcp_mux: bool,
+    pub dest: SocketAddr,
+    pub rtcp_dest: SocketAddr,
+    pub ssrc: u32,
+    pub rtx_ssrc: u32,
+    pub rtx_pt: u8,
+    pub rtx_seq: u16,
+    pub clock_rate: u32,
+    pub cname: String,
+    pub sr_interval: Duration,
+    pub rtx_loss: LossModel,
+    pub encoder: gst::Element,
+    pub shared: Arc<Mutex<SendShared>>,
+    pub counters: Arc<SendCounters>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl RtcpResponder {
+    pub fn run(mut self) {
+        let mut buf = vec![0u8; 65_536];
+        let mut events = Vec::new();
+        let mut out = Vec::with_capacity(1500);
+        let mut next_sr = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            if Instant::now() >= next_sr {
+                next_sr = Instant::now() + self.sr_interval;
+                self.send_sender_report(&mut out);
+            }
+            let wait = next_sr.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
+            let socks: Vec<&UdpSocket> = if self.rtcp_mux { vec![&self.rtp] } else { vec![&self.rtcp, &self.rtp] };
+            let ready = match poll_readable(&socks, wait) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("sender RTCP poll failed: {e}");
+                    return;
+                }
+            };
+            for (i, is_ready) in ready.into_iter().enumerate() {
+                if !is_ready {
+                    continue;
+                }
+                for _ in 0..64 {
+                    let sock = if self.rtcp_mux || i == 1 { &self.rtp } else { &self.rtcp };
+                    let n = match sock.recv_from(&mut buf) {
+                        Ok((n, _src)) => n,
+                        Err(e) if is_transient(&e) => break,
+                        Err(e) => {
+                            tracing::warn!("sender RTCP receive failed: {e}");
+                            break;
+                        }
+                    };
+                    self.handle_datagram(&buf[..n], &mut events, &mut out);
+                }
+            }
+        }
+    }
+
+    fn handle_datagram(&mut self, data: &[u8], events: &mut Vec<RtcpEvent>, out: &mut Vec<u8>) {
+        let c = self.counters.clone();
+        if !rtp::is_rtcp(data) {
+            c.datagrams_ignored.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        c.rtcp_received.fetch_add(1, Ordering::Relaxed);
+        events.clear();
+        if let Err(e) = rtp::parse_rtcp(data, events) {
+            c.rtcp_malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("ignoring {e}");
+            // Events parsed before the malformed part are still acted on.
+        }
+        for event in events.drain(..) {
+            match event {
+                RtcpEvent::Nack { media_ssrc, seqs } if self.is_ours(media_ssrc) => {
+                    c.nacks_received.fetch_add(1, Ordering::Relaxed);
+                    for seq in seqs {
+                        self.retransmit(seq, out);
+                    }
+                }
+                RtcpEvent::Pli { media_ssrc } if self.is_ours(media_ssrc) => {
+                    c.plis_received.fetch_add(1, Ordering::Relaxed);
+                    self.force_keyframe();
+                }
+                RtcpEvent::Fir { media_ssrc } if self.is_ours(media_ssrc) => {
+                    c.firs_received.fetch_add(1, Ordering::Relaxed);
+                    self.force_keyframe();
+                }
+                RtcpEvent::ReportBlock { media_ssrc, lsr, dlsr, fraction_lost, .. } if media_ssrc == self.ssrc => {
+                    c.last_fraction_lost.store(fraction_lost as u64, Ordering::Relaxed);
+                    if lsr != 0 {
+                        let now_mid = (rtp::ntp_timestamp(SystemTime::now()) >> 16) as u32;
+                        let rtt = now_mid.wrapping_sub(lsr).wrapping_sub(dlsr);
+                        // A negative RTT (clock step) wraps to a huge value; skip it.
+                        if rtt < 65_536 * 10 {
+                            c.rtt_us.store(rtt as u64 * 1_000_000 / 65_536, Ordering::Relaxed);
+                        }
+                    }
+                }
+                RtcpEvent::Nack { .. } | RtcpEvent::Pli { .. } | RtcpEvent::Fir { .. } => {
+                    c.feedback_other_ssrc.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Feedback addressed to our SSRC; 0 is accepted because some receivers
+    /// leave the media SSRC unset before they have learned it.
+    fn is_ours(&self, media_ssrc: u32) -> bool {
+        media_ssrc == self.ssrc || media_ssrc == 0
+    }
+
+    fn retransmit(&mut self, seq: u16, out: &mut Vec<u8>) {
+        let c = &self.counters;
+        c.nacked_packets.fetch_add(1, Ordering::Relaxed);
+        let built = {
+            let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            match shared.history.get(seq).map(RtpPacket::parse) {
+                Some(Ok(original)) => rtp::write_rtx(&original, self.rtx_pt, self.rtx_ssrc, self.rtx_seq, out).is_ok(),
+                _ => false,
+            }
+        };
+        if !built {
+            c.nack_unknown_seq.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.rtx_seq = self.rtx_seq.wrapping_add(1);
+        c.rtx_sent.fetch_add(1, Ordering::Relaxed);
+        if self.rtx_loss.should_drop() {
+            c.rtx_dropped.fetch_add(1, Ordering::Relaxed);
+        } else if send_to_waiting(&self.rtp, out, self.dest).is_err() {
+            c.send_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn force_keyframe(&self) {
+        if super::pipeline::force_keyframe(&self.encoder) {
+            self.counters.keyframes_forced.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn send_sender_report(&self, out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let (rtp_ts, packets, octets) = {
+            let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let Some((ts, at)) = shared.last_frame else { return };
+            let elapsed = at.elapsed().as_secs_f64();
+            (ts.wrapping_add((elapsed * self.clock_rate as f64) as u32), shared.packet_count, shared.octet_count)
+        };
+        let written =
+            rtp::write_sender_rtcp(self.ssrc, &self.cname, rtp::ntp_timestamp(now), rtp_ts, packets, octets, out);
+        let sock = if self.rtcp_mux { &self.rtp } else { &self.rtcp };
+        match written.map(|_| send_to_waiting(sock, out, self.rtcp_dest)) {
+            Ok(Ok(_)) => {
+                self.counters.srs_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_returns_recent_packets_and_forgets_evicted_ones() {
+        let mut h = PacketHistory::new(4);
+        for seq in 65_533u16..=65_535 {
+            h.insert(seq, &[seq as u8]);
+        }
+        h.insert(0, &[0]);
+        h.insert(1, &[1]);
+        assert_eq!(h.get(1), Some(&[1u8][..]));
+        assert_eq!(h.get(0), Some(&[0u8][..]));
+        assert_eq!(h.get(65_535), Some(&[255u8][..]));
+        assert_eq!(h.get(65_533), None, "evicted by seq 1");
+        assert_eq!(h.get(5), None, "never sent");
+    }
+}

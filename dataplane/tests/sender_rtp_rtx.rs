@@ -1,0 +1,187 @@
+//! The test sender end to end into plain UDP sockets: one RTP timestamp per
+//! encoded frame, NACK answered by RTX with the original payload, PLI answered
+//! by a keyframe, malformed RTCP survived.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use zerodrop_dataplane::relay::{bind_rtp_rtcp_pair, with_port_offset};
+use zerodrop_dataplane::rtp::{self, ReceiverFeedback, RtcpEvent, RtpPacket};
+use zerodrop_dataplane::sender::{SendArgs, Sender};
+
+const SSRC: u32 = 0x1234_5678;
+const RTX_SSRC: u32 = 0x0bad_cafe;
+
+fn receiver_pair() -> (UdpSocket, UdpSocket) {
+    let (rtp, rtcp) = bind_rtp_rtcp_pair("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    for s in [&rtp, &rtcp] {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(30))).unwrap();
+    }
+    (rtp, rtcp)
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("zerodrop-{}-{name}", std::process::id()))
+}
+
+fn send_args(dest: SocketAddr, extra: &[&str]) -> SendArgs {
+    let dest = dest.to_string();
+    let ssrc = SSRC.to_string();
+    let rtx_ssrc = format!("{RTX_SSRC:#x}");
+    let mut argv = vec![
+        "send", "--dest", &dest, "--width", "320", "--height", "240", "--fps", "30", "--bitrate", "300",
+        "--ssrc", &ssrc, "--rtx-ssrc", &rtx_ssrc, "--loss", "none", "--quiet", "--linger-ms", "10000",
+        "--sr-interval-ms", "200",
+    ];
+    argv.extend_from_slice(extra);
+    SendArgs::try_parse_from(argv).unwrap()
+}
+
+fn feedback(nacks: &[u16], pli: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let fb = ReceiverFeedback { nacks, pli, media_ssrc: SSRC, ..Default::default() };
+    rtp::write_receiver_rtcp(0x4242, "test-receiver", &fb, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn sender_sends_one_rtp_timestamp_per_frame_and_answers_nack_with_original_payload() {
+    let (rcv_rtp, rcv_rtcp) = receiver_pair();
+    let hashes = temp_path("hashes.txt");
+    let hashes_arg = hashes.to_str().unwrap().to_string();
+    let sender = Sender::start(send_args(rcv_rtp.local_addr().unwrap(), &["--frames", "60", "--hashes", &hashes_arg]))
+        .unwrap();
+
+    let mut timestamps = BTreeSet::new();
+    let mut media: HashMap<u16, Vec<u8>> = HashMap::new();
+    let mut media_packets = 0u64;
+    let mut nacked: Option<u16> = None;
+    let mut rtx_checked = false;
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "sender did not finish: {:?}", sender.stats());
+        let received = rcv_rtp.recv_from(&mut buf);
+        let Ok((n, src)) = received else {
+            // Quiet socket after EOS: every packet has been delivered.
+            if sender.stats().eos && rtx_checked {
+                break;
+            }
+            continue;
+        };
+        let packet = RtpPacket::parse(&buf[..n]).expect("valid RTP");
+        match packet.payload_type() {
+            96 => {
+                assert_eq!(packet.ssrc(), SSRC);
+                media_packets += 1;
+                timestamps.insert(packet.timestamp());
+                media.insert(packet.sequence_number(), packet.payload().to_vec());
+                if nacked.is_none() && media.len() >= 10 {
+                    // The receiver answers RTCP to the RTP source port + 1.
+                    assert_eq!(src.port() + 1, sender.addrs().rtcp.port());
+                    let seq = packet.sequence_number().wrapping_sub(5);
+                    assert!(media.contains_key(&seq));
+                    rcv_rtcp.send_to(&feedback(&[seq], false), with_port_offset(src, 1)).unwrap();
+                    nacked = Some(seq);
+                }
+            }
+            97 => {
+                assert_eq!(packet.ssrc(), RTX_SSRC);
+                let rtx = rtp::parse_rtx(packet.payload()).expect("RTX payload");
+                assert_eq!(Some(rtx.original_seq), nacked, "RTX answers the NACKed sequence number");
+                assert_eq!(rtx.payload, &media[&rtx.original_seq][..], "RTX carries the original payload");
+                rtx_checked = true;
+            }
+            pt => panic!("unexpected payload type {pt}"),
+        }
+    }
+    let summary = sender.stop().unwrap();
+    let s = summary.stats;
+    assert_eq!(s.frames_encoded, 60);
+    assert_eq!(s.frames_sent, 60);
+    assert_eq!(timestamps.len() as u64, s.frames_sent, "one RTP timestamp per frame");
+    assert_eq!(media_packets, s.packets_sent);
+    assert_eq!((s.packets_dropped, s.nacks_received, s.rtx_sent, s.rtx_dropped), (0, 1, 1, 0));
+    assert_eq!((summary.ssrc, summary.rtx_ssrc), (SSRC, RTX_SSRC));
+
+    // Sender reports arrived at the receiver's RTCP port.
+    let mut srs = 0;
+    let mut events = Vec::new();
+    while let Ok(n) = rcv_rtcp.recv(&mut buf) {
+        events.clear();
+        if rtp::parse_rtcp(&buf[..n], &mut events).is_ok() {
+            srs += events.iter().filter(|e| matches!(e, RtcpEvent::SenderReport { ssrc: SSRC, .. })).count();
+        }
+    }
+    assert!(srs >= 1, "no sender report received");
+
+    // One digest line per frame, keyed by the frame's RTP timestamp.
+    let text = std::fs::read_to_string(&hashes).unwrap();
+    std::fs::remove_file(&hashes).ok();
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 60);
+    for (i, fields) in lines.iter().enumerate() {
+        assert_eq!(fields.len(), 4, "{fields:?}");
+        assert_eq!(fields[0], i.to_string());
+        assert!(timestamps.contains(&fields[1].parse::<u32>().unwrap()));
+        assert_eq!(fields[2].len(), 16);
+    }
+    assert_eq!(lines[0][3], "1", "the first frame is a keyframe");
+}
+
+#[test]
+fn sender_forces_keyframe_on_pli_and_survives_malformed_rtcp() {
+    let (rcv_rtp, rcv_rtcp) = receiver_pair();
+    let sender =
+        Sender::start(send_args(rcv_rtp.local_addr().unwrap(), &["--frames", "40", "--key-int", "1000"])).unwrap();
+    let rtcp_addr = sender.addrs().rtcp;
+    let mut timestamps = BTreeSet::new();
+    let mut pli_sent = false;
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "sender did not finish: {:?}", sender.stats());
+        match rcv_rtp.recv(&mut buf) {
+            Ok(n) => {
+                timestamps.insert(RtpPacket::parse(&buf[..n]).unwrap().timestamp());
+            }
+            Err(_) if sender.stats().eos => break,
+            Err(_) => {}
+        }
+        if !pli_sent && timestamps.len() >= 5 {
+            for garbage in [&[0x80u8, 200, 0, 50, 1, 2, 3][..], &[0x81, 205], &[0x80, 201, 0xff, 0xff]] {
+                rcv_rtcp.send_to(garbage, rtcp_addr).unwrap();
+            }
+            rcv_rtcp.send_to(&feedback(&[], true), rtcp_addr).unwrap();
+            pli_sent = true;
+        }
+    }
+    let s = sender.stop().unwrap().stats;
+    assert_eq!(s.frames_sent, 40);
+    assert!(s.rtcp_malformed >= 1, "{s:?}");
+    assert_eq!((s.plis_received, s.keyframes_forced), (1, 1), "{s:?}");
+    assert!(s.keyframes_sent >= 2, "the PLI produced a second keyframe: {s:?}");
+}
+
+#[test]
+fn sender_cli_writes_summary_json() {
+    let (rcv_rtp, _rcv_rtcp) = receiver_pair();
+    let summary = temp_path("summary.json");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_zerodrop"))
+        .args(["send", "--frames", "10", "--width", "160", "--height", "120", "--quiet", "--linger-ms", "0"])
+        .args(["--loss", "uniform:0.5", "--seed", "3", "--dest", &rcv_rtp.local_addr().unwrap().to_string()])
+        .arg("--summary-json")
+        .arg(&summary)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    std::fs::remove_file(&summary).ok();
+    assert_eq!(json["frames_sent"], 10);
+    assert_eq!(json["loss"], "uniform:0.5");
+    assert!(json["packets_dropped"].as_u64().unwrap() > 0);
+}
