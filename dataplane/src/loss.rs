@@ -16,9 +16,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// A parsed loss specification: the configuration, without running state.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum LossSpec {
     /// Never drops.
+    #[default]
     None,
     /// Drops each packet independently with probability `p`.
     Uniform { p: f64 },
@@ -319,12 +320,6 @@ impl LossSpec {
             LossSpec::Any(parts) => parts.iter().all(LossSpec::is_none),
             _ => false,
         }
-    }
-}
-
-impl Default for LossSpec {
-    fn default() -> Self {
-        LossSpec::None
     }
 }
 

@@ -292,9 +292,36 @@ impl StreamMetrics {
     }
 }
 
-/// Serves `/metrics` (OpenMetrics) and `/healthz` on `addr` from a thread.
-/// Returns the bound address (useful with port 0).
-pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<std::net::SocketAddr> {
+/// Sources that have bound their sockets and started their decoder, out of
+/// those the process runs: `/readyz` answers 200 only when all are.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    expected: usize,
+    ready: std::sync::atomic::AtomicUsize,
+}
+
+impl Readiness {
+    pub fn new(expected: usize) -> Self {
+        Self { expected, ready: Default::default() }
+    }
+
+    pub fn mark_ready(&self) {
+        self.ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn ready(&self) -> usize {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready() >= self.expected
+    }
+}
+
+/// Serves `/metrics` (OpenMetrics), `/healthz` (the process is alive) and
+/// `/readyz` (every source is receiving) on `addr` from a thread. Returns the
+/// bound address (useful with port 0).
+pub fn serve(addr: &str, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> anyhow::Result<std::net::SocketAddr> {
     let server = tiny_http::Server::http(addr)
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
     let bound = server
@@ -312,7 +339,14 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>) -> anyhow::Result<std::net::Sock
                     )
                     .expect("static header is valid"),
                 ),
-                "/healthz" | "/readyz" => tiny_http::Response::from_string("ok\n"),
+                "/healthz" => tiny_http::Response::from_string("ok\n"),
+                "/readyz" if readiness.is_ready() => tiny_http::Response::from_string("ready\n"),
+                "/readyz" => tiny_http::Response::from_string(format!(
+                    "not ready: {}/{} sources receiving\n",
+                    readiness.ready(),
+                    readiness.expected
+                ))
+                .with_status_code(503),
                 _ => tiny_http::Response::from_string("not found: try /metrics or /healthz\n").with_status_code(404),
             };
             let _ = request.respond(response);
@@ -346,7 +380,8 @@ mod tests {
         use std::io::{Read, Write};
         let m = Arc::new(Metrics::new());
         m.stream("p", "s").packets_received.inc();
-        let addr = serve("127.0.0.1:0", m).unwrap();
+        let readiness = Arc::new(Readiness::new(1));
+        let addr = serve("127.0.0.1:0", m, readiness.clone()).unwrap();
         let get = |path: &str| {
             let mut c = std::net::TcpStream::connect(addr).unwrap();
             write!(c, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
@@ -358,6 +393,9 @@ mod tests {
         assert!(metrics.contains("application/openmetrics-text"));
         assert!(metrics.contains("zerodrop_rtp_packets_received_total"));
         assert!(get("/healthz").contains("200 OK"));
+        assert!(get("/readyz").contains("503"));
+        readiness.mark_ready();
+        assert!(get("/readyz").contains("200 OK"));
         assert!(get("/nope").contains("404"));
     }
 }

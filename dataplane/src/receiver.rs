@@ -35,6 +35,8 @@ pub struct ReceiverOptions {
     pub au_log: Option<PathBuf>,
     /// Skip decoding (benchmarks that measure the receive path alone).
     pub no_decode: bool,
+    /// Told once the sockets are bound and the decoder runs.
+    pub readiness: Option<Arc<crate::metrics::Readiness>>,
 }
 
 /// Final figures for one stream, written to the run report.
@@ -191,6 +193,9 @@ pub fn run(
         decoder = decoder.as_ref().map_or("none", |d| d.name()), latency_ms = cfg.jitter.latency.as_millis() as u64,
         "receiving"
     );
+    if let Some(r) = &options.readiness {
+        r.mark_ready();
+    }
     let now = Instant::now();
     let mut r = Receiver {
         jb: JitterBuffer::new(cfg.jitter.clone()),

@@ -15,7 +15,9 @@
 //! RTCP from the receiver is recognised by where it comes from: anything that
 //! reaches the relay's downstream sockets (the addresses the receiver sees the
 //! media come from, so a symmetric receiver answers there), and anything on the
-//! listen ports whose source is the forward RTP or RTCP address. It goes to the
+//! listen ports whose source is the forward RTP or RTCP address, or, from an
+//! address that is not the sender's, a compound that does not start with a
+//! sender report (GStreamer's `udpsink` sends from an ephemeral port). It goes to the
 //! address the sender's RTCP came from, or, until the sender has sent RTCP, to
 //! the sender's RTP source port + offset (`--sender-rtcp` overrides both).
 //!
@@ -409,8 +411,18 @@ impl RelayWorker {
         Ok(())
     }
 
-    fn is_from_receiver(&self, src: SocketAddr) -> bool {
-        src == self.config.forward || src == self.forward_rtcp
+    /// Tells the receiver's RTCP arriving on a listen port (e.g. from a
+    /// `udpsink` with a fixed destination) from the sender's: by address where
+    /// the address is known, else by content, since a sender's compound starts
+    /// with a sender report and a receiver's with RR or feedback.
+    fn is_from_receiver(&self, src: SocketAddr, rtcp: &[u8]) -> bool {
+        const RTCP_SR: u8 = 200;
+        if src == self.config.forward || src == self.forward_rtcp {
+            return true;
+        }
+        let from_sender = self.sender_rtcp_src == Some(src)
+            || self.sender_rtp_src.is_some_and(|a| a == src || with_port_offset(a, self.config.rtcp_offset) == src);
+        !from_sender && rtcp[1] != RTCP_SR
     }
 
     fn handle(&mut self, kind: Ingress, data: &[u8], src: SocketAddr) {
@@ -423,7 +435,7 @@ impl RelayWorker {
                     c.ignored.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            _ if rtp::is_rtcp(data) && self.is_from_receiver(src) => self.pass_up(data),
+            _ if rtp::is_rtcp(data) && self.is_from_receiver(src, data) => self.pass_up(data),
             _ if rtp::is_rtcp(data) => {
                 self.sender_rtcp_src = Some(src);
                 let sent = send_to_waiting(self.sockets.down_rtcp(), data, self.forward_rtcp);

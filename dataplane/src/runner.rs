@@ -105,7 +105,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
     let metrics = Arc::new(Metrics::new());
-    let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone())?;
+    let readiness = Arc::new(crate::metrics::Readiness::new(sources.len()));
+    let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone())?;
     eprintln!("zerodrop: {} source(s) from {}; metrics at http://{bound}/metrics", sources.len(), args.file.display());
 
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, anyhow::Result<StreamReport>)>();
@@ -117,6 +118,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let options = ReceiverOptions {
             au_log: args.au_log_dir.as_ref().map(|d| d.join(format!("{}.{}.au", source.pipeline, source.name))),
             no_decode: args.no_decode,
+            readiness: Some(readiness.clone()),
         };
         let (source, stop, done_tx) = (source.clone(), stop.clone(), done_tx.clone());
         handles.push(std::thread::Builder::new().name(format!("rx-{}", source.name)).spawn(move || {

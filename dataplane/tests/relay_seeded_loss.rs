@@ -46,10 +46,10 @@ fn recv_until(sock: &UdpSocket, mut done: impl FnMut(&[u8]) -> bool) -> bool {
     let mut buf = [0u8; 2048];
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
-        if let Ok(n) = sock.recv(&mut buf) {
-            if done(&buf[..n]) {
-                return true;
-            }
+        if let Ok(n) = sock.recv(&mut buf)
+            && done(&buf[..n])
+        {
+            return true;
         }
     }
     false

@@ -1,1 +1,36 @@
-//! End-to-end test support lives in tests/.
+//! Support for the end-to-end tests in `tests/`: a GStreamer reference sender
+//! (rtpbin + rtprtxsend + x264enc, nothing of ours on the sending side) and a
+//! handle on a real `zerodrop run` process.
+
+pub mod gst_sender;
+pub mod runner;
+
+/// Per-access-unit digests as both sides log them: `index ts digest keyframe`.
+pub fn read_digests(path: &std::path::Path) -> anyhow::Result<Vec<u64>> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let field = l.split_whitespace().nth(2).ok_or_else(|| anyhow::anyhow!("bad digest line {l:?}"))?;
+            Ok(u64::from_str_radix(field.trim_start_matches("0x"), 16)?)
+        })
+        .collect()
+}
+
+/// Compares what was sent with what reached the decoder, frame by frame.
+/// Returns a description of the first differences, or None when identical.
+pub fn compare_digests(sent: &[u64], received: &[u64]) -> Option<String> {
+    let mut problems = Vec::new();
+    if sent.len() != received.len() {
+        problems.push(format!("sent {} frames, decoder was handed {}", sent.len(), received.len()));
+    }
+    let mismatched: Vec<usize> = sent.iter().zip(received).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
+    if !mismatched.is_empty() {
+        problems.push(format!(
+            "{} frame(s) differ in content, first at index {:?}",
+            mismatched.len(),
+            &mismatched[..mismatched.len().min(10)]
+        ));
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
+}

@@ -133,6 +133,7 @@ impl RtcpResponder {
             // Events parsed before the malformed part are still acted on.
         }
         for event in events.drain(..) {
+            tracing::trace!(?event, "sender RTCP");
             match event {
                 RtcpEvent::Nack { media_ssrc, seqs } if self.is_ours(media_ssrc) => {
                     c.nacks_received.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +154,7 @@ impl RtcpResponder {
                     if lsr != 0 {
                         let now_mid = (rtp::ntp_timestamp(SystemTime::now()) >> 16) as u32;
                         let rtt = now_mid.wrapping_sub(lsr).wrapping_sub(dlsr);
+                        tracing::trace!(now_mid, lsr, dlsr, rtt, "RTT from report block");
                         // A negative RTT (clock step) wraps to a huge value; skip it.
                         if rtt < 65_536 * 10 {
                             c.rtt_us.store(rtt as u64 * 1_000_000 / 65_536, Ordering::Relaxed);

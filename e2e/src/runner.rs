@@ -1,0 +1,166 @@
+//! A real `zerodrop run` process: started on a manifest, waited on until
+//! `/readyz` says every source receives, stopped with a signal, and read back
+//! (exit status, JSON report, access-unit logs, metrics).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The `zerodrop` binary built with the workspace.
+pub fn zerodrop_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ZERODROP_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test> → target/<profile>/zerodrop
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join("zerodrop")
+}
+
+pub struct RunnerProcess {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub metrics_addr: SocketAddr,
+}
+
+pub struct RunnerOutcome {
+    pub status: ExitStatus,
+    pub report: serde_json::Value,
+    pub stderr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl RunnerOutcome {
+    /// The report entry for one stream.
+    pub fn stream(&self, name: &str) -> &serde_json::Value {
+        self.report["streams"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["stream"] == name))
+            .unwrap_or(&serde_json::Value::Null)
+    }
+
+    pub fn au_log(&self, pipeline: &str, stream: &str) -> PathBuf {
+        self.dir.path().join("au").join(format!("{pipeline}.{stream}.au"))
+    }
+}
+
+impl RunnerProcess {
+    /// Starts `zerodrop run` on `manifest` and waits until it is ready.
+    pub fn start(manifest: &str, metrics_port: u16, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("pipeline.yaml");
+        std::fs::write(&file, manifest)?;
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse()?;
+        let stderr = std::fs::File::create(dir.path().join("stderr.log"))?;
+        let child = Command::new(zerodrop_bin())
+            .arg("run")
+            .arg(&file)
+            .args(["--metrics-addr", &metrics_addr.to_string(), "--table", "never"])
+            .arg("--report")
+            .arg(dir.path().join("report.json"))
+            .arg("--au-log-dir")
+            .arg(dir.path().join("au"))
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("cannot start {}", zerodrop_bin().display()))?;
+        let mut runner = RunnerProcess { child: Some(child), dir, metrics_addr };
+        runner.wait_ready(Duration::from_secs(30))?;
+        Ok(runner)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.as_mut().expect("child").try_wait() {
+                bail!("zerodrop run exited before it was ready ({status}): {}", self.stderr());
+            }
+            if http_get(self.metrics_addr, "/readyz").is_ok_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200")) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("zerodrop run not ready after {timeout:?}: {}", self.stderr());
+            }
+            // Poll interval while waiting for readiness, not a synchronisation guess.
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        http_get(self.metrics_addr, "/metrics")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop_with(mut self, signal: libc::c_int, timeout: Duration) -> anyhow::Result<RunnerOutcome> {
+        let mut child = self.child.take().expect("child");
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("zerodrop run did not exit within {timeout:?} of signal {signal}: {}", self.stderr());
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        };
+        let report_path = self.dir.path().join("report.json");
+        let report = match std::fs::read(&report_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).context("report.json is not JSON")?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let stderr = self.stderr();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
+        Ok(RunnerOutcome { status, report, stderr, dir })
+    }
+
+    pub fn stop(self) -> anyhow::Result<RunnerOutcome> {
+        self.stop_with(libc::SIGINT, Duration::from_secs(20))
+    }
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET, enough for /metrics and /readyz.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut s = String::new();
+    c.read_to_string(&mut s)?;
+    Ok(s)
+}
+
+/// Value of a metric sample line `name{labels} value` whose name and labels
+/// contain all of `needles`.
+pub fn metric_value(metrics: &str, name: &str, needles: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
