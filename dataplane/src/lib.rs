@@ -14,3 +14,4 @@ pub mod receiver;
 pub mod udp;
 pub mod runner;
 pub mod table;
+pub mod shutdown;

@@ -25,8 +25,7 @@
 //! relay: binding an RTP/RTCP port pair, polling sockets, and the stop signal.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +37,7 @@ use serde::Serialize;
 
 use crate::loss::{LossModel, LossSpec};
 use crate::rtp;
+use crate::udp::{self, bind_rtp_rtcp_pair, bind_udp, is_transient, send_to_waiting, unspecified, with_port_offset};
 
 /// Command-line arguments of `zerodrop relay`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -267,7 +267,7 @@ impl Drop for RelayHandle {
 
 /// `zerodrop relay`: runs until SIGINT/SIGTERM or `--duration`.
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
-    install_stop_signal_handler();
+    let stop = crate::shutdown::on_signal()?;
     let config = RelayConfig::from(&args);
     let relay = Relay::start(config)
         .with_context(|| format!("starting the relay on {} towards {}", args.listen, args.forward))?;
@@ -279,7 +279,7 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
     );
     let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let mut last_log = Instant::now();
-    while !stop_signal_received() && deadline.is_none_or(|d| Instant::now() < d) && !relay.is_finished() {
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) && !relay.is_finished() {
         // The relay thread does the work; this thread only watches for the end.
         std::thread::sleep(Duration::from_millis(50));
         if last_log.elapsed() >= Duration::from_secs(5) {
@@ -388,7 +388,7 @@ impl RelayWorker {
                 self.sockets.down_rtcp.as_ref(),
             ];
             let socks: Vec<&UdpSocket> = ingress.iter().filter_map(|&(_, i)| sockets[i]).collect();
-            let ready = poll_readable(&socks, Duration::from_millis(50))?;
+            let ready = udp::wait_readable(&socks, Duration::from_millis(50))?;
             let ready_ingress: Vec<(Ingress, usize)> =
                 ingress.iter().zip(&ready).filter(|(_, r)| **r).map(|(x, _)| *x).collect();
             for (kind, idx) in ready_ingress {
@@ -479,125 +479,4 @@ impl RelayWorker {
             Err(_) => self.counters.send_errors.fetch_add(1, Ordering::Relaxed),
         };
     }
-}
-
-// ---------------------------------------------------------------------------
-// UDP helpers shared with the test sender.
-
-/// The unspecified address of `ip`'s family.
-pub fn unspecified(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    }
-}
-
-/// `addr` with its port moved by `offset` (wrapping, for RTCP = RTP + 1).
-pub fn with_port_offset(addr: SocketAddr, offset: u16) -> SocketAddr {
-    SocketAddr::new(addr.ip(), addr.port().wrapping_add(offset))
-}
-
-/// Binds one non-blocking UDP socket with a large receive buffer.
-pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    // Bursts of a keyframe's packets must not overflow the default buffer;
-    // the kernel caps this at net.core.rmem_max, which is fine.
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
-    s.bind(&addr.into())?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
-}
-
-/// Binds an RTP socket at `rtp` and its RTCP socket at port + `offset`. With
-/// port 0 it picks an ephemeral even RTP port whose RTCP neighbour is free,
-/// so peers that assume "RTCP = RTP + 1" find it.
-pub fn bind_rtp_rtcp_pair(rtp: SocketAddr, offset: u16) -> io::Result<(UdpSocket, UdpSocket)> {
-    if rtp.port() != 0 {
-        let a = bind_udp(rtp)?;
-        let b = bind_udp(with_port_offset(rtp, offset))?;
-        return Ok((a, b));
-    }
-    let mut last_err = None;
-    for _ in 0..64 {
-        let a = bind_udp(rtp)?;
-        let port = a.local_addr()?.port();
-        if port % 2 == 1 || port.checked_add(offset).is_none() {
-            continue;
-        }
-        match bind_udp(SocketAddr::new(rtp.ip(), port + offset)) {
-            Ok(b) => return Ok((a, b)),
-            Err(e) => last_err = Some(e),
-        }
-    }
-    Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free RTP/RTCP port pair found")))
-}
-
-/// Waits up to `timeout` for any of `sockets` to become readable; returns which.
-pub fn poll_readable(sockets: &[&UdpSocket], timeout: Duration) -> io::Result<Vec<bool>> {
-    let mut fds: Vec<libc::pollfd> =
-        sockets.iter().map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![false; fds.len()]);
-        }
-        return Err(e);
-    }
-    Ok(fds.iter().map(|p| p.revents & (libc::POLLIN | libc::POLLERR) != 0).collect())
-}
-
-/// Sends on a non-blocking socket, waiting up to 100 ms for buffer space so a
-/// burst (a keyframe's packets) is not lost on our own side.
-pub fn send_to_waiting(socket: &UdpSocket, data: &[u8], dest: SocketAddr) -> io::Result<usize> {
-    let deadline = Instant::now() + Duration::from_millis(100);
-    loop {
-        match socket.send_to(data, dest) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut fd, 1, 10) };
-            }
-            result => return result,
-        }
-    }
-}
-
-/// Errors after which a socket is still usable: nothing to read, a signal, or
-/// an ICMP error (port unreachable) reported on a later call.
-pub fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock
-            | io::ErrorKind::TimedOut
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionReset
-    )
-}
-
-static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_signal: libc::c_int) {
-    STOP_SIGNAL.store(true, Ordering::SeqCst);
-}
-
-/// Makes SIGINT and SIGTERM set a flag that [`stop_signal_received`] reads,
-/// so the CLI commands can flush their counters before exiting.
-pub fn install_stop_signal_handler() {
-    let handler = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
-}
-
-/// True once SIGINT or SIGTERM arrived after [`install_stop_signal_handler`].
-pub fn stop_signal_received() -> bool {
-    STOP_SIGNAL.load(Ordering::SeqCst)
 }

@@ -2,9 +2,9 @@
 //! buffers, and receive-buffer sizing that reports what the kernel granted.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -164,6 +164,80 @@ pub fn wait_readable(sockets: &[&UdpSocket], timeout: Duration) -> io::Result<Ve
         return Err(err);
     }
     Ok(fds.iter().map(|f| f.revents & (libc::POLLIN | libc::POLLERR) != 0).collect())
+}
+
+/// The unspecified address of `ip`'s family.
+pub fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// `addr` with its port moved by `offset` (wrapping, for RTCP = RTP + 1).
+pub fn with_port_offset(addr: SocketAddr, offset: u16) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port().wrapping_add(offset))
+}
+
+/// Binds one non-blocking UDP socket with a large receive buffer.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    // Bursts of a keyframe's packets must not overflow the default buffer.
+    let (socket, _) = bind(addr, 4 << 20)?;
+    let _ = socket2::SockRef::from(&socket).set_send_buffer_size(4 << 20);
+    Ok(socket)
+}
+
+/// Binds an RTP socket at `rtp` and its RTCP socket at port + `offset`. With
+/// port 0 it picks an ephemeral even RTP port whose RTCP neighbour is free,
+/// so peers that assume "RTCP = RTP + 1" find it.
+pub fn bind_rtp_rtcp_pair(rtp: SocketAddr, offset: u16) -> io::Result<(UdpSocket, UdpSocket)> {
+    if rtp.port() != 0 {
+        let a = bind_udp(rtp)?;
+        let b = bind_udp(with_port_offset(rtp, offset))?;
+        return Ok((a, b));
+    }
+    let mut last_err = None;
+    for _ in 0..64 {
+        let a = bind_udp(rtp)?;
+        let port = a.local_addr()?.port();
+        if port % 2 == 1 || port.checked_add(offset).is_none() {
+            continue;
+        }
+        match bind_udp(SocketAddr::new(rtp.ip(), port + offset)) {
+            Ok(b) => return Ok((a, b)),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free RTP/RTCP port pair found")))
+}
+
+/// Sends on a non-blocking socket, waiting up to 100 ms for buffer space so a
+/// burst (a keyframe's packets) is not lost on our own side.
+pub fn send_to_waiting(socket: &UdpSocket, data: &[u8], dest: SocketAddr) -> io::Result<usize> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    loop {
+        match socket.send_to(data, dest) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut fd, 1, 10) };
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Errors after which a socket is still usable: nothing to read, a signal, or
+/// an ICMP error (port unreachable) reported on a later call.
+pub fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+    )
 }
 
 #[cfg(test)]

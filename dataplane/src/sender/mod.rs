@@ -34,9 +34,8 @@ pub use pipeline::AuRecord;
 pub use repair::PacketHistory;
 
 use crate::loss::{LossModel, LossSpec};
-use crate::relay::{
-    bind_rtp_rtcp_pair, bind_udp, install_stop_signal_handler, send_to_waiting, stop_signal_received, unspecified,
-    with_port_offset,
+use crate::udp::{
+    bind_rtp_rtcp_pair, bind_udp, send_to_waiting, unspecified, with_port_offset,
 };
 use crate::rtp::RtpPacket;
 use repair::{RtcpResponder, SendShared};
@@ -430,7 +429,7 @@ impl Drop for SenderHandle {
 
 /// `zerodrop send`.
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
-    install_stop_signal_handler();
+    let stop_signal = crate::shutdown::on_signal()?;
     let summary_path = args.summary_json.clone();
     let dest = args.dest;
     let handle = Sender::start(args)?;
@@ -438,7 +437,7 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     tracing::info!(rtp_local = %a.rtp, rtcp_local = %a.rtcp, %dest, "sending; NACK/PLI are read on rtcp_local");
     let mut stop_requested = false;
     while !handle.is_finished() {
-        if !stop_requested && stop_signal_received() {
+        if !stop_requested && stop_signal.load(std::sync::atomic::Ordering::Relaxed) {
             stop_requested = true;
             handle.request_stop();
         }

@@ -12,7 +12,7 @@ use gstreamer as gst;
 
 use super::SendCounters;
 use crate::loss::LossModel;
-use crate::relay::{is_transient, poll_readable, send_to_waiting};
+use crate::udp::{is_transient, send_to_waiting, wait_readable};
 use crate::rtp::{self, RtcpEvent, RtpPacket};
 
 /// The last `capacity` sent RTP packets, by sequence number.
@@ -92,7 +92,7 @@ impl RtcpResponder {
             }
             let wait = next_sr.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
             let socks: Vec<&UdpSocket> = if self.rtcp_mux { vec![&self.rtp] } else { vec![&self.rtcp, &self.rtp] };
-            let ready = match poll_readable(&socks, wait) {
+            let ready = match wait_readable(&socks, wait) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!("sender RTCP poll failed: {e}");
