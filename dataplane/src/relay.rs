@@ -12,6 +12,12 @@
 //! by arrival index, not by RTP sequence number, so reordering (or kernel drops)
 //! before the relay shifts which packets are dropped.
 //!
+//! With `rtx_payload_type` set, retransmissions (that payload type) draw from
+//! a second model seeded with `seed ^ RTX_SEED_SALT`, as the test sender does
+//! for `--rtx-loss`: the media packets a seed drops are then the same whatever
+//! retransmissions a receiver provokes. Without it, one model decides for
+//! every RTP datagram, so the RTX a receiver asks for shifts later media drops.
+//!
 //! RTCP from the receiver is recognised by where it comes from: anything that
 //! reaches the relay's downstream sockets (the addresses the receiver sees the
 //! media come from, so a symmetric receiver answers there), and anything on the
@@ -37,6 +43,7 @@ use serde::Serialize;
 
 use crate::loss::{LossModel, LossSpec};
 use crate::rtp;
+use crate::sender::RTX_SEED_SALT;
 use crate::udp::{self, bind_rtp_rtcp_pair, bind_udp, is_transient, send_to_waiting, unspecified, with_port_offset};
 
 /// Command-line arguments of `zerodrop relay`.
@@ -55,6 +62,10 @@ pub struct RelayArgs {
     /// Seed of the loss model: the same seed drops the same packet indices.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// RTX payload type: retransmissions draw from their own loss model
+    /// (seed ^ salt), so they never shift which media packets are dropped.
+    #[arg(long = "rtx-pt")]
+    pub rtx_payload_type: Option<u8>,
     /// Distance of the RTCP port from the RTP port, on both sides.
     #[arg(long, default_value_t = 1)]
     pub rtcp_offset: u16,
@@ -86,6 +97,9 @@ pub struct RelayConfig {
     pub forward: SocketAddr,
     pub loss: LossSpec,
     pub seed: u64,
+    /// Payload type of RTX packets, which then draw from a second model of
+    /// `loss` seeded with `seed ^ RTX_SEED_SALT`; `None`: one model for all RTP.
+    pub rtx_payload_type: Option<u8>,
     pub rtcp_offset: u16,
     pub rtcp_mux: bool,
     pub sender_rtcp: Option<SocketAddr>,
@@ -100,6 +114,7 @@ impl RelayConfig {
             forward,
             loss: LossSpec::None,
             seed: 0,
+            rtx_payload_type: None,
             rtcp_offset: 1,
             rtcp_mux: false,
             sender_rtcp: None,
@@ -119,6 +134,7 @@ impl From<&RelayArgs> for RelayConfig {
             forward: a.forward,
             loss: a.loss.clone(),
             seed: a.seed,
+            rtx_payload_type: a.rtx_payload_type,
             rtcp_offset: a.rtcp_offset,
             rtcp_mux: a.rtcp_mux,
             sender_rtcp: a.sender_rtcp,
@@ -198,6 +214,7 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let worker = RelayWorker {
             model: config.loss.model(config.seed),
+            rtx_model: config.rtx_payload_type.map(|_| config.loss.model(config.seed ^ RTX_SEED_SALT)),
             forward_rtcp: config.forward_rtcp(),
             config,
             sockets,
@@ -364,6 +381,8 @@ struct RelayWorker {
     forward_rtcp: SocketAddr,
     sockets: RelaySockets,
     model: LossModel,
+    /// Loss model of RTX packets when `config.rtx_payload_type` is set.
+    rtx_model: Option<LossModel>,
     counters: Arc<RelayCounters>,
     stop: Arc<AtomicBool>,
     sender_rtp_src: Option<SocketAddr>,
@@ -426,13 +445,12 @@ impl RelayWorker {
     }
 
     fn handle(&mut self, kind: Ingress, data: &[u8], src: SocketAddr) {
-        let c = &self.counters;
         match kind {
             Ingress::Down => {
                 if rtp::is_rtcp(data) {
                     self.pass_up(data);
                 } else {
-                    c.ignored.fetch_add(1, Ordering::Relaxed);
+                    self.counters.ignored.fetch_add(1, Ordering::Relaxed);
                 }
             }
             _ if rtp::is_rtcp(data) && self.is_from_receiver(src, data) => self.pass_up(data),
@@ -443,8 +461,8 @@ impl RelayWorker {
             }
             Ingress::UpRtp => {
                 self.sender_rtp_src = Some(src);
-                if self.model.should_drop() {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
+                if self.loss_model_for(data).should_drop() {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 } else {
                     let sent = send_to_waiting(&self.sockets.down_rtp, data, self.config.forward);
                     self.count_send(sent, &self.counters.forwarded);
@@ -452,8 +470,21 @@ impl RelayWorker {
             }
             // Non-RTCP on the RTCP port is not media we were asked to relay.
             Ingress::UpRtcp => {
-                c.ignored.fetch_add(1, Ordering::Relaxed);
+                self.counters.ignored.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// RTX draws from its own model when configured; anything else (media,
+    /// or a datagram too short to carry a payload type) from the media model.
+    fn loss_model_for(&mut self, rtp: &[u8]) -> &mut LossModel {
+        let is_rtx = match (self.config.rtx_payload_type, rtp.get(1)) {
+            (Some(pt), Some(b)) => b & 0x7f == pt,
+            _ => false,
+        };
+        match &mut self.rtx_model {
+            Some(m) if is_rtx => m,
+            _ => &mut self.model,
         }
     }
 

@@ -364,6 +364,38 @@ mod tests {
         assert_eq!(ext.highest(), Some(c));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_datagrams_never_panic_any_parser(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1500)) {
+            let mut events = Vec::new();
+            if let Ok(p) = RtpPacket::parse(&data) {
+                let _ = parse_rtx(p.payload());
+                let mut out = Vec::new();
+                let _ = write_rtx(&p, 97, 1, 1, &mut out);
+            }
+            let _ = parse_rtcp(&data, &mut events);
+            let _ = is_rtcp(&data);
+            let _ = crate::au::annexb_digest(&data);
+        }
+
+        #[test]
+        fn rtcp_with_random_nack_lists_round_trips(seqs in proptest::collection::vec(proptest::prelude::any::<u16>(), 1..200)) {
+            let mut out = Vec::new();
+            let fb = ReceiverFeedback { report: None, nacks: &seqs, pli: false, media_ssrc: 3 };
+            write_receiver_rtcp(1, "c", &fb, &mut out).unwrap();
+            let mut events = Vec::new();
+            parse_rtcp(&out, &mut events).unwrap();
+            let mut got: Vec<u16> = events.iter().flat_map(|e| match e {
+                RtcpEvent::Nack { seqs, .. } => seqs.clone(),
+                _ => vec![],
+            }).collect();
+            let mut want = seqs.clone();
+            got.sort_unstable(); got.dedup();
+            want.sort_unstable(); want.dedup();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
     #[test]
     fn garbage_never_panics() {
         let mut events = Vec::new();

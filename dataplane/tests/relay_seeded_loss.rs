@@ -32,10 +32,14 @@ fn blocking_pair() -> (UdpSocket, UdpSocket) {
 }
 
 fn rtp_packet(seq: u16) -> Vec<u8> {
+    rtp_packet_pt(96, seq)
+}
+
+fn rtp_packet_pt(pt: u8, seq: u16) -> Vec<u8> {
     let payload = [seq as u8; 40];
     RtpPacketBuilder::<&[u8], &[u8]>::new()
-        .payload_type(96)
-        .ssrc(0x1234)
+        .payload_type(pt)
+        .ssrc(0x1234 + pt as u32)
         .sequence_number(seq)
         .timestamp(seq as u32 * 3000)
         .payload(&payload[..])
@@ -59,35 +63,46 @@ fn recv_until(sock: &UdpSocket, mut done: impl FnMut(&[u8]) -> bool) -> bool {
 /// Sends `n` RTP packets through a fresh relay and returns the sequence
 /// numbers the receiver got, in order.
 fn forwarded_sequence(loss: &str, seed: u64, n: u16) -> Vec<u16> {
-    let receiver = blocking_socket(loopback0());
-    let mut config = RelayConfig::new(loopback0(), receiver.local_addr().unwrap());
+    let mut config = RelayConfig::new(loopback0(), loopback0());
     config.loss = LossSpec::parse(loss).unwrap();
     config.seed = seed;
+    let packets: Vec<Vec<u8>> = (0..n).map(rtp_packet).collect();
+    forward_through(config, &packets).into_iter().map(|(_, seq)| seq).collect()
+}
+
+/// Sends `packets` in order through a fresh relay (its `forward` is replaced
+/// by a local receiver) and returns (payload type, sequence number) of what
+/// the receiver got, in order.
+fn forward_through(mut config: RelayConfig, packets: &[Vec<u8>]) -> Vec<(u8, u16)> {
+    let receiver = blocking_socket(loopback0());
+    config.forward = receiver.local_addr().unwrap();
     let relay = Relay::start(config).unwrap();
     let sender = blocking_socket(loopback0());
     let mut got = Vec::new();
     let mut buf = [0u8; 2048];
+    let mut sent = 0u64;
     // Batches small enough that no socket buffer overflows: a kernel drop
     // would change the arrival order the loss model is applied to.
-    for batch in (0..n).collect::<Vec<_>>().chunks(32) {
-        for &seq in batch {
-            sender.send_to(&rtp_packet(seq), relay.addrs().rtp).unwrap();
+    for batch in packets.chunks(32) {
+        for p in batch {
+            sender.send_to(p, relay.addrs().rtp).unwrap();
         }
-        let target = batch[batch.len() - 1] as u64 + 1;
+        sent += batch.len() as u64;
         let deadline = Instant::now() + DEADLINE;
         loop {
             let s = relay.stats();
-            if s.forwarded + s.dropped == target && got.len() as u64 == s.forwarded {
+            if s.forwarded + s.dropped == sent && got.len() as u64 == s.forwarded {
                 break;
             }
             assert!(Instant::now() < deadline, "relay stalled: {s:?}, received {}", got.len());
             if let Ok(len) = receiver.recv(&mut buf) {
-                got.push(RtpPacket::parse(&buf[..len]).unwrap().sequence_number());
+                let p = RtpPacket::parse(&buf[..len]).unwrap();
+                got.push((p.payload_type(), p.sequence_number()));
             }
         }
     }
     let stats = relay.stop().unwrap();
-    assert_eq!(stats.forwarded + stats.dropped, n as u64);
+    assert_eq!(stats.forwarded + stats.dropped, packets.len() as u64);
     got
 }
 
@@ -111,6 +126,65 @@ fn relay_same_seed_forwards_identical_sequence_matching_the_loss_model() {
 fn relay_gilbert_elliott_composite_is_reproducible() {
     let spec = "uniform:0.05+ge:loss=0.05,burst=4";
     assert_eq!(forwarded_sequence(spec, 3, 400), forwarded_sequence(spec, 3, 400));
+}
+
+/// `n` media packets (PT 96) with `rtx_after(i)` RTX packets (PT 97)
+/// following media packet `i`, as a receiver's NACKs would provoke them.
+fn media_with_rtx(n: u16, rtx_after: impl Fn(u16) -> u16) -> Vec<Vec<u8>> {
+    let mut rtx_seq = 0u16;
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(rtp_packet_pt(96, i));
+        for _ in 0..rtx_after(i) {
+            out.push(rtp_packet_pt(97, rtx_seq));
+            rtx_seq = rtx_seq.wrapping_add(1);
+        }
+    }
+    out
+}
+
+fn surviving_media(seed: u64, packets: &[Vec<u8>]) -> Vec<u16> {
+    let mut config = RelayConfig::new(loopback0(), loopback0());
+    config.loss = LossSpec::parse("uniform:0.1").unwrap();
+    config.seed = seed;
+    config.rtx_payload_type = Some(97);
+    forward_through(config, packets).into_iter().filter(|&(pt, _)| pt == 96).map(|(_, seq)| seq).collect()
+}
+
+#[test]
+fn relay_with_rtx_pt_drops_the_same_media_packets_whatever_rtx_is_interleaved() {
+    let n = 500;
+    let without_rtx = surviving_media(11, &media_with_rtx(n, |_| 0));
+    let some_rtx = surviving_media(11, &media_with_rtx(n, |i| u16::from(i % 7 == 3)));
+    let bursts_of_rtx = surviving_media(11, &media_with_rtx(n, |i| if i % 50 == 10 { 9 } else { i % 3 }));
+    assert_eq!(without_rtx, some_rtx, "one RTX every 7 media packets must not move media drops");
+    assert_eq!(without_rtx, bursts_of_rtx, "bursts of RTX must not move media drops");
+
+    let mut model = LossSpec::parse("uniform:0.1").unwrap().model(11);
+    let expected: Vec<u16> = (0..n).filter(|_| !model.should_drop()).collect();
+    assert_eq!(without_rtx, expected, "media drops are the seed's model by media index");
+    assert!(expected.len() < n as usize, "the model drops some media");
+
+    // Without the RTX payload type, the same interleaving does shift them.
+    let mut config = RelayConfig::new(loopback0(), loopback0());
+    config.loss = LossSpec::parse("uniform:0.1").unwrap();
+    config.seed = 11;
+    let shared_model: Vec<u16> = forward_through(config, &media_with_rtx(n, |i| u16::from(i % 7 == 3)))
+        .into_iter()
+        .filter(|&(pt, _)| pt == 96)
+        .map(|(_, seq)| seq)
+        .collect();
+    assert_ne!(shared_model, expected, "one model for all RTP: RTX shifts the media drops");
+}
+
+#[test]
+fn relay_cli_accepts_rtx_pt() {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_zerodrop"))
+        .args(["relay", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1:9", "--loss", "uniform:0.1"])
+        .args(["--seed", "3", "--rtx-pt", "97", "--duration", "0.1"])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 fn start_lossless(receiver_rtp: SocketAddr) -> RelayHandle {

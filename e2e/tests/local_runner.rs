@@ -1,0 +1,174 @@
+//! The local runner as a user meets it: `zerodrop run` and `zerodrop send` as
+//! real processes, with heavy loss, bad input, silence and signals.
+
+use std::net::UdpSocket;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use zerodrop_e2e::runner::{RunnerProcess, metric_value, zerodrop_bin};
+use zerodrop_e2e::{compare_digests, read_digests};
+
+fn manifest(name: &str, codec: &str, port: u16, latency_ms: u32) -> String {
+    format!(
+        r#"apiVersion: zerodrop.dev/v1alpha1
+kind: StreamPipeline
+metadata:
+  name: {name}
+spec:
+  sources:
+    - name: cam
+      codec: {codec}
+      payloadType: 96
+      rtxPayloadType: 97
+      transport:
+        rtp:
+          listenAddress: 127.0.0.1
+          port: {port}
+          rtcpPort: {rtcp}
+  repair:
+    latencyMs: {latency_ms}
+    nack:
+      enabled: true
+      maxRetries: 15
+  decode:
+    decoder: software
+"#,
+        rtcp = port + 1
+    )
+}
+
+/// Runs `zerodrop send` to completion and returns its per-AU digests.
+fn send(port: u16, codec: &str, frames: u32, loss: &str, seed: u64, dir: &std::path::Path) -> (Vec<u64>, serde_json::Value) {
+    let hashes = dir.join("sent.au");
+    let summary = dir.join("sent.json");
+    let status = Command::new(zerodrop_bin())
+        .args(["send", "--dest", &format!("127.0.0.1:{port}"), "--codec", codec])
+        .args(["--width", "640", "--height", "360", "--fps", "30", "--key-int", "30", "--bitrate", "1500"])
+        .args(["--frames", &frames.to_string(), "--loss", loss, "--seed", &seed.to_string(), "--quiet"])
+        .args(["--linger-ms", "1500"])
+        .arg("--hashes")
+        .arg(&hashes)
+        .arg("--summary-json")
+        .arg(&summary)
+        .stdin(Stdio::null())
+        .status()
+        .expect("zerodrop send runs");
+    assert!(status.success(), "zerodrop send failed: {status}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    (read_digests(&hashes).unwrap(), summary)
+}
+
+fn assert_every_frame_delivered_intact(
+    port: u16,
+    metrics_port: u16,
+    codec: &str,
+    frames: u32,
+    loss: &str,
+) -> serde_json::Value {
+    let runner = RunnerProcess::start(&manifest("local", codec, port, 500), metrics_port, &[]).expect("runner starts");
+    let (sent, summary) = send(port, codec, frames, loss, 7, runner.dir.path());
+    let outcome = runner.stop().expect("runner stops");
+    assert!(outcome.status.success(), "runner exit {}: {}", outcome.status, outcome.stderr);
+    let stream = outcome.stream("cam").clone();
+    eprintln!("sender: {summary:#}\nreceiver: {stream:#}");
+    assert_eq!(sent.len(), frames as usize, "sender encoded every frame");
+    assert_eq!(stream["frames_dropped"], 0, "no frame dropped");
+    assert_eq!(stream["frames_decoded"].as_u64().unwrap(), frames as u64, "decoder produced every frame");
+    let received = read_digests(&outcome.au_log("local", "cam")).unwrap();
+    if let Some(diff) = compare_digests(&sent, &received) {
+        panic!("decoder input differs from the encoder output: {diff}");
+    }
+    stream
+}
+
+#[test]
+fn own_sender_at_10_percent_loss_plus_bursts_delivers_every_frame_intact() {
+    let stream = assert_every_frame_delivered_intact(22004, 22090, "h264", 300, "uniform:0.10+ge:loss=0.03,burst=6");
+    assert!(stream["packets_lost"].as_u64().unwrap() > 50, "loss really happened");
+    assert!(stream["packets_recovered_nack"].as_u64().unwrap() > 50, "and was repaired by retransmission");
+}
+
+#[test]
+fn h265_stream_with_loss_delivers_every_frame_intact() {
+    let stream = assert_every_frame_delivered_intact(22104, 22190, "h265", 150, "uniform:0.05");
+    assert!(stream["packets_recovered_nack"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn malformed_datagrams_are_counted_and_do_not_disturb_the_stream() {
+    let port = 22204;
+    let runner = RunnerProcess::start(&manifest("bad", "h264", port, 300), 22290, &[]).expect("runner starts");
+    let garbage = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = format!("127.0.0.1:{port}");
+    let junk: Vec<Vec<u8>> = vec![
+        vec![],                                  // empty
+        vec![0x80, 96, 0],                       // truncated header
+        vec![0x8f, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1], // 15 CSRCs announced, none present
+        vec![0xa0, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 1, 2, 3, 200], // padding longer than the packet
+        vec![0x90, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0xbe, 0xde, 0, 9], // extension past the end
+        vec![0x40, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0x65], // RTP version 1
+        vec![0x80, 33, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0x65], // unknown payload type
+        vec![0x80, 97, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0x01], // RTX shorter than its OSN
+    ];
+    for j in &junk {
+        garbage.send_to(j, &to).unwrap();
+    }
+    // A real stream afterwards is received whole.
+    let (sent, _) = send(port, "h264", 60, "none", 1, runner.dir.path());
+    let metrics = runner.metrics().unwrap();
+    let outcome = runner.stop().expect("runner stops");
+    assert!(outcome.status.success(), "{}", outcome.stderr);
+    let discarded: f64 = ["rtp_header", "payload_type", "rtx_header"]
+        .iter()
+        .map(|r| metric_value(&metrics, "zerodrop_rtp_packets_discarded_total", &[&format!("reason=\"{r}\"")]).unwrap_or(0.0))
+        .sum();
+    assert_eq!(discarded as usize, junk.len(), "every malformed datagram counted:\n{metrics}");
+    assert_eq!(outcome.stream("cam")["frames_dropped"], 0);
+    assert_eq!(outcome.stream("cam")["frames_decoded"].as_u64().unwrap(), sent.len() as u64);
+}
+
+#[test]
+fn sigterm_flushes_writes_the_report_and_exits_zero_and_silence_is_reported() {
+    let port = 22304;
+    let runner = RunnerProcess::start(&manifest("quiet", "h264", port, 300), 22390, &[]).expect("runner starts");
+    let (sent, _) = send(port, "h264", 45, "uniform:0.05", 3, runner.dir.path());
+    // The sender has stopped: the source must be reported silent, not crash.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let silent = loop {
+        let m = runner.metrics().unwrap_or_default();
+        if metric_value(&m, "zerodrop_stream_up", &["stream=\"cam\""]) == Some(0.0) {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::park_timeout(Duration::from_millis(100));
+    };
+    assert!(silent, "stream_up should drop to 0 after the source goes silent");
+    let outcome = runner.stop_with(libc::SIGTERM, Duration::from_secs(20)).expect("runner stops");
+    assert!(outcome.status.success(), "exit status {} after SIGTERM: {}", outcome.status, outcome.stderr);
+    assert!(outcome.stderr.contains("source went silent"), "{}", outcome.stderr);
+    assert_eq!(outcome.stream("cam")["frames_decoded"].as_u64().unwrap(), sent.len() as u64, "report written after flush");
+}
+
+#[test]
+fn invalid_manifest_is_rejected_naming_document_field_and_expectation_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    let bad = manifest("bad-one", "h264", 22404, 300).replace("rtxPayloadType: 97", "rtxPayloadType: 96")
+        + "---\n"
+        + &manifest("bad-two", "vp9", 22504, 300);
+    std::fs::write(&file, bad).unwrap();
+    let out = Command::new(zerodrop_bin())
+        .args(["run"])
+        .arg(&file)
+        .args(["--metrics-addr", "127.0.0.1:22490"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "invalid input exits 2: {stderr}");
+    assert!(stderr.contains("document 1 (bad-one)") && stderr.contains("rtxPayloadType"), "{stderr}");
+    assert!(stderr.contains("document 2 (bad-two)") && stderr.contains("codec"), "{stderr}");
+    // Nothing started: the metrics port was never bound.
+    assert!(std::net::TcpStream::connect("127.0.0.1:22490").is_err());
+}
