@@ -21,7 +21,7 @@ out=$(mktemp -d)
 cleanup() { kill "${senders[@]}" 2>/dev/null || true; }
 trap cleanup EXIT
 
-$BIN run examples/local-demo.yaml --duration "$((DURATION + 4))" --report "$out/report.json" --table always &
+$BIN run examples/local-demo.yaml --report "$out/report.json" --table always &
 runner=$!
 # Wait until every source of the pipeline is receiving.
 for _ in $(seq 1 100); do
@@ -36,6 +36,10 @@ senders+=($!)
 $BIN send --dest 127.0.0.1:5104 --duration "$DURATION" --loss "$LOSS" --seed 2 --pattern ball --quiet 2>"$out/send-2.log" &
 senders+=($!)
 
+# When both sources are done (they linger to answer the last NACKs), stop the
+# runner the way a user would: it drains, writes its report and exits 0.
+wait "${senders[@]}"
+kill -INT $runner
 wait $runner
 echo
 echo "Report: $out/report.json"

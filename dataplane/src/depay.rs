@@ -122,6 +122,12 @@ impl Depacketizer {
         self.counters
     }
 
+    /// The RTP timestamp of an access unit being built that has not seen its
+    /// marker: its last packets may have been lost.
+    pub fn open_unit(&self) -> Option<u32> {
+        self.building.as_ref().map(|b| b.timestamp)
+    }
+
     /// The frame duration in RTP clock ticks, once seen.
     pub fn frame_step(&self) -> Option<u32> {
         self.frame_step

@@ -260,6 +260,25 @@ impl JitterBuffer {
         self.next_out = Some(next);
     }
 
+    /// Declares the packet after the highest one missing, as if a later packet
+    /// had revealed the gap. For tail loss: when the last packets of a burst
+    /// are lost nothing after them shows the gap, but an access unit left
+    /// without its marker proves that something is missing. Returns the
+    /// sequence number now awaited, or None before the first packet.
+    pub fn expect_next(&mut self, now: Instant) -> Option<u64> {
+        self.next_out?;
+        let seq = self.end;
+        *self.slot(seq) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: now, last_nack: None };
+        self.end = seq + 1;
+        self.counters.went_missing += 1;
+        Some(seq)
+    }
+
+    /// One past the highest sequence number seen or awaited.
+    pub fn end(&self) -> Option<u64> {
+        self.next_out.map(|_| self.end)
+    }
+
     /// Collects the sequence numbers to NACK now, given the current RTT
     /// estimate, and schedules their next retry. A packet is asked for only
     /// while an answer could still arrive before its deadline.
@@ -268,9 +287,12 @@ impl JitterBuffer {
             return;
         }
         let Some(start) = self.next_out else { return };
-        let retry = rtt.mul_f32(1.25).max(Duration::from_millis(5));
         let max = self.settings.max_nack_retries;
         let latency = self.settings.latency;
+        // Retries at least one RTT apart, and spread over the latency budget:
+        // losses come in bursts, and requests bunched into one burst all fail.
+        let spread = latency / (max + 1).max(1);
+        let retry = rtt.mul_f32(1.25).max(Duration::from_millis(5)).max(spread);
         for seq in start..self.end {
             let idx = (seq & self.mask) as usize;
             if let Slot::Missing { seen, nacks_sent, next_nack, last_nack } = &mut self.slots[idx] {
@@ -425,6 +447,7 @@ mod tests {
         }
         assert_eq!(sent.len(), 3, "retries capped at max_nack_retries: {sent:?}");
         assert!(sent[1] - sent[0] >= rtt, "retry not before one RTT");
+        assert!(sent[1] - sent[0] >= Duration::from_millis(25), "retries spread over the 100 ms budget: {sent:?}");
     }
 
     #[test]
@@ -456,6 +479,25 @@ mod tests {
         assert_eq!(released(&out), vec![1, 2, 3, 4]);
         assert_eq!(jb.counters().lost, 0);
         assert_eq!(jb.counters().recovered_by_nack, 0);
+    }
+
+    #[test]
+    fn tail_probe_awaits_the_next_packet_and_nacks_it() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings::default());
+        let mut out = Vec::new();
+        jb.push(7, pkt(t0, 0), t0);
+        jb.pop_ready(t0, &mut out);
+        assert_eq!(jb.expect_next(t0), Some(8));
+        let mut nacks = Vec::new();
+        jb.due_nacks(t0, Duration::from_millis(10), &mut nacks);
+        assert_eq!(nacks, vec![8]);
+        let mut rtx = pkt(t0, 0);
+        rtx.retransmitted = true;
+        assert_eq!(jb.push(8, rtx, t0), PushOutcome::Stored);
+        jb.pop_ready(t0, &mut out);
+        assert_eq!(released(&out), vec![7, 8]);
+        assert_eq!(jb.counters().recovered_by_nack, 1);
     }
 
     #[test]

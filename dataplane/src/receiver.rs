@@ -27,6 +27,11 @@ const SILENCE: Duration = Duration::from_secs(2);
 /// AVPF sends feedback early, between these).
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 const BATCH: usize = 32;
+/// How long an unfinished access unit waits for its next packet before the
+/// receiver suspects tail loss (at least; twice the RTT when known).
+const TAIL_PROBE_MIN: Duration = Duration::from_millis(40);
+/// Probes per unfinished access unit: a tail longer than this is given up.
+const MAX_TAIL_PROBES: u32 = 8;
 
 #[derive(Debug, Clone, Default)]
 pub struct ReceiverOptions {
@@ -143,6 +148,8 @@ struct Receiver {
     report_prior: (u64, u64),
     rtp_ts_ext: Option<(u32, i64)>,
     last_keyframe: Option<i64>,
+    /// Tail probes for the open access unit: (its timestamp, probes, last).
+    tail_probe: Option<(u32, u32, Instant)>,
     au_log: Option<BufWriter<File>>,
     au_index: u64,
     latency_ms: Vec<f32>,
@@ -222,6 +229,7 @@ pub fn run(
         report_prior: (0, 0),
         rtp_ts_ext: None,
         last_keyframe: None,
+        tail_probe: None,
         au_log,
         au_index: 0,
         latency_ms: Vec::new(),
@@ -292,6 +300,7 @@ impl Receiver {
             }
             let now = Instant::now();
             self.release(now);
+            self.probe_tail_loss(now);
             self.feedback(now);
             self.watch_silence(now);
         }
@@ -526,6 +535,26 @@ impl Receiver {
         };
         self.rtp_ts_ext = Some((ts, ext));
         ext
+    }
+
+    /// An access unit still open well after the last packet arrived lost its
+    /// tail, and no later packet will reveal the gap: ask for the next packet.
+    fn probe_tail_loss(&mut self, now: Instant) {
+        let Some(unit) = self.depay.open_unit() else { return };
+        if !self.cfg.jitter.nack || self.jb.held() > 0 {
+            return;
+        }
+        let Some(last) = self.last_packet else { return };
+        let (probed_unit, probes, last_probe) = self.tail_probe.unwrap_or((unit, 0, last));
+        let (probes, last_probe) = if probed_unit == unit { (probes, last_probe.max(last)) } else { (0, last) };
+        let wait = self.rtt.unwrap_or(Duration::from_millis(30)).mul_f32(2.0).max(TAIL_PROBE_MIN);
+        if probes < MAX_TAIL_PROBES && now - last_probe >= wait {
+            if let Some(seq) = self.jb.expect_next(now) {
+                self.metrics.packets_lost.inc();
+                self.tail_probe = Some((unit, probes + 1, now));
+                tracing::debug!(stream = %self.cfg.id(), seq, "probing for a lost tail");
+            }
+        }
     }
 
     /// NACKs due now, keyframe requests, and the regular receiver report.

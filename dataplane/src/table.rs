@@ -1,13 +1,73 @@
 //! The runner's live per-stream table: redrawn in place on a terminal, or
 //! logged as lines every few seconds when output goes to a file.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::metrics::StreamMetrics;
 
 const LOG_EVERY: Duration = Duration::from_secs(10);
+const RECENT_EVENTS: usize = 6;
+
+/// While the live table owns the terminal, log lines go under it instead of
+/// scrolling it away.
+static CAPTURE_LOGS: AtomicBool = AtomicBool::new(false);
+static RECENT: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+
+/// A `tracing` writer: standard error, or the live table's event list.
+pub struct LogWriter {
+    buf: Vec<u8>,
+    capture: bool,
+}
+
+impl LogWriter {
+    pub fn new() -> Self {
+        Self { buf: Vec::new(), capture: CAPTURE_LOGS.load(Ordering::Relaxed) }
+    }
+}
+
+impl Default for LogWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.capture {
+            self.buf.extend_from_slice(data);
+            Ok(data.len())
+        } else {
+            std::io::stderr().write(data)
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.capture {
+            return std::io::stderr().flush();
+        }
+        let text = String::from_utf8_lossy(&self.buf).into_owned();
+        self.buf.clear();
+        let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            if recent.len() == RECENT_EVENTS {
+                recent.pop_front();
+            }
+            recent.push_back(line.to_string());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
 
 pub struct LiveTable {
     live: bool,
@@ -18,6 +78,7 @@ pub struct LiveTable {
 
 impl LiveTable {
     pub fn new(live: bool, streams: &[StreamMetrics]) -> Self {
+        CAPTURE_LOGS.store(live, Ordering::Relaxed);
         Self { live, streams: streams.to_vec(), drawn_lines: 0, last_log: Duration::ZERO }
     }
 
@@ -53,6 +114,7 @@ impl LiveTable {
     pub fn finish(&mut self, elapsed: Duration) {
         if self.live {
             self.refresh(elapsed);
+            CAPTURE_LOGS.store(false, Ordering::Relaxed);
         } else {
             eprint!("{}", self.render(elapsed));
         }
@@ -89,6 +151,13 @@ impl LiveTable {
                 s.jitter.get() * 1000.0,
                 s.rtt.get() * 1000.0,
             );
+        }
+        if self.live {
+            let recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(out, "recent events:");
+            for i in 0..RECENT_EVENTS {
+                let _ = writeln!(out, "  {}", recent.get(i).map_or("", |l| truncate(l, 150)));
+            }
         }
         out
     }

@@ -1,7 +1,10 @@
-//! Support for the end-to-end tests in `tests/`: a GStreamer reference sender
-//! (rtpbin + rtprtxsend + x264enc, nothing of ours on the sending side) and a
-//! handle on a real `zerodrop run` process.
+//! Support for the end-to-end tests in `tests/` and the `bench-repair`
+//! benchmark: a GStreamer reference sender (rtpbin + rtprtxsend + x264enc,
+//! nothing of ours on the sending side), GStreamer's own repairing receiver
+//! (rtpbin + rtprtxreceive) instrumented like ours, and a handle on a real
+//! `zerodrop run` process.
 
+pub mod gst_receiver;
 pub mod gst_sender;
 pub mod runner;
 

@@ -1,0 +1,593 @@
+//! GStreamer's own RTP receiver with NACK/RTX repair, instrumented to be
+//! judged exactly as ours is: the fair opponent of `bench-repair`.
+//!
+//! ```text
+//! udpsrc :P   ─RTP──► rtpbin (avpf, do-retransmission, do-lost, latency L)
+//!                       └ aux receiver: rtprtxreceive (96 → 97)
+//!                       └ rtpjitterbuffer ─► rtph264depay ─► capsfilter (byte-stream, au) ─► fakesink
+//! udpsrc :P+1 ─RTCP─► rtpbin ─RTCP (RR, NACK)─► udpsink (same socket) ─► relay's downstream RTCP
+//! ```
+//!
+//! Nothing decodes: `bench-repair` runs our receiver with `--no-decode` too.
+//!
+//! Measured per access unit leaving the depayloader: its content digest
+//! ([`annexb_digest`], the one our AU log holds) and its latency, counted the
+//! way our receiver counts `assembly_latency_ms`: from the arrival (at udpsrc)
+//! of the AU's first packet in sequence order (an RTX copy's arrival when the
+//! original was lost) to the AU leaving the depayloader. The AU's RTP timestamp
+//! is found through its PTS: the depayloader's sink pad records PTS → RTP
+//! timestamp, its src pad looks the PTS up. The latency from the earliest
+//! arrival of any packet of the frame is recorded as well.
+//!
+//! [`GstReceiverProcess`] runs it in a child process (the `bench-repair`
+//! binary re-executing itself with [`CHILD_SUBCOMMAND`]) so that its CPU time
+//! is that process's, read like our `zerodrop run`'s.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use gstreamer as gst;
+use gstreamer::glib;
+use gstreamer::prelude::*;
+use serde::{Deserialize, Serialize};
+use zerodrop_dataplane::au::annexb_digest;
+use zerodrop_dataplane::rtp::{self, RtpPacket};
+
+/// The hidden subcommand the bench binary answers with [`child_main`].
+pub const CHILD_SUBCOMMAND: &str = "__gst-receiver";
+
+/// What the child prints on stdout once its pipeline is playing.
+const READY_LINE: &str = "ready";
+
+/// Settings of the receiver. Receive buffer and latency match what our
+/// receiver is given in the benchmark.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GstReceiverConfig {
+    /// RTP is received here, RTCP on port + 1.
+    pub rtp_port: u16,
+    /// Where our RTCP (receiver reports, NACKs) goes: the address the sender's
+    /// RTCP comes from (the relay's downstream RTCP socket).
+    pub rtcp_dest: SocketAddr,
+    /// rtpbin `latency`: how long a gap may wait for its retransmission.
+    pub latency_ms: u32,
+    pub payload_type: u8,
+    pub rtx_payload_type: u8,
+    pub receive_buffer: u32,
+    /// Tune the jitterbuffer's retransmission timing for a path without
+    /// reordering (see [`GstReceiver::start`]); false leaves GStreamer's
+    /// adaptive defaults.
+    pub rtx_tuned_for_loopback: bool,
+}
+
+impl GstReceiverConfig {
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            format!("--rtp-port={}", self.rtp_port),
+            format!("--rtcp-dest={}", self.rtcp_dest),
+            format!("--latency-ms={}", self.latency_ms),
+            format!("--pt={}", self.payload_type),
+            format!("--rtx-pt={}", self.rtx_payload_type),
+            format!("--receive-buffer={}", self.receive_buffer),
+            format!("--rtx-tuned={}", self.rtx_tuned_for_loopback),
+        ]
+    }
+
+    /// Parses what [`to_args`](Self::to_args) wrote.
+    pub fn from_args(args: &[String]) -> anyhow::Result<Self> {
+        let mut values: HashMap<&str, &str> = HashMap::new();
+        for a in args {
+            let (k, v) = a
+                .strip_prefix("--")
+                .and_then(|kv| kv.split_once('='))
+                .with_context(|| format!("expected --name=value, got {a:?}"))?;
+            values.insert(k, v);
+        }
+        let get = |k: &str| values.get(k).copied().with_context(|| format!("missing --{k}"));
+        Ok(Self {
+            rtp_port: get("rtp-port")?.parse().context("--rtp-port")?,
+            rtcp_dest: get("rtcp-dest")?.parse().context("--rtcp-dest")?,
+            latency_ms: get("latency-ms")?.parse().context("--latency-ms")?,
+            payload_type: get("pt")?.parse().context("--pt")?,
+            rtx_payload_type: get("rtx-pt")?.parse().context("--rtx-pt")?,
+            receive_buffer: get("receive-buffer")?.parse().context("--receive-buffer")?,
+            rtx_tuned_for_loopback: get("rtx-tuned")?.parse().context("--rtx-tuned")?,
+        })
+    }
+}
+
+/// One access unit that left the depayloader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GstAu {
+    pub rtp_timestamp: u32,
+    pub digest: u64,
+    /// From the arrival of its first packet in sequence order (as ours counts).
+    pub latency_ms: f64,
+    /// From the earliest arrival of any of its packets.
+    pub frame_latency_ms: f64,
+}
+
+/// Final figures of one run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GstReceiverReport {
+    pub aus: Vec<GstAu>,
+    /// AUs whose PTS matched no RTP timestamp seen at the depayloader input.
+    pub aus_unmapped: u64,
+    /// RTP datagrams (media and RTX) udpsrc delivered.
+    pub packets_received: u64,
+    pub rtx_packets_received: u64,
+    /// rtprtxreceive: RTX packets matched to a retransmission request.
+    pub rtx_assoc_packets: u64,
+    /// rtprtxreceive: retransmission requests it saw go upstream.
+    pub rtx_requests: u64,
+    /// rtpjitterbuffer `stats`, as a JSON object.
+    pub jitterbuffer: serde_json::Value,
+    /// The internal RTP session's `stats` (NACKs sent and dropped), as JSON.
+    pub session: serde_json::Value,
+}
+
+#[derive(Default)]
+struct Probes {
+    /// First arrival per sequence number (RTX counted by its original one).
+    seq_arrival: HashMap<u16, Instant>,
+    /// Earliest arrival of any packet per RTP timestamp.
+    ts_arrival: HashMap<u32, Instant>,
+    /// At the depayloader input: buffer PTS → RTP timestamp.
+    pts_ts: HashMap<u64, u32>,
+    /// At the depayloader input: the arrival of each AU's first packet in
+    /// sequence order.
+    au_first_arrival: HashMap<u32, Instant>,
+    last_depay_ts: Option<u32>,
+    aus: Vec<GstAu>,
+    aus_unmapped: u64,
+    packets: u64,
+    rtx_packets: u64,
+}
+
+impl Probes {
+    fn on_udp(&mut self, data: &[u8], pt: u8, rtx_pt: u8, now: Instant) {
+        let Ok(p) = RtpPacket::parse(data) else { return };
+        let seq = if p.payload_type() == pt {
+            p.sequence_number()
+        } else if p.payload_type() == rtx_pt {
+            self.rtx_packets += 1;
+            match rtp::parse_rtx(p.payload()) {
+                Ok(rtx) => rtx.original_seq,
+                Err(_) => return,
+            }
+        } else {
+            return;
+        };
+        self.packets += 1;
+        // A sequence number seen long ago belongs to an earlier wrap.
+        let stale = |t: &Instant| now.duration_since(*t) > Duration::from_secs(10);
+        let e = self.seq_arrival.entry(seq).or_insert(now);
+        if stale(e) {
+            *e = now;
+        }
+        let e = self.ts_arrival.entry(p.timestamp()).or_insert(now);
+        if stale(e) {
+            *e = now;
+        }
+    }
+
+    fn on_depay_in(&mut self, data: &[u8], pts: Option<gst::ClockTime>) {
+        let Ok(p) = RtpPacket::parse(data) else { return };
+        let ts = p.timestamp();
+        if let Some(pts) = pts {
+            self.pts_ts.insert(pts.nseconds(), ts);
+        }
+        if self.last_depay_ts != Some(ts) {
+            self.last_depay_ts = Some(ts);
+            if let Some(&t) = self.seq_arrival.get(&p.sequence_number()) {
+                self.au_first_arrival.insert(ts, t);
+            }
+        }
+    }
+
+    fn on_depay_out(&mut self, data: &[u8], pts: Option<gst::ClockTime>, now: Instant) {
+        let Some(ts) = pts.and_then(|p| self.pts_ts.get(&p.nseconds()).copied()) else {
+            self.aus_unmapped += 1;
+            return;
+        };
+        let ms = |t: Option<&Instant>| t.map_or(f64::NAN, |t| now.duration_since(*t).as_secs_f64() * 1000.0);
+        self.aus.push(GstAu {
+            rtp_timestamp: ts,
+            digest: annexb_digest(data),
+            latency_ms: ms(self.au_first_arrival.get(&ts)),
+            frame_latency_ms: ms(self.ts_arrival.get(&ts)),
+        });
+    }
+}
+
+/// The running in-process receiver.
+pub struct GstReceiver {
+    pipeline: gst::Pipeline,
+    probes: Arc<Mutex<Probes>>,
+    rtxreceive: Arc<Mutex<Option<gst::Element>>>,
+    jitterbuffer: Arc<Mutex<Option<gst::Element>>>,
+    session: glib::Object,
+}
+
+fn rtp_caps(pt: u8, encoding: &str, rtx_apt: Option<u8>) -> gst::Caps {
+    let mut b = gst::Caps::builder("application/x-rtp")
+        .field("media", "video")
+        .field("clock-rate", 90_000i32)
+        .field("encoding-name", encoding)
+        .field("payload", pt as i32);
+    if let Some(apt) = rtx_apt {
+        b = b.field("apt", apt.to_string());
+    }
+    b.build()
+}
+
+fn structure_to_json(s: &gst::StructureRef) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (name, value) in s.iter() {
+        let v = if let Ok(x) = value.get::<u64>() {
+            x.into()
+        } else if let Ok(x) = value.get::<i64>() {
+            x.into()
+        } else if let Ok(x) = value.get::<u32>() {
+            x.into()
+        } else if let Ok(x) = value.get::<i32>() {
+            x.into()
+        } else if let Ok(x) = value.get::<f64>() {
+            x.into()
+        } else if let Ok(x) = value.get::<bool>() {
+            x.into()
+        } else {
+            match value.serialize() {
+                Ok(s) => s.to_string().into(),
+                Err(_) => serde_json::Value::Null,
+            }
+        };
+        map.insert(name.to_string(), v);
+    }
+    map.into()
+}
+
+impl GstReceiver {
+    /// Builds the pipeline and sets it playing.
+    pub fn start(cfg: &GstReceiverConfig) -> anyhow::Result<Self> {
+        gst::init()?;
+        let pipeline = gst::Pipeline::with_name("gst-reference-receiver");
+        let rtpbin = gst::ElementFactory::make("rtpbin").name("rtpbin").build()?;
+        rtpbin.set_property_from_str("rtp-profile", "avpf");
+        // The repair budget our receiver gets as repair.latencyMs.
+        rtpbin.set_property("latency", cfg.latency_ms);
+        // Jitterbuffer requests retransmissions for gaps (NACK via the session).
+        rtpbin.set_property("do-retransmission", true);
+        // Declare lost packets downstream so the depayloader knows of the gap
+        // instead of gluing across it.
+        rtpbin.set_property("do-lost", true);
+        pipeline.add(&rtpbin)?;
+
+        let (pt, rtx_pt) = (cfg.payload_type, cfg.rtx_payload_type);
+        rtpbin.connect("request-pt-map", false, move |args| {
+            let want = args[2].get::<u32>().expect("pt");
+            let caps = if want == pt as u32 {
+                Some(rtp_caps(pt, "H264", None))
+            } else if want == rtx_pt as u32 {
+                Some(rtp_caps(rtx_pt, "RTX", Some(pt)))
+            } else {
+                None
+            };
+            caps.map(|c| c.to_value())
+        });
+
+        // rtprtxreceive turns RTX back into the original packets before the
+        // jitterbuffer; rtpbin asks for it once per session.
+        let rtxreceive: Arc<Mutex<Option<gst::Element>>> = Arc::default();
+        {
+            let rtxreceive = rtxreceive.clone();
+            rtpbin.connect("request-aux-receiver", false, move |args| {
+                let session = args[1].get::<u32>().expect("session id");
+                let bin = gst::Bin::new();
+                let rtx = gst::ElementFactory::make("rtprtxreceive").build().expect("rtprtxreceive exists");
+                let map = gst::Structure::builder("application/x-rtp-pt-map").field(pt.to_string(), rtx_pt as u32).build();
+                rtx.set_property("payload-type-map", map);
+                bin.add(&rtx).expect("add rtprtxreceive");
+                let sink = gst::GhostPad::with_target(&rtx.static_pad("sink").expect("sink")).expect("ghost");
+                sink.set_property("name", format!("sink_{session}"));
+                let src = gst::GhostPad::with_target(&rtx.static_pad("src").expect("src")).expect("ghost");
+                src.set_property("name", format!("src_{session}"));
+                bin.add_pad(&sink).expect("add pad");
+                bin.add_pad(&src).expect("add pad");
+                *rtxreceive.lock().expect("lock") = Some(rtx);
+                Some(bin.to_value())
+            });
+        }
+
+        // Jitterbuffer retransmission timing. GStreamer's defaults adapt to
+        // the path but are built for reordering networks: the first request
+        // for a gap waits rtx-delay = max(2 × jitter, packet spacing / 2),
+        // and for video the packet spacing is the frame interval, so about
+        // 17 ms at 30 fps; retries wait at least rtx-min-retry-timeout =
+        // packet spacing (33 ms). Loopback does not reorder, and ours asks at
+        // once and retries after max(1.25 × RTT, 5 ms), so the tuned variant
+        // sets rtx-delay = 0 and rtx-min-retry-timeout = 5 ms; rtx-retry-
+        // timeout (RTT + 2 × jitter), rtx-retry-period (latency - RTT) and
+        // unlimited retries stay automatic. faststart-min-packets (both
+        // variants) starts output after a few in-order packets instead of
+        // holding the first frame for the whole latency; ours does not hold it.
+        let tuned = cfg.rtx_tuned_for_loopback;
+        let jitterbuffer: Arc<Mutex<Option<gst::Element>>> = Arc::default();
+        {
+            let jitterbuffer = jitterbuffer.clone();
+            rtpbin.connect("new-jitterbuffer", false, move |args| {
+                let jb = args[1].get::<gst::Element>().expect("jitterbuffer");
+                jb.set_property("faststart-min-packets", 5u32);
+                if tuned {
+                    jb.set_property("rtx-delay", 0i32);
+                    jb.set_property("rtx-min-retry-timeout", 5i32);
+                }
+                *jitterbuffer.lock().expect("lock") = Some(jb);
+                None
+            });
+        }
+
+        let probes: Arc<Mutex<Probes>> = Arc::default();
+
+        // udpsrc: RTP in (both media and RTX arrive on one port).
+        let rtp_src = gst::ElementFactory::make("udpsrc")
+            .property("address", "127.0.0.1")
+            .property("port", cfg.rtp_port as i32)
+            .property("buffer-size", cfg.receive_buffer as i32)
+            .property("caps", rtp_caps(pt, "H264", None))
+            .build()?;
+        let rtcp_src = gst::ElementFactory::make("udpsrc")
+            .property("address", "127.0.0.1")
+            .property("port", cfg.rtp_port as i32 + 1)
+            .property("caps", gst::Caps::builder("application/x-rtcp").build())
+            .build()?;
+        let rtcp_sink = gst::ElementFactory::make("udpsink")
+            .property("host", cfg.rtcp_dest.ip().to_string())
+            .property("port", cfg.rtcp_dest.port() as i32)
+            .property("sync", false)
+            .property("async", false)
+            .property("close-socket", false)
+            .build()?;
+        pipeline.add_many([&rtp_src, &rtcp_src, &rtcp_sink])?;
+        rtp_src.static_pad("src").context("udpsrc src")?.link(
+            &rtpbin.request_pad_simple("recv_rtp_sink_0").context("recv_rtp_sink_0")?,
+        )?;
+        rtcp_src.static_pad("src").context("udpsrc src")?.link(
+            &rtpbin.request_pad_simple("recv_rtcp_sink_0").context("recv_rtcp_sink_0")?,
+        )?;
+        rtpbin
+            .request_pad_simple("send_rtcp_src_0")
+            .context("send_rtcp_src_0")?
+            .link(&rtcp_sink.static_pad("sink").context("udpsink sink")?)?;
+        // One socket for RTCP both ways, so the relay sees our RTCP come from
+        // the port its RTCP goes to.
+        rtcp_src.set_state(gst::State::Ready)?;
+        let socket: glib::Object = rtcp_src.property("used-socket");
+        rtcp_sink.set_property("socket", &socket);
+
+        {
+            let probes = probes.clone();
+            rtp_src.static_pad("src").context("udpsrc src")?.add_probe(
+                gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST,
+                move |_, info| {
+                    let now = Instant::now();
+                    let mut p = probes.lock().expect("lock");
+                    let mut one = |b: &gst::BufferRef| {
+                        if let Ok(map) = b.map_readable() {
+                            p.on_udp(&map, pt, rtx_pt, now);
+                        }
+                    };
+                    match &info.data {
+                        Some(gst::PadProbeData::Buffer(b)) => one(b),
+                        Some(gst::PadProbeData::BufferList(l)) => l.iter().for_each(one),
+                        _ => {}
+                    }
+                    gst::PadProbeReturn::Ok
+                },
+            );
+        }
+
+        // Depayloading branch, linked when the stream's pad appears.
+        let depay = gst::ElementFactory::make("rtph264depay").build()?;
+        let filter = gst::ElementFactory::make("capsfilter")
+            .property(
+                "caps",
+                gst::Caps::builder("video/x-h264").field("stream-format", "byte-stream").field("alignment", "au").build(),
+            )
+            .build()?;
+        let sink = gst::ElementFactory::make("fakesink").property("sync", false).property("async", false).build()?;
+        pipeline.add_many([&depay, &filter, &sink])?;
+        gst::Element::link_many([&depay, &filter, &sink])?;
+        {
+            let probes = probes.clone();
+            depay.static_pad("sink").context("depay sink")?.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                if let Some(gst::PadProbeData::Buffer(b)) = &info.data
+                    && let Ok(map) = b.map_readable()
+                {
+                    probes.lock().expect("lock").on_depay_in(&map, b.pts());
+                }
+                gst::PadProbeReturn::Ok
+            });
+        }
+        {
+            let probes = probes.clone();
+            depay.static_pad("src").context("depay src")?.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                if let Some(gst::PadProbeData::Buffer(b)) = &info.data {
+                    let now = Instant::now();
+                    if let Ok(map) = b.map_readable() {
+                        probes.lock().expect("lock").on_depay_out(&map, b.pts(), now);
+                    }
+                }
+                gst::PadProbeReturn::Ok
+            });
+        }
+        {
+            let depay_sink = depay.static_pad("sink").context("depay sink")?;
+            let prefix = "recv_rtp_src_0_";
+            rtpbin.connect_pad_added(move |_, pad| {
+                if pad.name().starts_with(prefix)
+                    && !depay_sink.is_linked()
+                    && let Err(e) = pad.link(&depay_sink)
+                {
+                    eprintln!("gst receiver: cannot link {} to the depayloader: {e:?}", pad.name());
+                }
+            });
+        }
+
+        // RTCP bandwidth: by default the session budgets RTCP at 5% of a
+        // bandwidth it guesses, which at these rates allows an early (NACK)
+        // packet only every second or so: most NACKs would wait for a regular
+        // report and come too late for the latency budget. Raising the
+        // receiver/sender RTCP bandwidth and lowering the minimum interval
+        // lets NACKs go out as soon as the jitterbuffer asks (AVPF early
+        // feedback at most once per regular interval, here ~100 ms or less).
+        let session: glib::Object = rtpbin.emit_by_name("get-internal-session", &[&0u32]);
+        session.set_property("rtcp-rr-bandwidth", 500_000i32);
+        session.set_property("rtcp-rs-bandwidth", 500_000i32);
+        session.set_property("rtcp-min-interval", 20_000_000u64);
+
+        pipeline.set_state(gst::State::Playing).context("setting the receiver pipeline playing")?;
+        let bus = pipeline.bus().context("bus")?;
+        // A live pipeline reaches PLAYING at once; an error shows up on the bus.
+        if let Some(msg) = bus.timed_pop_filtered(gst::ClockTime::from_mseconds(200), &[gst::MessageType::Error])
+            && let gst::MessageView::Error(e) = msg.view()
+        {
+            let _ = pipeline.set_state(gst::State::Null);
+            bail!("GStreamer receiver error: {} ({:?})", e.error(), e.debug());
+        }
+        Ok(Self { pipeline, probes, rtxreceive, jitterbuffer, session })
+    }
+
+    /// Any error the pipeline has posted since the last call.
+    pub fn check_error(&self) -> anyhow::Result<()> {
+        let bus = self.pipeline.bus().context("bus")?;
+        while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
+            if let gst::MessageView::Error(e) = msg.view() {
+                bail!("GStreamer receiver error: {} ({:?})", e.error(), e.debug());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the pipeline and returns what was measured.
+    pub fn stop(self) -> anyhow::Result<GstReceiverReport> {
+        let rtx = self.rtxreceive.lock().expect("lock").clone();
+        let (rtx_assoc_packets, rtx_requests) = rtx.map_or((0, 0), |e| {
+            (e.property::<u32>("num-rtx-assoc-packets") as u64, e.property::<u32>("num-rtx-requests") as u64)
+        });
+        let jitterbuffer = self
+            .jitterbuffer
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map_or(serde_json::Value::Null, |jb| structure_to_json(&jb.property::<gst::Structure>("stats")));
+        let mut session = structure_to_json(&self.session.property::<gst::Structure>("stats"));
+        // Per-source details as serialized caps: long and not needed.
+        if let Some(m) = session.as_object_mut() {
+            m.remove("source-stats");
+        }
+        self.pipeline.set_state(gst::State::Null)?;
+        let mut p = self.probes.lock().expect("lock");
+        Ok(GstReceiverReport {
+            aus: std::mem::take(&mut p.aus),
+            aus_unmapped: p.aus_unmapped,
+            packets_received: p.packets,
+            rtx_packets_received: p.rtx_packets,
+            rtx_assoc_packets,
+            rtx_requests,
+            jitterbuffer,
+            session,
+        })
+    }
+}
+
+/// The child's side: start, print [`READY_LINE`], run until stdin closes,
+/// then print the report as one JSON line.
+pub fn child_main(args: &[String]) -> anyhow::Result<()> {
+    let cfg = GstReceiverConfig::from_args(args)?;
+    let receiver = GstReceiver::start(&cfg)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{READY_LINE}")?;
+    out.flush()?;
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        let _ = closed_tx.send(());
+    });
+    loop {
+        receiver.check_error()?;
+        match closed_rx.recv_timeout(Duration::from_millis(100)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            _ => break,
+        }
+    }
+    let report = receiver.stop()?;
+    serde_json::to_writer(&mut out, &report)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The receiver running in a child process.
+pub struct GstReceiverProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl GstReceiverProcess {
+    /// Starts `exe CHILD_SUBCOMMAND ...` and waits until its pipeline plays.
+    pub fn spawn(exe: &Path, cfg: &GstReceiverConfig, stderr_log: &Path) -> anyhow::Result<Self> {
+        let stderr = std::fs::File::create(stderr_log)?;
+        let mut child = Command::new(exe)
+            .arg(CHILD_SUBCOMMAND)
+            .args(cfg.to_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {} {CHILD_SUBCOMMAND}", exe.display()))?;
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim() != READY_LINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = std::fs::read_to_string(stderr_log).unwrap_or_default();
+            bail!("GStreamer receiver did not start (said {line:?}): {err}");
+        }
+        Ok(Self { child, stdin, stdout })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Closes its stdin (the stop request) and reads its report.
+    pub fn stop(mut self) -> anyhow::Result<GstReceiverReport> {
+        drop(self.stdin.take());
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("GStreamer receiver exited with {status}");
+        }
+        serde_json::from_str(&line).with_context(|| format!("GStreamer receiver report is not JSON: {line:?}"))
+    }
+}
+
+impl Drop for GstReceiverProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Loads `udp_drops.bpf.c`, fills its reason filter, attaches its raw
+//! tracepoints and reads its per-CPU hash.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::RawTracePoint;
+use aya::programs::raw_trace_point::RawTracePointLinkId;
+use aya::{Ebpf, EbpfLoader};
+
+use crate::layout::{self, DropKey, DropValue};
+use crate::reasons::DropReasons;
+
+const PROG_KFREE_SKB: &str = "zd_kfree_skb";
+const PROG_UDP_FAIL: &str = "zd_udp_fail";
+const PROG_UDP_FAIL_SK: &str = "zd_udp_fail_sk";
+const TP_KFREE_SKB: &str = "kfree_skb";
+const TP_UDP_FAIL: &str = "udp_fail_queue_rcv_skb";
+
+#[cfg(zerodrop_ebpf_object)]
+fn object() -> Option<&'static [u8]> {
+    Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp_drops.bpf.o")))
+}
+
+#[cfg(not(zerodrop_ebpf_object))]
+fn object() -> Option<&'static [u8]> {
+    None
+}
+
+/// Why the eBPF programs could not be used, in words for a log line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct EbpfUnavailable(pub String);
+
+/// One program's kernel statistics (`kernel.bpf_stats_enabled`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+/// The loaded programs and their maps. Dropping it detaches everything.
+pub struct EbpfDropCounter {
+    bpf: Ebpf,
+    reasons: DropReasons,
+    udp_fail_prog: &'static str,
+    links: Vec<(&'static str, RawTracePointLinkId)>,
+}
+
+impl std::fmt::Debug for EbpfDropCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfDropCounter")
+            .field("udp_fail_prog", &self.udp_fail_prog)
+            .field("attached", &self.links.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EbpfDropCounter {
+    /// Loads and attaches both programs.
+    pub fn start() -> Result<Self, EbpfUnavailable> {
+        let mut counter = Self::load()?;
+        counter.attach()?;
+        Ok(counter)
+    }
+
+    /// Loads the programs into the kernel without attaching them.
+    pub fn load() -> Result<Self, EbpfUnavailable> {
+        let object = object().ok_or_else(|| {
+            EbpfUnavailable("this build has no eBPF object (built with ZERODROP_EBPF_SKIP_BUILD=1)".to_owned())
+        })?;
+        if !Path::new(crate::reasons::BTF_PATH).exists() {
+            return Err(EbpfUnavailable(format!(
+                "the kernel has no BTF ({} is missing; needs CONFIG_DEBUG_INFO_BTF=y), so the CO-RE programs cannot be relocated",
+                crate::reasons::BTF_PATH
+            )));
+        }
+        let reasons = DropReasons::load()
+            .map_err(|err| EbpfUnavailable(format!("cannot resolve the kernel's drop reason names: {err}")))?;
+        let reason = |name: &str| {
+            reasons
+                .value(name)
+                .ok_or_else(|| EbpfUnavailable(format!("this kernel's enum skb_drop_reason has no {name}")))
+        };
+        let rcvbuff = reason("SOCKET_RCVBUFF")?;
+        let proto_mem = reason("PROTO_MEM")?;
+
+        let mut bpf = EbpfLoader::new().load(object).map_err(|err| explain("loading the eBPF object", &err))?;
+
+        {
+            let mut config: Array<&mut MapData, u32> = Array::try_from(map_mut(&mut bpf, "zd_config")?)
+                .map_err(|err| explain("opening zd_config", &err))?;
+            config
+                .set(layout::CONFIG_REASON_RCVBUFF, rcvbuff, 0)
+                .and_then(|()| config.set(layout::CONFIG_REASON_PROTO_MEM, proto_mem, 0))
+                .map_err(|err| explain("writing zd_config", &err))?;
+        }
+        let mut counter = Self { bpf, reasons, udp_fail_prog: PROG_UDP_FAIL, links: Vec::new() };
+        let counted: Vec<u32> = counter
+            .reasons
+            .iter()
+            .filter(|(_, name)| DropReasons::counted_by_default(name))
+            .map(|(value, _)| value)
+            .collect();
+        counter.set_counted_reasons(&counted)?;
+
+        for name in [PROG_KFREE_SKB, PROG_UDP_FAIL, PROG_UDP_FAIL_SK] {
+            let program: &mut RawTracePoint = counter
+                .bpf
+                .program_mut(name)
+                .ok_or_else(|| EbpfUnavailable(format!("program {name} missing from the eBPF object")))?
+                .try_into()
+                .map_err(|err| explain(name, &err))?;
+            program.load().map_err(|err| explain(&format!("loading program {name}"), &err))?;
+        }
+        Ok(counter)
+    }
+
+    /// Sets which `enum skb_drop_reason` values `kfree_skb` counts.
+    pub fn set_counted_reasons(&mut self, values: &[u32]) -> Result<(), EbpfUnavailable> {
+        let mut filter: Array<&mut MapData, u8> = Array::try_from(map_mut(&mut self.bpf, "zd_reasons")?)
+            .map_err(|err| explain("opening zd_reasons", &err))?;
+        for index in 0..layout::MAX_REASONS {
+            let wanted = u8::from(values.contains(&index));
+            filter.set(index, wanted, 0).map_err(|err| explain("writing zd_reasons", &err))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the programs (no-op when attached). `udp_fail_queue_rcv_skb`
+    /// first, so a receive-buffer drop is never missed in between.
+    pub fn attach(&mut self) -> Result<(), EbpfUnavailable> {
+        if !self.links.is_empty() {
+            return Ok(());
+        }
+        match self.attach_one(self.udp_fail_prog, TP_UDP_FAIL) {
+            Ok(()) => {}
+            Err(first) if self.udp_fail_prog == PROG_UDP_FAIL => {
+                // Before 6.10 the tracepoint has no skb argument and the
+                // kernel refuses a program that reads it.
+                self.attach_one(PROG_UDP_FAIL_SK, TP_UDP_FAIL).map_err(|second| {
+                    EbpfUnavailable(format!("attaching to udp_fail_queue_rcv_skb: {first}; without the skb argument: {second}"))
+                })?;
+                self.udp_fail_prog = PROG_UDP_FAIL_SK;
+                // Nothing to match a kfree_skb against: let udp_fail alone
+                // count receive-buffer and memory drops.
+                let counted: Vec<u32> = self
+                    .reasons
+                    .iter()
+                    .filter(|(_, name)| {
+                        DropReasons::counted_by_default(name) && !matches!(*name, "SOCKET_RCVBUFF" | "PROTO_MEM")
+                    })
+                    .map(|(value, _)| value)
+                    .collect();
+                self.set_counted_reasons(&counted)?;
+                tracing::info!("kernel before 6.10: udp_fail_queue_rcv_skb drops keyed by the socket's bound address");
+            }
+            Err(err) => return Err(err),
+        }
+        self.attach_one(PROG_KFREE_SKB, TP_KFREE_SKB)
+    }
+
+    fn attach_one(&mut self, prog: &'static str, tracepoint: &str) -> Result<(), EbpfUnavailable> {
+        let program: &mut RawTracePoint = self
+            .bpf
+            .program_mut(prog)
+            .ok_or_else(|| EbpfUnavailable(format!("program {prog} missing")))?
+            .try_into()
+            .map_err(|err| explain(prog, &err))?;
+        let link = program
+            .attach(tracepoint)
+            .map_err(|err| explain(&format!("attaching {prog} to raw tracepoint {tracepoint}"), &err))?;
+        self.links.push((prog, link));
+        Ok(())
+    }
+
+    /// Detaches the programs; the maps keep their counts.
+    pub fn detach(&mut self) -> Result<(), EbpfUnavailable> {
+        for (prog, link) in self.links.drain(..).rev() {
+            let program: &mut RawTracePoint = self
+                .bpf
+                .program_mut(prog)
+                .ok_or_else(|| EbpfUnavailable(format!("program {prog} missing")))?
+                .try_into()
+                .map_err(|err| explain(prog, &err))?;
+            program.detach(link).map_err(|err| explain(&format!("detaching {prog}"), &err))?;
+        }
+        Ok(())
+    }
+
+    pub fn is_attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    pub fn reasons(&self) -> &DropReasons {
+        &self.reasons
+    }
+
+    /// Cumulative packets per key, summed over CPUs and over the two hooks.
+    pub fn read(&self) -> io::Result<BTreeMap<(std::net::SocketAddr, u32), u64>> {
+        let map = self.bpf.map("zd_drops").ok_or_else(|| io::Error::other("map zd_drops missing"))?;
+        let drops: PerCpuHashMap<&MapData, DropKey, DropValue> =
+            PerCpuHashMap::try_from(map).map_err(io::Error::other)?;
+        let mut totals = BTreeMap::new();
+        for entry in drops.iter() {
+            let (key, values) = entry.map_err(io::Error::other)?;
+            let packets: u64 = values.iter().map(|v| v.packets).sum();
+            let addr = std::net::SocketAddr::new(key.ip(), key.port);
+            *totals.entry((addr, key.reason)).or_insert(0) += packets;
+        }
+        Ok(totals)
+    }
+
+    /// Drops not counted because `zd_drops` was full.
+    pub fn uncounted_map_full(&self) -> io::Result<u64> {
+        let map = self.bpf.map("zd_errors").ok_or_else(|| io::Error::other("map zd_errors missing"))?;
+        let errors: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(io::Error::other)?;
+        let values = errors.get(&layout::ERR_MAP_FULL, 0).map_err(io::Error::other)?;
+        Ok(values.iter().sum())
+    }
+
+    /// Run time and run count of the attached programs; both stay 0 unless
+    /// the kernel's BPF statistics are on (see [`enable_bpf_stats`]).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        [self.udp_fail_prog, PROG_KFREE_SKB]
+            .into_iter()
+            .filter_map(|name| {
+                let info = self.bpf.program(name)?.info().ok()?;
+                Some(ProgramStats {
+                    name: name.to_owned(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: info.run_count(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Turns on `run_time_ns`/`run_cnt` accounting for as long as the returned
+/// fd lives (BPF_ENABLE_STATS; needs CAP_SYS_ADMIN).
+pub fn enable_bpf_stats() -> io::Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|err| io::Error::other(err.to_string()))
+}
+
+fn map_mut<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, EbpfUnavailable> {
+    bpf.map_mut(name).ok_or_else(|| EbpfUnavailable(format!("map {name} missing from the eBPF object")))
+}
+
+/// Turns an aya error into a sentence, naming the missing privilege when
+/// the kernel said EPERM.
+fn explain(what: &str, err: &(dyn std::error::Error + 'static)) -> EbpfUnavailable {
+    let mut chain = err.to_string();
+    let mut permission = false;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            permission |= matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES));
+        }
+        if !std::ptr::eq(e, err) && !chain.contains(&e.to_string()) {
+            chain.push_str(": ");
+            chain.push_str(&e.to_string());
+        }
+        source = e.source();
+    }
+    if permission {
+        EbpfUnavailable(format!(
+            "{what}: not permitted ({chain}); the agent needs CAP_BPF and CAP_PERFMON (or root)"
+        ))
+    } else {
+        EbpfUnavailable(format!("{what}: {chain}"))
+    }
+}
