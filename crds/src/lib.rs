@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod pipeline;
 pub mod rules;
 mod schema_check;
+pub mod shard;
 pub mod status;
 
 pub use manifest::{API_VERSION, KIND, ManifestError, ManifestProblem, parse_manifests};

@@ -13,7 +13,7 @@ use crate::jitter::JitterSettings;
 /// 30 Mbit/s stream, so a scheduling hiccup does not overflow the socket.
 pub const DEFAULT_RECEIVE_BUFFER: usize = 4 << 20;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SourceConfig {
     pub pipeline: String,
     pub name: String,

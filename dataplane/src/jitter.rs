@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 /// Settings, separate from running state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JitterSettings {
     /// How long after a gap is seen a missing packet may still be repaired.
     pub latency: Duration,

@@ -15,3 +15,5 @@ pub mod udp;
 pub mod runner;
 pub mod table;
 pub mod shutdown;
+pub mod supervisor;
+pub mod pod;

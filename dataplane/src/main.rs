@@ -12,6 +12,8 @@ struct Cli {
 enum Command {
     /// Run every source of the StreamPipeline manifests in FILE on this machine.
     Run(zerodrop_dataplane::runner::RunArgs),
+    /// Data-plane pod: run this pod's shard of the operator-rendered pipeline.
+    Pod(zerodrop_dataplane::pod::PodArgs),
     /// Test source: encode with GStreamer and send RTP, answering NACKs with RTX.
     Send(zerodrop_dataplane::sender::SendArgs),
     /// Seeded lossy relay between any RTP sender and receiver, passing RTCP back.
@@ -26,6 +28,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Run(args) => zerodrop_dataplane::runner::run(args),
+        Command::Pod(args) => zerodrop_dataplane::pod::run(args),
         Command::Send(args) => zerodrop_dataplane::sender::run(args),
         Command::Relay(args) => zerodrop_dataplane::relay::run(args),
     };

@@ -82,6 +82,10 @@ pub struct Metrics {
     decoder_info: Family<DecoderLabels, Gauge>,
     stream_up: Family<StreamLabels, Gauge>,
     receive_buffer: Family<StreamLabels, Gauge>,
+    /// Dropped frames summed over reasons (not exported: the sum of the
+    /// exported family), for the live table and the report.
+    frames_dropped_sum: Family<StreamLabels, Counter>,
+    decoder_names: Arc<Mutex<std::collections::HashMap<StreamLabels, String>>>,
 }
 
 impl Default for Metrics {
@@ -118,6 +122,8 @@ impl Metrics {
             decoder_info: Family::default(),
             stream_up: Family::default(),
             receive_buffer: Family::default(),
+            frames_dropped_sum: Family::default(),
+            decoder_names: Arc::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -180,7 +186,7 @@ impl Metrics {
             frames_assembled: handle(&self.frames_assembled, &l),
             frames_decoded: handle(&self.frames_decoded, &l),
             frames_dropped: self.frames_dropped.clone(),
-            frames_dropped_total: Counter::default(),
+            frames_dropped_total: handle(&self.frames_dropped_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
             gop_interval: handle(&self.gop_interval, &l),
             jitter: handle(&self.jitter, &l),
@@ -188,7 +194,7 @@ impl Metrics {
             assembly_latency: handle(&self.assembly_latency, &l),
             decode_latency: handle(&self.decode_latency, &l),
             decoder_info: self.decoder_info.clone(),
-            decoder_name: Arc::new(Mutex::new(String::new())),
+            decoder_names: self.decoder_names.clone(),
             stream_up: handle(&self.stream_up, &l),
             receive_buffer: handle(&self.receive_buffer, &l),
         }
@@ -242,7 +248,7 @@ pub struct StreamMetrics {
     pub assembly_latency: Histogram,
     pub decode_latency: Histogram,
     decoder_info: Family<DecoderLabels, Gauge>,
-    decoder_name: Arc<Mutex<String>>,
+    decoder_names: Arc<Mutex<std::collections::HashMap<StreamLabels, String>>>,
     pub stream_up: Gauge,
     pub receive_buffer: Gauge,
 }
@@ -270,21 +276,22 @@ impl StreamMetrics {
     }
 
     pub fn set_decoder(&self, name: &str) {
-        let mut current = self.decoder_name.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names = self.decoder_names.lock().unwrap_or_else(|e| e.into_inner());
         let labels = |d: &str| DecoderLabels {
             pipeline: self.labels.pipeline.clone(),
             stream: self.labels.stream.clone(),
             decoder: d.into(),
         };
-        if !current.is_empty() {
-            self.decoder_info.get_or_create(&labels(&current)).set(0);
+        if let Some(old) = names.insert(self.labels.clone(), name.to_string()) {
+            if old != name {
+                self.decoder_info.get_or_create(&labels(&old)).set(0);
+            }
         }
         self.decoder_info.get_or_create(&labels(name)).set(1);
-        *current = name.to_string();
     }
 
     pub fn decoder(&self) -> String {
-        self.decoder_name.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.decoder_names.lock().unwrap_or_else(|e| e.into_inner()).get(&self.labels).cloned().unwrap_or_default()
     }
 
     pub fn observe(h: &Histogram, d: Duration) {
@@ -293,28 +300,40 @@ impl StreamMetrics {
 }
 
 /// Sources that have bound their sockets and started their decoder, out of
-/// those the process runs: `/readyz` answers 200 only when all are.
+/// those the process should run: `/readyz` answers 200 only when all are.
 #[derive(Debug, Default)]
 pub struct Readiness {
-    expected: usize,
-    ready: std::sync::atomic::AtomicUsize,
+    state: Mutex<(std::collections::BTreeSet<String>, std::collections::BTreeSet<String>)>,
 }
 
 impl Readiness {
-    pub fn new(expected: usize) -> Self {
-        Self { expected, ready: Default::default() }
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    pub fn mark_ready(&self) {
-        self.ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// The sources that should be running.
+    pub fn set_expected(&self, ids: impl IntoIterator<Item = String>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = ids.into_iter().collect();
     }
 
-    pub fn ready(&self) -> usize {
-        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    pub fn mark_ready(&self, id: &str) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1.insert(id.to_string());
+    }
+
+    pub fn mark_gone(&self, id: &str) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1.remove(id);
+    }
+
+    /// (ready, expected)
+    pub fn counts(&self) -> (usize, usize) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (s.0.iter().filter(|id| s.1.contains(*id)).count(), s.0.len())
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready() >= self.expected
+        let (ready, expected) = self.counts();
+        ready == expected
     }
 }
 
@@ -341,11 +360,10 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> an
                 ),
                 "/healthz" => tiny_http::Response::from_string("ok\n"),
                 "/readyz" if readiness.is_ready() => tiny_http::Response::from_string("ready\n"),
-                "/readyz" => tiny_http::Response::from_string(format!(
-                    "not ready: {}/{} sources receiving\n",
-                    readiness.ready(),
-                    readiness.expected
-                ))
+                "/readyz" => tiny_http::Response::from_string({
+                    let (ready, expected) = readiness.counts();
+                    format!("not ready: {ready}/{expected} sources receiving\n")
+                })
                 .with_status_code(503),
                 _ => tiny_http::Response::from_string("not found: try /metrics or /healthz\n").with_status_code(404),
             };
@@ -380,7 +398,8 @@ mod tests {
         use std::io::{Read, Write};
         let m = Arc::new(Metrics::new());
         m.stream("p", "s").packets_received.inc();
-        let readiness = Arc::new(Readiness::new(1));
+        let readiness = Arc::new(Readiness::new());
+        readiness.set_expected(["p/s".to_string()]);
         let addr = serve("127.0.0.1:0", m, readiness.clone()).unwrap();
         let get = |path: &str| {
             let mut c = std::net::TcpStream::connect(addr).unwrap();
@@ -394,7 +413,7 @@ mod tests {
         assert!(metrics.contains("zerodrop_rtp_packets_received_total"));
         assert!(get("/healthz").contains("200 OK"));
         assert!(get("/readyz").contains("503"));
-        readiness.mark_ready();
+        readiness.mark_ready("p/s");
         assert!(get("/readyz").contains("200 OK"));
         assert!(get("/nope").contains("404"));
     }

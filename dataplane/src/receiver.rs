@@ -201,7 +201,7 @@ pub fn run(
         "receiving"
     );
     if let Some(r) = &options.readiness {
-        r.mark_ready();
+        r.mark_ready(&id);
     }
     let now = Instant::now();
     let mut r = Receiver {

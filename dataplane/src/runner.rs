@@ -11,8 +11,9 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::{self, SourceConfig};
-use crate::metrics::{Metrics, StreamMetrics};
-use crate::receiver::{self, ReceiverOptions, StreamReport};
+use crate::metrics::Metrics;
+use crate::receiver::StreamReport;
+use crate::supervisor::{Supervisor, SupervisorOptions};
 use crate::table;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -103,32 +104,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let stop = crate::shutdown::on_signal()?;
 
     let metrics = Arc::new(Metrics::new());
-    let readiness = Arc::new(crate::metrics::Readiness::new(sources.len()));
+    let readiness = Arc::new(crate::metrics::Readiness::new());
+    readiness.set_expected(sources.iter().map(SourceConfig::id));
     let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone())?;
     eprintln!("zerodrop: {} source(s) from {}; metrics at http://{bound}/metrics", sources.len(), args.file.display());
 
-    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, anyhow::Result<StreamReport>)>();
-    let mut handles = Vec::new();
-    let mut stream_metrics: Vec<StreamMetrics> = Vec::new();
-    for (i, source) in sources.iter().enumerate() {
-        let m = metrics.stream(&source.pipeline, &source.name);
-        stream_metrics.push(m.clone());
-        let options = ReceiverOptions {
-            au_log: args.au_log_dir.as_ref().map(|d| d.join(format!("{}.{}.au", source.pipeline, source.name))),
-            no_decode: args.no_decode,
-            readiness: Some(readiness.clone()),
-        };
-        let (source, stop, done_tx) = (source.clone(), stop.clone(), done_tx.clone());
-        handles.push(std::thread::Builder::new().name(format!("rx-{}", source.name)).spawn(move || {
-            let result = receiver::run(source, m, stop.clone(), options);
-            if result.is_err() {
-                // A source that cannot run stops the whole local run.
-                stop.store(true, Ordering::Relaxed);
-            }
-            let _ = done_tx.send((i, result));
-        })?);
-    }
-    drop(done_tx);
+    let mut supervisor = Supervisor::new(
+        metrics,
+        readiness,
+        SupervisorOptions { au_log_dir: args.au_log_dir.clone(), no_decode: args.no_decode },
+    );
+    supervisor.apply(&sources);
 
     let started = Instant::now();
     let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s));
@@ -137,40 +123,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         TableMode::Never => false,
         TableMode::Auto => std::io::stderr().is_terminal(),
     };
-    let mut view = table::LiveTable::new(live, &stream_metrics);
-    let mut results: Vec<Option<anyhow::Result<StreamReport>>> = (0..sources.len()).map(|_| None).collect();
-    let mut finished = 0;
-    while finished < sources.len() {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            stop.store(true, Ordering::Relaxed);
+    let mut view = table::LiveTable::new(live, &supervisor.streams());
+    let mut results = Vec::new();
+    // A source that cannot run stops the whole local run.
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+        if let Some(ended) = supervisor.wait_ended(Duration::from_millis(500)) {
+            results.push(ended);
+            break;
         }
-        match done_rx.recv_timeout(Duration::from_millis(500)) {
-            Ok((i, r)) => {
-                results[i] = Some(r);
-                finished += 1;
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-        }
-        if !stop.load(Ordering::Relaxed) {
-            view.refresh(started.elapsed());
-        }
+        view.refresh(started.elapsed());
     }
-    for h in handles {
-        let _ = h.join();
-    }
+    results.extend(supervisor.stop_all());
     view.finish(started.elapsed());
 
     let mut reports = Vec::new();
     let mut first_error = None;
-    for (source, r) in sources.iter().zip(results) {
+    for (id, r) in results {
         match r {
-            Some(Ok(report)) => reports.push(report),
-            Some(Err(e)) => {
-                eprintln!("zerodrop: {}: {e:#}", source.id());
+            Ok(report) => reports.push(report),
+            Err(e) => {
+                eprintln!("zerodrop: {id}: {e:#}");
                 first_error.get_or_insert(e);
             }
-            None => {}
         }
     }
     let report = RunReport { file: args.file.display().to_string(), duration_s: started.elapsed().as_secs_f64(), streams: reports };

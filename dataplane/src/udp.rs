@@ -18,7 +18,8 @@ pub const MAX_DATAGRAM: usize = 2048;
 /// the request and caps it at `net.core.rmem_max` unless we are privileged).
 pub fn bind(addr: SocketAddr, receive_buffer: usize) -> io::Result<(UdpSocket, usize)> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
+    // No SO_REUSEADDR: a second receiver on the same port must fail loudly,
+    // not share (and steal) the stream.
     if receive_buffer > 0 {
         socket.set_recv_buffer_size(receive_buffer)?;
         if socket.recv_buffer_size()? < receive_buffer {

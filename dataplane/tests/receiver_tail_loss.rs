@@ -72,7 +72,8 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
     let metrics = Metrics::new();
     let stream = metrics.stream("t", "tail");
     let stop = Arc::new(AtomicBool::new(false));
-    let readiness = Arc::new(zerodrop_dataplane::metrics::Readiness::new(1));
+    let readiness = Arc::new(zerodrop_dataplane::metrics::Readiness::new());
+    readiness.set_expected(["t/tail".to_string()]);
     let options = ReceiverOptions { no_decode: true, readiness: Some(readiness.clone()), ..Default::default() };
     let handle = {
         let stop = stop.clone();

@@ -309,11 +309,15 @@ impl GstReceiver {
         // for a gap waits rtx-delay = max(2 × jitter, packet spacing / 2),
         // and for video the packet spacing is the frame interval, so about
         // 17 ms at 30 fps; retries wait at least rtx-min-retry-timeout =
-        // packet spacing (33 ms). Loopback does not reorder, and ours asks at
-        // once and retries after max(1.25 × RTT, 5 ms), so the tuned variant
-        // sets rtx-delay = 0 and rtx-min-retry-timeout = 5 ms; rtx-retry-
-        // timeout (RTT + 2 × jitter), rtx-retry-period (latency - RTT) and
-        // unlimited retries stay automatic. faststart-min-packets (both
+        // packet spacing (33 ms). Loopback does not reorder, and ours asks as
+        // soon as a gap shows and retries after max(1.25 × RTT, 5 ms), so the
+        // tuned variant does the same: rtx-delay = 0, rtx-min-retry-timeout =
+        // 5 ms, and rtx-next-seqnum off (with no delay, its guess of when the
+        // next frame is due fires on every frame the encoder is late with: a
+        // spurious NACK per few frames on a loaded machine; ours makes no such
+        // guess either). rtx-retry-timeout (RTT + 2 × jitter), rtx-retry-
+        // period (latency - RTT) and unlimited retries stay automatic. The
+        // defaults variant keeps all of GStreamer's. faststart-min-packets (both
         // variants) starts output after a few in-order packets instead of
         // holding the first frame for the whole latency; ours does not hold it.
         let tuned = cfg.rtx_tuned_for_loopback;
@@ -326,6 +330,7 @@ impl GstReceiver {
                 if tuned {
                     jb.set_property("rtx-delay", 0i32);
                     jb.set_property("rtx-min-retry-timeout", 5i32);
+                    jb.set_property("rtx-next-seqnum", false);
                 }
                 *jitterbuffer.lock().expect("lock") = Some(jb);
                 None

@@ -6,9 +6,9 @@ use std::io;
 use std::path::Path;
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap};
-use aya::programs::RawTracePoint;
-use aya::programs::raw_trace_point::RawTracePointLinkId;
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::BtfTracePoint;
+use aya::programs::tp_btf::BtfTracePointLinkId;
+use aya::{Btf, Ebpf, EbpfLoader};
 
 use crate::layout::{self, DropKey, DropValue};
 use crate::reasons::DropReasons;
@@ -47,7 +47,7 @@ pub struct EbpfDropCounter {
     bpf: Ebpf,
     reasons: DropReasons,
     udp_fail_prog: &'static str,
-    links: Vec<(&'static str, RawTracePointLinkId)>,
+    links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
 
 impl std::fmt::Debug for EbpfDropCounter {
@@ -107,16 +107,43 @@ impl EbpfDropCounter {
             .collect();
         counter.set_counted_reasons(&counted)?;
 
-        for name in [PROG_KFREE_SKB, PROG_UDP_FAIL, PROG_UDP_FAIL_SK] {
-            let program: &mut RawTracePoint = counter
-                .bpf
-                .program_mut(name)
-                .ok_or_else(|| EbpfUnavailable(format!("program {name} missing from the eBPF object")))?
-                .try_into()
-                .map_err(|err| explain(name, &err))?;
-            program.load().map_err(|err| explain(&format!("loading program {name}"), &err))?;
+        let btf = Btf::from_sys_fs().map_err(|err| explain("reading the kernel BTF", &err))?;
+        counter.load_program(PROG_KFREE_SKB, TP_KFREE_SKB, &btf)?;
+        if let Err(with_skb) = counter.load_program(PROG_UDP_FAIL, TP_UDP_FAIL, &btf) {
+            // Before 6.10 the tracepoint has no skb argument and the
+            // verifier refuses a program that reads it.
+            counter.load_program(PROG_UDP_FAIL_SK, TP_UDP_FAIL, &btf).map_err(|without| {
+                EbpfUnavailable(format!("{with_skb}; and without the skb argument: {without}"))
+            })?;
+            counter.udp_fail_prog = PROG_UDP_FAIL_SK;
+            // Nothing to match a kfree_skb against: let udp_fail alone
+            // count receive-buffer and memory drops.
+            let counted: Vec<u32> = counter
+                .reasons
+                .iter()
+                .filter(|(_, name)| {
+                    DropReasons::counted_by_default(name) && !matches!(*name, "SOCKET_RCVBUFF" | "PROTO_MEM")
+                })
+                .map(|(value, _)| value)
+                .collect();
+            counter.set_counted_reasons(&counted)?;
+            tracing::info!("kernel before 6.10: udp_fail_queue_rcv_skb drops keyed by the socket's bound address");
         }
         Ok(counter)
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut BtfTracePoint, EbpfUnavailable> {
+        self.bpf
+            .program_mut(name)
+            .ok_or_else(|| EbpfUnavailable(format!("program {name} missing from the eBPF object")))?
+            .try_into()
+            .map_err(|err| explain(name, &err))
+    }
+
+    fn load_program(&mut self, name: &str, tracepoint: &str, btf: &Btf) -> Result<(), EbpfUnavailable> {
+        self.program(name)?
+            .load(tracepoint, btf)
+            .map_err(|err| explain(&format!("loading program {name} for tracepoint {tracepoint}"), &err))
     }
 
     /// Sets which `enum skb_drop_reason` values `kfree_skb` counts.
@@ -136,57 +163,23 @@ impl EbpfDropCounter {
         if !self.links.is_empty() {
             return Ok(());
         }
-        match self.attach_one(self.udp_fail_prog, TP_UDP_FAIL) {
-            Ok(()) => {}
-            Err(first) if self.udp_fail_prog == PROG_UDP_FAIL => {
-                // Before 6.10 the tracepoint has no skb argument and the
-                // kernel refuses a program that reads it.
-                self.attach_one(PROG_UDP_FAIL_SK, TP_UDP_FAIL).map_err(|second| {
-                    EbpfUnavailable(format!("attaching to udp_fail_queue_rcv_skb: {first}; without the skb argument: {second}"))
-                })?;
-                self.udp_fail_prog = PROG_UDP_FAIL_SK;
-                // Nothing to match a kfree_skb against: let udp_fail alone
-                // count receive-buffer and memory drops.
-                let counted: Vec<u32> = self
-                    .reasons
-                    .iter()
-                    .filter(|(_, name)| {
-                        DropReasons::counted_by_default(name) && !matches!(*name, "SOCKET_RCVBUFF" | "PROTO_MEM")
-                    })
-                    .map(|(value, _)| value)
-                    .collect();
-                self.set_counted_reasons(&counted)?;
-                tracing::info!("kernel before 6.10: udp_fail_queue_rcv_skb drops keyed by the socket's bound address");
+        for prog in [self.udp_fail_prog, PROG_KFREE_SKB] {
+            match self.program(prog)?.attach() {
+                Ok(link) => self.links.push((prog, link)),
+                Err(err) => {
+                    let err = explain(&format!("attaching {prog}"), &err);
+                    self.detach()?;
+                    return Err(err);
+                }
             }
-            Err(err) => return Err(err),
         }
-        self.attach_one(PROG_KFREE_SKB, TP_KFREE_SKB)
-    }
-
-    fn attach_one(&mut self, prog: &'static str, tracepoint: &str) -> Result<(), EbpfUnavailable> {
-        let program: &mut RawTracePoint = self
-            .bpf
-            .program_mut(prog)
-            .ok_or_else(|| EbpfUnavailable(format!("program {prog} missing")))?
-            .try_into()
-            .map_err(|err| explain(prog, &err))?;
-        let link = program
-            .attach(tracepoint)
-            .map_err(|err| explain(&format!("attaching {prog} to raw tracepoint {tracepoint}"), &err))?;
-        self.links.push((prog, link));
         Ok(())
     }
 
     /// Detaches the programs; the maps keep their counts.
     pub fn detach(&mut self) -> Result<(), EbpfUnavailable> {
-        for (prog, link) in self.links.drain(..).rev() {
-            let program: &mut RawTracePoint = self
-                .bpf
-                .program_mut(prog)
-                .ok_or_else(|| EbpfUnavailable(format!("program {prog} missing")))?
-                .try_into()
-                .map_err(|err| explain(prog, &err))?;
-            program.detach(link).map_err(|err| explain(&format!("detaching {prog}"), &err))?;
+        while let Some((prog, link)) = self.links.pop() {
+            self.program(prog)?.detach(link).map_err(|err| explain(&format!("detaching {prog}"), &err))?;
         }
         Ok(())
     }

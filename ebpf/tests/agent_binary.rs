@@ -92,7 +92,7 @@ fn the_agent_serves_metrics_and_healthz() {
     let metrics = http_get(port, "/metrics");
     let _ = child.kill();
     let _ = child.wait();
-    assert!(health.starts_with("HTTP/1.1 200") && health.contains("ok (procfs)"), "{health}");
+    assert!(health.starts_with("HTTP/1.0 200") && health.contains("ok (procfs)"), "{health}");
     let metrics = metrics.expect("GET /metrics");
     assert!(metrics.contains("# TYPE zerodrop_kernel_udp_drops counter"), "{metrics}");
     assert!(metrics.contains("source=\"procfs\""), "{metrics}");

@@ -384,7 +384,9 @@ fn run_once(side: Side, loss: f64, seed: u64, args: &Args) -> anyhow::Result<Run
             &std::env::current_exe()?,
             &GstReceiverConfig {
                 rtp_port: port,
-                rtcp_dest: addrs.downstream_rtcp,
+                // The relay binds its downstream side to the unspecified
+                // address; it answers on loopback.
+                rtcp_dest: SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addrs.downstream_rtcp.port()),
                 latency_ms: args.latency_ms,
                 payload_type: PT,
                 rtx_payload_type: RTX_PT,

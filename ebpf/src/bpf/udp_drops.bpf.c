@@ -11,12 +11,15 @@
  *   CPU; zd_udp_fail leaves that skb's address in zd_last_skb so it is
  *   counted once.
  *
- * Both are raw tracepoints: they attach without tracefs.
+ * Both are BTF-typed raw tracepoints (tp_btf): they attach without tracefs,
+ * and the verifier knows the argument types, so kernel struct fields are
+ * read with plain (fault-safe) loads instead of bpf_probe_read_kernel calls.
+ * Field offsets still come from CO-RE relocations (kernel_types.h).
+ * Only packet bytes need bpf_probe_read_kernel.
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>
-#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 
 #include "kernel_types.h"
@@ -97,52 +100,58 @@ static __always_inline void count_drop(const struct zd_drop_key *key)
  * Returns 0 when the skb holds a UDP datagram whose port is readable. */
 static __always_inline int key_from_skb(struct sk_buff *skb, struct zd_drop_key *key)
 {
-	unsigned char *head = BPF_CORE_READ(skb, head);
-	__u16 proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
-	__u16 nh = BPF_CORE_READ(skb, network_header);
-	__u16 mh = BPF_CORE_READ(skb, mac_header);
+	unsigned char *head = skb->head;
+	__u16 proto = bpf_ntohs(skb->protocol);
+	__u16 nh = skb->network_header;
+	__u16 mh = skb->mac_header;
 
 	/* Drops before the IP layer (CPU backlog, device) may not have a
 	 * network header yet; skb->data then points at it. */
-	if (nh == 0 || (mh != NO_HEADER && nh <= mh)) {
-		unsigned char *data = BPF_CORE_READ(skb, data);
-		nh = (__u16)(data - head);
-	}
+	if (nh == 0 || (mh != NO_HEADER && nh <= mh))
+		nh = (__u16)(skb->data - head);
 
-	__be16 dport;
 	if (proto == ETH_P_IP) {
-		struct zd_iphdr ip;
-		if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh))
+		/* One read for the usual 20-byte IP header and the UDP ports. */
+		struct {
+			struct zd_iphdr ip;
+			__be16 sport;
+			__be16 dport;
+		} hdr;
+		if (bpf_probe_read_kernel(&hdr, sizeof(hdr), head + nh))
 			return -1;
-		if ((ip.ver_ihl >> 4) != 4 || ip.protocol != IPPROTO_UDP)
+		if ((hdr.ip.ver_ihl >> 4) != 4 || hdr.ip.protocol != IPPROTO_UDP)
 			return -1;
 		/* Only the first fragment carries the UDP header. */
-		if (ip.frag_off & bpf_htons(0x1fff))
+		if (hdr.ip.frag_off & bpf_htons(0x1fff))
 			return -1;
-		__u32 ihl = (ip.ver_ihl & 0x0f) * 4;
-		if (ihl < sizeof(ip))
+		__u32 ihl = (hdr.ip.ver_ihl & 0x0f) * 4;
+		if (ihl < sizeof(hdr.ip))
 			return -1;
-		if (bpf_probe_read_kernel(&dport, sizeof(dport), head + nh + ihl + 2))
+		if (ihl != sizeof(hdr.ip) &&
+		    bpf_probe_read_kernel(&hdr.dport, sizeof(hdr.dport), head + nh + ihl + 2))
 			return -1;
 		key->addr[10] = 0xff;
 		key->addr[11] = 0xff;
-		__builtin_memcpy(&key->addr[12], &ip.daddr, 4);
+		__builtin_memcpy(&key->addr[12], &hdr.ip.daddr, 4);
 		key->family = AF_INET;
+		key->port = bpf_ntohs(hdr.dport);
 	} else if (proto == ETH_P_IPV6) {
-		struct zd_ipv6hdr ip6;
-		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh))
+		struct {
+			struct zd_ipv6hdr ip6;
+			__be16 sport;
+			__be16 dport;
+		} hdr;
+		if (bpf_probe_read_kernel(&hdr, sizeof(hdr), head + nh))
 			return -1;
 		/* Extension headers are not walked: media traffic has none. */
-		if ((bpf_ntohl(ip6.ver_tc_flow) >> 28) != 6 || ip6.nexthdr != IPPROTO_UDP)
+		if ((bpf_ntohl(hdr.ip6.ver_tc_flow) >> 28) != 6 || hdr.ip6.nexthdr != IPPROTO_UDP)
 			return -1;
-		if (bpf_probe_read_kernel(&dport, sizeof(dport), head + nh + sizeof(ip6) + 2))
-			return -1;
-		__builtin_memcpy(key->addr, ip6.daddr, 16);
+		__builtin_memcpy(key->addr, hdr.ip6.daddr, 16);
 		key->family = AF_INET6;
+		key->port = bpf_ntohs(hdr.dport);
 	} else {
 		return -1;
 	}
-	key->port = bpf_ntohs(dport);
 	return 0;
 }
 
@@ -150,13 +159,12 @@ static __always_inline int key_from_skb(struct sk_buff *skb, struct zd_drop_key 
  * (and on kernels before 6.10, whose tracepoint passes no skb). */
 static __always_inline void key_from_sock(struct sock *sk, struct zd_drop_key *key)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	key->port = BPF_CORE_READ(sk, __sk_common.skc_num);
-	if (family == AF_INET6) {
-		BPF_CORE_READ_INTO(&key->addr, sk, __sk_common.skc_v6_rcv_saddr);
+	key->port = sk->__sk_common.skc_num;
+	if (sk->__sk_common.skc_family == AF_INET6) {
+		__builtin_memcpy(key->addr, sk->__sk_common.skc_v6_rcv_saddr.u6_addr8, 16);
 		key->family = AF_INET6;
 	} else {
-		__be32 saddr = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__be32 saddr = sk->__sk_common.skc_rcv_saddr;
 		key->addr[10] = 0xff;
 		key->addr[11] = 0xff;
 		__builtin_memcpy(&key->addr[12], &saddr, 4);
@@ -177,12 +185,12 @@ static __always_inline int fail_reason(int rc, __u32 *reason)
 }
 
 /* udp_fail_queue_rcv_skb(int rc, struct sock *sk, struct sk_buff *skb), 6.10+ */
-SEC("raw_tracepoint/udp_fail_queue_rcv_skb")
-int zd_udp_fail(struct bpf_raw_tracepoint_args *ctx)
+SEC("tp_btf/udp_fail_queue_rcv_skb")
+int zd_udp_fail(__u64 *ctx)
 {
-	int rc = (int)ctx->args[0];
-	struct sock *sk = (struct sock *)ctx->args[1];
-	struct sk_buff *skb = (struct sk_buff *)ctx->args[2];
+	int rc = (int)ctx[0];
+	struct sock *sk = (struct sock *)ctx[1];
+	struct sk_buff *skb = (struct sk_buff *)ctx[2];
 	struct zd_drop_key key = {};
 
 	if (fail_reason(rc, &key.reason))
@@ -199,12 +207,13 @@ int zd_udp_fail(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
-/* udp_fail_queue_rcv_skb(int rc, struct sock *sk), before 6.10. */
-SEC("raw_tracepoint/udp_fail_queue_rcv_skb")
-int zd_udp_fail_sk(struct bpf_raw_tracepoint_args *ctx)
+/* udp_fail_queue_rcv_skb(int rc, struct sock *sk), before 6.10: the
+ * verifier refuses zd_udp_fail there, and the loader takes this one. */
+SEC("tp_btf/udp_fail_queue_rcv_skb")
+int zd_udp_fail_sk(__u64 *ctx)
 {
-	int rc = (int)ctx->args[0];
-	struct sock *sk = (struct sock *)ctx->args[1];
+	int rc = (int)ctx[0];
+	struct sock *sk = (struct sock *)ctx[1];
 	struct zd_drop_key key = {};
 
 	if (fail_reason(rc, &key.reason))
@@ -218,11 +227,11 @@ int zd_udp_fail_sk(struct bpf_raw_tracepoint_args *ctx)
 }
 
 /* kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...) */
-SEC("raw_tracepoint/kfree_skb")
-int zd_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
+SEC("tp_btf/kfree_skb")
+int zd_kfree_skb(__u64 *ctx)
 {
-	struct sk_buff *skb = (struct sk_buff *)ctx->args[0];
-	__u32 reason = (__u32)ctx->args[2];
+	struct sk_buff *skb = (struct sk_buff *)ctx[0];
+	__u32 reason = (__u32)ctx[2];
 
 	__u32 zero = 0;
 	__u64 *last = bpf_map_lookup_elem(&zd_last_skb, &zero);
@@ -239,7 +248,7 @@ int zd_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 
 	/* Receive path only: skb_iif is set when a device received the
 	 * packet (loopback included) and is 0 for locally sent ones. */
-	if (BPF_CORE_READ(skb, skb_iif) == 0)
+	if (skb->skb_iif == 0)
 		return 0;
 
 	struct zd_drop_key key = {};

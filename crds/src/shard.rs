@@ -1,0 +1,75 @@
+//! Which shard (StatefulSet ordinal) owns which stream: rendezvous (highest
+//! random weight) hashing. Each stream goes to the shard with the highest
+//! hash of (stream, shard). Growing from n to n+1 shards moves exactly the
+//! streams whose new highest weight is the new shard, about 1/(n+1) of them,
+//! and every stream that moves goes to the new shard; nothing else moves.
+//!
+//! The operator (Service selectors) and the data plane (which sockets to
+//! open) both call this, so they agree without talking to each other.
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Weight of `stream` on `shard`. Stable across releases: changing it moves
+/// every stream of every running pipeline.
+fn weight(stream: &str, shard: u32) -> u64 {
+    xxh3_64_with_seed(stream.as_bytes(), 0x5a45_524f_4452_4f50 ^ shard as u64)
+}
+
+/// The shard in `0..replicas` that owns `stream`; shard 0 when `replicas` is 0
+/// or negative (a scaled-to-zero pipeline owns nothing, callers check that).
+pub fn owner(stream: &str, replicas: i32) -> u32 {
+    let n = replicas.max(1) as u32;
+    (0..n).max_by_key(|&s| (weight(stream, s), std::cmp::Reverse(s))).unwrap_or(0)
+}
+
+/// The StatefulSet ordinal at the end of a pod name (`demo-dataplane-3` → 3).
+pub fn ordinal_from_pod_name(pod: &str) -> Option<u32> {
+    pod.rsplit_once('-').and_then(|(_, n)| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("cam-{i}")).collect()
+    }
+
+    #[test]
+    fn growing_by_one_shard_moves_only_to_the_new_shard_and_about_one_in_n_plus_one() {
+        let streams = names(4000);
+        for n in 1..8 {
+            let mut moved = 0;
+            for s in &streams {
+                let (before, after) = (owner(s, n), owner(s, n + 1));
+                if before != after {
+                    assert_eq!(after, n as u32, "{s} moved from {before} to {after}, not to the new shard");
+                    moved += 1;
+                }
+            }
+            let share = moved as f64 / streams.len() as f64;
+            let expected = 1.0 / (n + 1) as f64;
+            assert!((share - expected).abs() < 0.03, "n={n}: moved {share:.3}, expected about {expected:.3}");
+        }
+    }
+
+    #[test]
+    fn streams_spread_evenly_over_shards() {
+        let streams = names(6000);
+        let mut counts = [0usize; 6];
+        for s in &streams {
+            counts[owner(s, 6) as usize] += 1;
+        }
+        for c in counts {
+            assert!((800..1200).contains(&c), "uneven spread: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn ordinal_comes_from_the_pod_name_suffix() {
+        assert_eq!(ordinal_from_pod_name("demo-dataplane-3"), Some(3));
+        assert_eq!(ordinal_from_pod_name("demo"), None);
+        assert_eq!(ordinal_from_pod_name("demo-x"), None);
+        assert_eq!(owner("anything", 0), 0);
+    }
+}

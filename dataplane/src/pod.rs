@@ -1,0 +1,139 @@
+//! `zerodrop pod`: the data plane inside a StatefulSet pod. It reads the
+//! pipeline the operator rendered into a mounted ConfigMap, takes the streams
+//! that rendezvous hashing gives its ordinal, and follows changes to that file
+//! without restarting: sources whose settings did not change keep running.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::config::{self, SourceConfig};
+use crate::metrics::{Metrics, Readiness};
+use crate::supervisor::{Supervisor, SupervisorOptions};
+
+/// How often the mounted config is checked. The kubelet itself refreshes
+/// ConfigMap volumes on its sync period (about a minute), so this only
+/// bounds the extra delay.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, clap::Args)]
+pub struct PodArgs {
+    /// The rendered pipeline (one StreamPipeline document; `spec.scaling.replicas`
+    /// says how many shards there are).
+    #[arg(long, env = "ZERODROP_CONFIG", default_value = "/etc/zerodrop/pipeline.yaml")]
+    pub config: PathBuf,
+    /// This pod's name; its StatefulSet ordinal is the shard.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: String,
+    #[arg(long, env = "ZERODROP_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: String,
+    /// Receive and repair only; no decoding.
+    #[arg(long)]
+    pub no_decode: bool,
+}
+
+/// The sources of `text` that shard `ordinal` owns.
+pub fn owned_sources(text: &str, ordinal: u32) -> anyhow::Result<Vec<SourceConfig>> {
+    let pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = Vec::new();
+    for p in &pipelines {
+        let replicas = p.spec.scaling.replicas.unwrap_or(p.spec.scaling.min_replicas);
+        out.extend(
+            config::sources(p)?
+                .into_iter()
+                .filter(|s| zerodrop_crds::shard::owner(&s.name, replicas) == ordinal),
+        );
+    }
+    Ok(out)
+}
+
+pub fn run(args: PodArgs) -> anyhow::Result<()> {
+    let ordinal = zerodrop_crds::shard::ordinal_from_pod_name(&args.pod_name).with_context(|| {
+        format!("--pod-name {:?}: expected a StatefulSet pod name ending in -<ordinal>", args.pod_name)
+    })?;
+    let stop = crate::shutdown::on_signal()?;
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::new());
+    let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone())?;
+    tracing::info!(pod = %args.pod_name, shard = ordinal, config = %args.config.display(), metrics = %bound, "data plane pod starting");
+
+    let mut supervisor = Supervisor::new(metrics, readiness, SupervisorOptions { au_log_dir: None, no_decode: args.no_decode });
+    let mut applied: Option<String> = None;
+    let mut next_check = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if Instant::now() >= next_check {
+            next_check = Instant::now() + CONFIG_POLL;
+            match std::fs::read_to_string(&args.config) {
+                Ok(text) if applied.as_deref() != Some(text.as_str()) => match owned_sources(&text, ordinal) {
+                    Ok(sources) => {
+                        let (change, ended) = supervisor.apply(&sources);
+                        tracing::info!(
+                            shard = ordinal,
+                            started = ?change.started, restarted = ?change.restarted,
+                            stopped = ?change.stopped, unchanged = change.unchanged.len(),
+                            "applied pipeline config"
+                        );
+                        for (id, r) in ended {
+                            if let Err(e) = r {
+                                tracing::warn!(stream = %id, error = %format!("{e:#}"), "receiver ended with an error");
+                            }
+                        }
+                        applied = Some(text);
+                    }
+                    // Keep running the last good config; the operator reports
+                    // invalid specs, this only guards against a torn write.
+                    Err(e) => tracing::error!(config = %args.config.display(), error = %format!("{e:#}"), "config rejected"),
+                },
+                Ok(_) => {}
+                Err(e) if applied.is_none() => {
+                    return Err(e).with_context(|| format!("cannot read {}", args.config.display()));
+                }
+                Err(e) => tracing::warn!(config = %args.config.display(), error = %e, "config unreadable; keeping the last one"),
+            }
+        }
+        if let Some((id, result)) = supervisor.wait_ended(Duration::from_millis(500)) {
+            // A receiver that died is retried on the next config check.
+            tracing::error!(stream = %id, error = ?result.err(), "receiver stopped; retrying");
+            applied = None;
+        }
+    }
+    for (id, r) in supervisor.stop_all() {
+        match r {
+            Ok(report) => tracing::info!(stream = %id, frames_decoded = report.frames_decoded, frames_dropped = report.frames_dropped, "stopped"),
+            Err(e) => tracing::warn!(stream = %id, error = %format!("{e:#}"), "stopped with an error"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIPELINE: &str = r#"
+apiVersion: zerodrop.dev/v1alpha1
+kind: StreamPipeline
+metadata: {name: fleet}
+spec:
+  scaling: {minReplicas: 1, maxReplicas: 4, replicas: 3}
+  sources:
+    - {name: a, codec: h264, transport: {rtp: {port: 5000}}}
+    - {name: b, codec: h264, transport: {rtp: {port: 5002}}}
+    - {name: c, codec: h264, transport: {rtp: {port: 5004}}}
+    - {name: d, codec: h264, transport: {rtp: {port: 5006}}}
+    - {name: e, codec: h264, transport: {rtp: {port: 5008}}}
+"#;
+
+    #[test]
+    fn shards_together_own_every_source_exactly_once() {
+        let mut all: Vec<String> = (0..3)
+            .flat_map(|o| owned_sources(PIPELINE, o).unwrap().into_iter().map(|s| s.name))
+            .collect();
+        all.sort();
+        assert_eq!(all, vec!["a", "b", "c", "d", "e"]);
+        assert!(owned_sources(PIPELINE, 3).unwrap().is_empty(), "no shard beyond replicas");
+    }
+}
