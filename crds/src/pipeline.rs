@@ -90,6 +90,68 @@ pub struct StreamPipelineSpec {
     /// can absorb, and when to go back up. Without it the bitrate is never changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitrate_policy: Option<BitratePolicy>,
+    /// How senders reach push sources (RTP/UDP): the type of the Service each source gets.
+    #[serde(default)]
+    pub exposure: ExposureSpec,
+    /// CPU and memory for each data-plane pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<PodResources>,
+}
+
+/// How senders reach push sources.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExposureSpec {
+    /// ClusterIP (the default: senders inside the cluster), NodePort or LoadBalancer. NodePort and
+    /// LoadBalancer Services use `externalTrafficPolicy: Local`, so the pod sees the sender's real
+    /// address and its RTCP (NACKs, keyframe requests) reaches the sender.
+    #[serde(default, rename = "type")]
+    pub service_type: ServiceType,
+}
+
+/// A Kubernetes Service type.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Requests and limits of a data-plane pod, as Kubernetes quantities.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodResources {
+    /// What the scheduler reserves, e.g. `{cpu: "2", memory: 1Gi}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<ResourceAmounts>,
+    /// The most the pod may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResourceAmounts>,
+}
+
+/// CPU and memory quantities.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceAmounts {
+    /// CPU, e.g. `500m` or `2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?m?)$"), length(max = 16))]
+    pub cpu: Option<String>,
+    /// Memory, e.g. `512Mi` or `2Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"), length(max = 16))]
+    pub memory: Option<String>,
 }
 
 /// One live stream: where it arrives and how it is encoded.
