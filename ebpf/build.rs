@@ -11,8 +11,8 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const INSTALL_HINT: &str = "install clang, llvm, libbpf-dev and linux-libc-dev \
-(Debian: `apt-get install clang llvm libbpf-dev linux-libc-dev`, or run scripts/install-deps.sh), \
+const INSTALL_HINT: &str = "install clang, libbpf-dev and linux-libc-dev \
+(Debian: `apt-get install clang libbpf-dev linux-libc-dev`, or run scripts/install-deps.sh), \
 or set CLANG=/path/to/clang; ZERODROP_EBPF_SKIP_BUILD=1 builds without eBPF (procfs fallback only)";
 
 fn main() {

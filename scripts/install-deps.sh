@@ -10,7 +10,7 @@ PACKAGES=(
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   ffmpeg iproute2 nftables curl python3
-  clang llvm libbpf-dev bpftool linux-libc-dev
+  clang libbpf-dev bpftool linux-libc-dev
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

@@ -204,11 +204,24 @@ fn pull_decoded(
     }
 }
 
-/// Whether a decoder can be built for a codec and choice, without starting it.
-pub fn check(codec: Codec, choice: DecoderChoice) -> anyhow::Result<String> {
-    let e = choose_decoder(codec, choice)?;
-    match e.factory() {
-        Some(f) => Ok(f.name().to_string()),
-        None => bail!("decoder element has no factory"),
+/// Whether a decoder can be had for a codec and choice, checked before any
+/// socket is bound. Cheap on purpose: `auto` and `software` only look the
+/// software decoder up in the registry (`auto` falls back to it), and only an
+/// explicit `nvdec` loads the NVIDIA plugin, which takes seconds (CUDA
+/// initialisation) and would otherwise delay binding the ports.
+pub fn check(codec: Codec, choice: DecoderChoice) -> anyhow::Result<()> {
+    init()?;
+    let sw = match codec {
+        Codec::H264 => "avdec_h264",
+        Codec::H265 => "avdec_h265",
+    };
+    match choice {
+        DecoderChoice::Nvdec => choose_decoder(codec, choice).map(|_| ()),
+        DecoderChoice::Auto | DecoderChoice::Software => {
+            if gst::ElementFactory::find(sw).is_none() {
+                bail!("software decoder {sw} is not available: install gstreamer1.0-libav");
+            }
+            Ok(())
+        }
     }
 }

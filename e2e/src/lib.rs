@@ -4,6 +4,7 @@
 //! (rtpbin + rtprtxreceive) instrumented like ours, and a handle on a real
 //! `zerodrop run` process.
 
+pub mod cluster;
 pub mod gst_receiver;
 pub mod gst_sender;
 pub mod runner;

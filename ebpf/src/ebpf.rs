@@ -16,6 +16,7 @@ use crate::reasons::DropReasons;
 const PROG_KFREE_SKB: &str = "zd_kfree_skb";
 const PROG_UDP_FAIL: &str = "zd_udp_fail";
 const PROG_UDP_FAIL_SK: &str = "zd_udp_fail_sk";
+const PROG_NOOP: &str = "zd_noop";
 const TP_KFREE_SKB: &str = "kfree_skb";
 const TP_UDP_FAIL: &str = "udp_fail_queue_rcv_skb";
 
@@ -48,6 +49,7 @@ pub struct EbpfDropCounter {
     reasons: DropReasons,
     udp_fail_prog: &'static str,
     links: Vec<(&'static str, BtfTracePointLinkId)>,
+    noop_link: Option<BtfTracePointLinkId>,
 }
 
 impl std::fmt::Debug for EbpfDropCounter {
@@ -98,7 +100,7 @@ impl EbpfDropCounter {
                 .and_then(|()| config.set(layout::CONFIG_REASON_PROTO_MEM, proto_mem, 0))
                 .map_err(|err| explain("writing zd_config", &err))?;
         }
-        let mut counter = Self { bpf, reasons, udp_fail_prog: PROG_UDP_FAIL, links: Vec::new() };
+        let mut counter = Self { bpf, reasons, udp_fail_prog: PROG_UDP_FAIL, links: Vec::new(), noop_link: None };
         let counted: Vec<u32> = counter
             .reasons
             .iter()
@@ -184,6 +186,28 @@ impl EbpfDropCounter {
         Ok(())
     }
 
+    /// Benchmark only: attaches an empty program to
+    /// `udp_fail_queue_rcv_skb` (or detaches it), whose run time is what BPF
+    /// statistics themselves charge to every run.
+    #[doc(hidden)]
+    pub fn set_noop_attached(&mut self, attached: bool) -> Result<(), EbpfUnavailable> {
+        match (attached, self.noop_link.take()) {
+            (true, None) => {
+                let btf = Btf::from_sys_fs().map_err(|err| explain("reading the kernel BTF", &err))?;
+                let program = self.program(PROG_NOOP)?;
+                if program.fd().is_err() {
+                    program.load(TP_UDP_FAIL, &btf).map_err(|err| explain("loading zd_noop", &err))?;
+                }
+                self.noop_link = Some(self.program(PROG_NOOP)?.attach().map_err(|err| explain("attaching zd_noop", &err))?);
+            }
+            (false, Some(link)) => {
+                self.program(PROG_NOOP)?.detach(link).map_err(|err| explain("detaching zd_noop", &err))?;
+            }
+            (_, link) => self.noop_link = link,
+        }
+        Ok(())
+    }
+
     pub fn is_attached(&self) -> bool {
         !self.links.is_empty()
     }
@@ -218,8 +242,9 @@ impl EbpfDropCounter {
     /// Run time and run count of the attached programs; both stay 0 unless
     /// the kernel's BPF statistics are on (see [`enable_bpf_stats`]).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        [self.udp_fail_prog, PROG_KFREE_SKB]
+        [self.udp_fail_prog, PROG_KFREE_SKB, PROG_NOOP]
             .into_iter()
+            .filter(|name| *name != PROG_NOOP || self.noop_link.is_some())
             .filter_map(|name| {
                 let info = self.bpf.program(name)?.info().ok()?;
                 Some(ProgramStats {

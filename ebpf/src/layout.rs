@@ -71,7 +71,7 @@ impl DropKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::{offset_of, size_of};
+    use std::mem::size_of;
 
     #[cfg(zerodrop_ebpf_object)]
     mod c {
@@ -81,6 +81,7 @@ mod tests {
     #[cfg(zerodrop_ebpf_object)]
     #[test]
     fn layout_matches_c_header() {
+        use std::mem::offset_of;
         assert_eq!(size_of::<DropKey>(), c::C_DROP_KEY_SIZE);
         assert_eq!(offset_of!(DropKey, addr), c::C_DROP_KEY_ADDR);
         assert_eq!(offset_of!(DropKey, port), c::C_DROP_KEY_PORT);

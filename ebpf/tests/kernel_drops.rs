@@ -16,7 +16,7 @@ const PAYLOAD: [u8; 1000] = [0x5a; 1000];
 /// A UDP receiver bound to `addr` (port 0 picks one) with the smallest
 /// receive buffer the kernel allows, so a flood overflows it.
 fn tiny_receiver(addr: SocketAddr) -> UdpSocket {
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).expect("socket");
     socket.set_recv_buffer_size(1).expect("SO_RCVBUF");
     socket.bind(&addr.into()).expect("bind");
     socket.set_nonblocking(true).expect("nonblocking");
@@ -25,6 +25,10 @@ fn tiny_receiver(addr: SocketAddr) -> UdpSocket {
 
 fn sender() -> UdpSocket {
     UdpSocket::bind("127.0.0.1:0").expect("sender socket")
+}
+
+fn sender_for(target: SocketAddr) -> UdpSocket {
+    if target.is_ipv6() { UdpSocket::bind("[::1]:0").expect("IPv6 sender socket") } else { sender() }
 }
 
 /// Reads everything queued; returns how many datagrams it read.
@@ -77,7 +81,7 @@ fn start_ebpf() -> KernelDropMonitor {
 /// drop count.
 fn flood_and_settle(receiver: &UdpSocket, packets: u64) -> u64 {
     let target = receiver.local_addr().expect("local addr");
-    let tx = sender();
+    let tx = sender_for(target);
     for _ in 0..packets {
         tx.send_to(&PAYLOAD, target).expect("send");
     }
@@ -133,6 +137,36 @@ fn receive_buffer_drops_match_the_socket_and_rcvbuf_errors_exactly_per_port() {
         // Counted once: no second row from kfree_skb, nor any other reason.
         assert_eq!(reasons_for(&drops, addr_a), vec![format!("SOCKET_RCVBUFF={drops_a}")]);
         assert_eq!(reasons_for(&drops, addr_b), vec![format!("SOCKET_RCVBUFF={drops_b}")]);
+    });
+}
+
+#[test]
+fn ipv6_receive_buffer_drops_are_counted_per_socket() {
+    if !testenv::require_root("ipv6_receive_buffer_drops_are_counted_per_socket") {
+        return;
+    }
+    let netns = Netns::create("rcvbuf6").expect("ip netns add");
+    let v4 = testenv::unique_loopback().octets();
+    let ip: std::net::Ipv6Addr = format!("fd00:5a::{:x}:{:x}", u16::from_be_bytes([v4[1], v4[2]]), v4[3]).parse().unwrap();
+    let status = std::process::Command::new("ip")
+        .args(["-n", &netns.name, "-6", "addr", "add", &format!("{ip}/128"), "dev", "lo", "nodad"])
+        .status()
+        .expect("ip addr add");
+    assert!(status.success(), "adding {ip} to lo");
+    netns.run(|| {
+        let mut monitor = start_ebpf();
+        let rx = tiny_receiver(SocketAddr::new(ip.into(), 0));
+        let addr = rx.local_addr().unwrap();
+        let snmp6_before = UdpSnmp::read().expect("snmp").ipv6["RcvbufErrors"];
+        let dropped = flood_and_settle(&rx, 2000);
+        let rcvbuf_delta = UdpSnmp::read().expect("snmp").ipv6["RcvbufErrors"] - snmp6_before;
+        assert!(dropped > 0);
+        assert_eq!(dropped, rcvbuf_delta, "socket drops vs Udp6RcvbufErrors delta");
+        poll_until("the agent to count the IPv6 drops", || {
+            let drops = monitor.poll().map_err(|e| e.to_string())?;
+            let reasons = reasons_for(&drops, addr);
+            if reasons == vec![format!("SOCKET_RCVBUFF={dropped}")] { Ok(()) } else { Err(format!("{addr}: {reasons:?}, socket {dropped}")) }
+        });
     });
 }
 

@@ -29,7 +29,7 @@ use zerodrop_dataplane::loss::LossSpec;
 use zerodrop_dataplane::relay::{Relay, RelayConfig, RelayStats};
 use zerodrop_dataplane::udp::bind_rtp_rtcp_pair;
 use zerodrop_e2e::gst_receiver::{self, GstReceiverConfig, GstReceiverProcess, GstReceiverReport};
-use zerodrop_e2e::runner::RunnerProcess;
+use zerodrop_e2e::runner::{RunnerProcess, metric_value};
 
 const PT: u8 = 96;
 const RTX_PT: u8 = 97;
@@ -68,7 +68,7 @@ struct Args {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 enum Side {
     Zerodrop,
     /// rtpbin with retransmission timing tuned for loopback.
@@ -407,11 +407,14 @@ fn run_once(side: Side, loss: f64, seed: u64, args: &Args) -> anyhow::Result<Run
 
     let (received, packets_recovered, latency_ms, receiver_report) = match receiver {
         Receiver::Zerodrop(r) => {
+            // The smoothed RTT its NACK retries are paced by, from /metrics.
+            let rtt_s = r.metrics().ok().and_then(|m| metric_value(&m, "zerodrop_round_trip_time_seconds", &[]));
             let outcome = r.stop()?;
             if !outcome.status.success() {
                 bail!("zerodrop run exited with {}: {}", outcome.status, outcome.stderr);
             }
-            let stream = outcome.stream("cam").clone();
+            let mut stream = outcome.stream("cam").clone();
+            stream["round_trip_time_s"] = rtt_s.into();
             let received = read_au_log(&outcome.au_log("bench", "cam"))?;
             let recovered = stream["packets_recovered_nack"].as_u64().unwrap_or(0);
             (received, recovered, Latency::from_report(&stream["assembly_latency_ms"]), stream)

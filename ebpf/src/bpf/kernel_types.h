@@ -5,13 +5,18 @@
  * relocation: the loader finds each field by name in the running kernel's
  * BTF, so only names and types matter here, not order or offsets.
  * Fields that sit in anonymous unions in the kernel are declared flat;
- * the relocation searches anonymous members.
+ * the relocation searches anonymous members. A field the running kernel
+ * lacks makes the loader poison the access, and the verifier then rejects
+ * the program with "invalid func unknown#195896080" (0xbad2310).
  */
 #ifndef ZERODROP_KERNEL_TYPES_H
 #define ZERODROP_KERNEL_TYPES_H
 
 struct in6_addr {
-	__u8 u6_addr8[16];
+	union {
+		__u8 u6_addr8[16];
+		__be32 u6_addr32[4];
+	} in6_u;
 } __attribute__((preserve_access_index));
 
 struct sock_common {

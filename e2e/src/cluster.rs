@@ -1,0 +1,660 @@
+//! A real Kubernetes control plane on loopback for the e2e tests: etcd,
+//! kube-apiserver, kube-controller-manager, kube-scheduler and kwok (which
+//! simulates nodes and marks scheduled pods Running), all real processes built
+//! from Go modules by `scripts/controlplane.sh build` and cached by version
+//! outside the repository.
+//!
+//! ```no_run
+//! let cluster = zerodrop_e2e::cluster::TestCluster::start()?;
+//! let out = cluster.kubectl(["get", "nodes"]);
+//! # anyhow::Ok(())
+//! ```
+//!
+//! Everything lives in a temporary directory (certificates, etcd data, the
+//! kubeconfig, one log file per component) and is torn down on drop: each
+//! component runs in its own process group, which gets SIGTERM, then SIGKILL.
+//! Set `ZERODROP_KEEP_CLUSTER=1` to keep the directory (it is also kept when the
+//! test panics) and read the logs afterwards.
+//!
+//! Pod IPs are made up by kwok (from [`ClusterOptions::pod_cidr`]): nothing
+//! listens there, so never send traffic to them.
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Binaries the harness needs in the cache's `bin/`.
+const BINARIES: [&str; 6] = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl"];
+
+/// Annotation kwok is told to manage nodes by.
+pub const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
+
+/// How the control plane is started. `Default` suits the tests.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// `--kube-api-qps` of the controller-manager and the scheduler (their own
+    /// default is 20/50). Raise it for benchmarks that create many objects.
+    pub kube_api_qps: u32,
+    /// `--kube-api-burst` of the controller-manager and the scheduler.
+    pub kube_api_burst: u32,
+    /// Fake nodes (named `kwok-node-0`, `kwok-node-1`, …) that kwok manages.
+    pub fake_nodes: usize,
+    /// Pods each fake node admits.
+    pub pods_per_node: u32,
+    /// Range kwok invents pod IPs from; no traffic may be sent there.
+    pub pod_cidr: String,
+    /// `--service-cluster-ip-range` of the apiserver and controller-manager.
+    pub service_cidr: String,
+    /// How long to wait for the control plane to come up.
+    pub start_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            kube_api_qps: 100,
+            kube_api_burst: 200,
+            fake_nodes: 1,
+            pods_per_node: 1000,
+            pod_cidr: "10.244.0.1/16".into(),
+            service_cidr: "10.96.0.0/16".into(),
+            start_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+struct Component {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A running control plane. Dropping it stops every component.
+pub struct TestCluster {
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    bin: PathBuf,
+    kubeconfig: PathBuf,
+    server: String,
+    components: Vec<Component>,
+    nodes: Vec<String>,
+}
+
+/// The repository root (e2e/..).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e has a parent").to_path_buf()
+}
+
+/// The cache's `bin/` directory: `$ZERODROP_CONTROLPLANE_BIN`, else what
+/// `scripts/controlplane.sh path` prints (it derives the versions from the
+/// go.mod files). Does not check that anything is there.
+pub fn controlplane_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ZERODROP_CONTROLPLANE_BIN") {
+        return Ok(p.into());
+    }
+    let script = repo_root().join("scripts/controlplane.sh");
+    let out = Command::new("bash").arg(&script).arg("path").output().with_context(|| format!("running {} path", script.display()))?;
+    if !out.status.success() {
+        bail!("{} path failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// kwok's Stage configuration, which the build step writes beside `bin/`.
+fn kwok_stages(bin: &Path) -> PathBuf {
+    bin.parent().unwrap_or(bin).join("kwok/stages.yaml")
+}
+
+/// Fails, with the command to run, unless every binary is in the cache.
+pub fn check_binaries(bin: &Path) -> Result<()> {
+    let mut missing: Vec<String> = BINARIES.iter().filter(|b| !bin.join(b).is_file()).map(|b| b.to_string()).collect();
+    if !kwok_stages(bin).is_file() {
+        missing.push("kwok/stages.yaml".into());
+    }
+    if !missing.is_empty() {
+        bail!(
+            "the control-plane binaries are not built: {} missing from {}.\n\
+             Run `scripts/controlplane.sh build` first (it builds kube-apiserver, kube-controller-manager, \
+             kube-scheduler, etcd and kwok from Go modules into a cache outside the repository; \
+             10-30 minutes the first time, seconds afterwards).",
+            missing.join(", "),
+            bin.display()
+        );
+    }
+    Ok(())
+}
+
+/// Loopback ports that were free a moment ago, all different.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<_>>()?)
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running openssl (install the Debian package `openssl`)")?;
+    if !out.status.success() {
+        bail!("openssl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A CA, the apiserver's serving certificate, an admin client certificate
+/// (group system:masters) and the service-account signing key, in `dir`.
+fn make_pki(dir: &Path, service_ip: &str) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    let serial = || {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        format!("0x{:x}{:04x}", nanos, std::process::id() & 0xffff)
+    };
+    let ec_key = |name: &str| openssl(dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name]);
+    let req_cnf = |name: &str, dn: &str| -> Result<()> {
+        let dn: String = dn.split('/').filter(|s| !s.is_empty()).map(|kv| format!("{kv}\n")).collect();
+        fs::write(
+            dir.join(name),
+            format!(
+                "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\n{dn}[v3_ca]\nbasicConstraints = critical,CA:TRUE\n\
+                 keyUsage = critical,keyCertSign,cRLSign,digitalSignature\nsubjectKeyIdentifier = hash\n"
+            ),
+        )?;
+        Ok(())
+    };
+
+    ec_key("ca.key")?;
+    req_cnf("ca.cnf", "CN=zerodrop-e2e-ca")?;
+    openssl(dir, &["req", "-x509", "-new", "-key", "ca.key", "-config", "ca.cnf", "-extensions", "v3_ca", "-days", "3650", "-out", "ca.crt"])?;
+
+    let leaf = |name: &str, dn: &str, ext: &str| -> Result<()> {
+        ec_key(&format!("{name}.key"))?;
+        req_cnf(&format!("{name}.cnf"), dn)?;
+        fs::write(dir.join(format!("{name}.ext")), ext)?;
+        openssl(dir, &["req", "-new", "-key", &format!("{name}.key"), "-config", &format!("{name}.cnf"), "-out", &format!("{name}.csr")])?;
+        openssl(
+            dir,
+            &[
+                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", &serial(), "-days",
+                "3650", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.crt"),
+            ],
+        )
+    };
+    leaf(
+        "apiserver",
+        "CN=kube-apiserver",
+        &format!(
+            "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1,DNS:localhost,DNS:kubernetes,\
+             DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:{service_ip}\n"
+        ),
+    )?;
+    leaf(
+        "admin",
+        "O=system:masters/CN=zerodrop-e2e-admin",
+        "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\nextendedKeyUsage = clientAuth\n",
+    )?;
+    openssl(dir, &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key"])?;
+    openssl(dir, &["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+    Ok(())
+}
+
+/// The first address of an IPv4 CIDR plus one (the `kubernetes` Service IP).
+fn first_service_ip(cidr: &str) -> Result<String> {
+    let base: std::net::Ipv4Addr = cidr.split('/').next().unwrap_or_default().parse().with_context(|| format!("service CIDR {cidr}"))?;
+    Ok(std::net::Ipv4Addr::from(u32::from(base) + 1).to_string())
+}
+
+/// A plain-HTTP GET on loopback (etcd's /health), returning the body.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+impl TestCluster {
+    /// Starts a control plane with [`ClusterOptions::default`].
+    pub fn start() -> Result<TestCluster> {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    /// Starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
+    /// kwok on loopback, creates the fake nodes, and returns once the apiserver
+    /// is ready, the nodes are Ready and the controller-manager has created the
+    /// `default` ServiceAccount.
+    pub fn start_with(opts: ClusterOptions) -> Result<TestCluster> {
+        let bin = controlplane_bin()?;
+        check_binaries(&bin)?;
+        let started = Instant::now();
+        let dir = tempfile::Builder::new().prefix("zerodrop-cluster-").tempdir()?;
+        let root = dir.path().to_path_buf();
+        let pki = root.join("pki");
+        let service_ip = first_service_ip(&opts.service_cidr)?;
+        make_pki(&pki, &service_ip)?;
+
+        let ports = free_ports(5)?;
+        let (etcd_client, etcd_peer, api_port, kcm_port, sched_port) = (ports[0], ports[1], ports[2], ports[3], ports[4]);
+        let server = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = root.join("kubeconfig");
+        let b64 = |f: &str| -> Result<String> { Ok(base64(&fs::read(pki.join(f))?)) };
+        fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: zerodrop-e2e\n  cluster:\n    server: {server}\n    \
+                 certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {crt}\n    \
+                 client-key-data: {key}\ncontexts:\n- name: zerodrop-e2e\n  context:\n    cluster: zerodrop-e2e\n    \
+                 user: admin\n    namespace: default\ncurrent-context: zerodrop-e2e\n",
+                ca = b64("ca.crt")?,
+                crt = b64("admin.crt")?,
+                key = b64("admin.key")?,
+            ),
+        )?;
+
+        let mut cluster = TestCluster { dir: Some(dir), root: root.clone(), bin: bin.clone(), kubeconfig: kubeconfig.clone(), server, components: Vec::new(), nodes: Vec::new() };
+        let deadline = started + opts.start_timeout;
+        let p = |f: &str| pki.join(f).display().to_string();
+        let kc = kubeconfig.display().to_string();
+
+        let etcd_data = root.join("etcd");
+        cluster.spawn(
+            "etcd",
+            &[
+                "--name=zerodrop-e2e".into(),
+                format!("--data-dir={}", etcd_data.display()),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-cluster=zerodrop-e2e=http://127.0.0.1:{etcd_peer}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        cluster.wait_until("etcd /health", deadline, || Ok(http_get(etcd_client, "/health").ok().filter(|b| b.contains("\"true\"")).map(|_| ())))?;
+
+        cluster.spawn(
+            "kube-apiserver",
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={api_port}"),
+                format!("--tls-cert-file={}", p("apiserver.crt")),
+                format!("--tls-private-key-file={}", p("apiserver.key")),
+                format!("--client-ca-file={}", p("ca.crt")),
+                "--authorization-mode=Node,RBAC".into(),
+                format!("--service-cluster-ip-range={}", opts.service_cidr),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", p("sa.pub")),
+                format!("--service-account-signing-key-file={}", p("sa.key")),
+                // The loopback advertise address may not be an Endpoints address.
+                "--endpoint-reconciler-type=none".into(),
+                "--allow-privileged=true".into(),
+                "--profiling=false".into(),
+                format!("--cert-dir={}", root.join("apiserver-certs").display()),
+                "--v=1".into(),
+            ],
+        )?;
+        cluster.wait_until("kube-apiserver /readyz", deadline, || {
+            let out = cluster.kubectl(["get", "--raw=/readyz", "--request-timeout=5s"]);
+            Ok((out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok").then_some(()))
+        })?;
+
+        let qps = format!("--kube-api-qps={}", opts.kube_api_qps);
+        let burst = format!("--kube-api-burst={}", opts.kube_api_burst);
+        cluster.spawn(
+            "kube-controller-manager",
+            &[
+                format!("--kubeconfig={kc}"),
+                format!("--authentication-kubeconfig={kc}"),
+                format!("--authorization-kubeconfig={kc}"),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={kcm_port}"),
+                format!("--cert-dir={}", root.join("kcm-certs").display()),
+                "--controllers=*".into(),
+                "--leader-elect=false".into(),
+                "--use-service-account-credentials=false".into(),
+                format!("--service-account-private-key-file={}", p("sa.key")),
+                format!("--root-ca-file={}", p("ca.crt")),
+                format!("--cluster-signing-cert-file={}", p("ca.crt")),
+                format!("--cluster-signing-key-file={}", p("ca.key")),
+                format!("--service-cluster-ip-range={}", opts.service_cidr),
+                qps.clone(),
+                burst.clone(),
+                "--profiling=false".into(),
+                "--v=1".into(),
+            ],
+        )?;
+        cluster.spawn(
+            "kube-scheduler",
+            &[
+                format!("--kubeconfig={kc}"),
+                format!("--authentication-kubeconfig={kc}"),
+                format!("--authorization-kubeconfig={kc}"),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={sched_port}"),
+                format!("--cert-dir={}", root.join("scheduler-certs").display()),
+                "--leader-elect=false".into(),
+                qps,
+                burst,
+                "--profiling=false".into(),
+                "--v=1".into(),
+            ],
+        )?;
+        cluster.spawn(
+            "kwok",
+            &[
+                format!("--kubeconfig={kc}"),
+                format!("--config={}", kwok_stages(&bin).display()),
+                "--manage-all-nodes=false".into(),
+                format!("--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake"),
+                "--manage-nodes-with-label-selector=".into(),
+                format!("--cidr={}", opts.pod_cidr),
+                "--node-lease-duration-seconds=40".into(),
+            ],
+        )?;
+
+        for i in 0..opts.fake_nodes {
+            let name = format!("kwok-node-{i}");
+            cluster.apply_yaml(&fake_node(&name, opts.pods_per_node))?;
+            cluster.nodes.push(name);
+        }
+        for name in cluster.nodes.clone() {
+            cluster.wait_until(&format!("node {name} Ready (kwok)"), deadline, || {
+                let out = cluster.kubectl(["get", "node", &name, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+                Ok((String::from_utf8_lossy(&out.stdout).trim() == "True").then_some(()))
+            })?;
+        }
+        cluster.wait_until("ServiceAccount default/default (kube-controller-manager)", deadline, || {
+            Ok(cluster.kubectl(["get", "serviceaccount", "default", "-n", "default", "-o", "name"]).status.success().then_some(()))
+        })?;
+        eprintln!(
+            "[cluster] control plane up in {:.1}s at {} (kubeconfig {})",
+            started.elapsed().as_secs_f64(),
+            cluster.server,
+            cluster.kubeconfig.display()
+        );
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, name: &'static str, args: &[String]) -> Result<()> {
+        let log = self.root.join(format!("{name}.log"));
+        let f = File::create(&log)?;
+        let child = Command::new(self.bin.join(name))
+            .args(args)
+            .current_dir(&self.root)
+            .env("HOME", &self.root)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.join(name).display()))?;
+        self.components.push(Component { name, child, log });
+        Ok(())
+    }
+
+    /// Polls `f` every 200 ms until it yields a value. Fails at `deadline`, or
+    /// as soon as a component has exited, with the tails of the component logs.
+    pub fn wait_until<T>(&self, what: &str, deadline: Instant, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+        loop {
+            if let Some(v) = f()? {
+                return Ok(v);
+            }
+            if let Some(dead) = self.exited_component() {
+                bail!("{dead} exited while waiting for {what}\n{}", self.diagnostics());
+            }
+            if Instant::now() >= deadline {
+                bail!("timed out waiting for {what}\n{}", self.diagnostics());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Polls `f` for up to `timeout`; see [`TestCluster::wait_until`].
+    pub fn wait_for<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+        self.wait_until(what, Instant::now() + timeout, f)
+    }
+
+    /// The first component that is no longer running, with its exit status.
+    fn exited_component(&self) -> Option<String> {
+        self.components.iter().find_map(|c| {
+            // try_wait needs &mut; ask the kernel without reaping instead.
+            let pid = c.child.id() as libc::pid_t;
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let r = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+            (r == 0 && unsafe { info.si_pid() } == pid).then(|| format!("{} (exit status {})", c.name, unsafe { info.si_status() }))
+        })
+    }
+
+    /// The last lines of every component's log, for error messages.
+    pub fn diagnostics(&self) -> String {
+        let mut s = format!("control-plane logs in {}:\n", self.root.display());
+        for c in &self.components {
+            s.push_str(&format!("--- {} (last 25 lines of {}) ---\n{}\n", c.name, c.log.display(), tail(&c.log, 25)));
+        }
+        s
+    }
+
+    /// Path of a component's log file (`etcd`, `kube-apiserver`, …).
+    pub fn log_path(&self, component: &str) -> PathBuf {
+        self.root.join(format!("{component}.log"))
+    }
+
+    /// Admin kubeconfig (client certificate in group system:masters).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The apiserver's URL, `https://127.0.0.1:PORT`.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The temporary directory holding certificates, data and logs.
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// The cache's bin/ (etcd, kube-*, kwok, kubectl, helm).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Names of the fake nodes kwok manages.
+    pub fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+
+    /// A `kubectl` command against this cluster, to add arguments to.
+    pub fn kubectl_command(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("kubectl"));
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--cache-dir={}", self.root.join("kubectl-cache").display()))
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.root)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs kubectl with `args` and returns its output, whatever its status.
+    pub fn kubectl<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.kubectl_command().args(args).output().expect("running kubectl")
+    }
+
+    /// Runs kubectl with `input` on its standard input (for `apply -f -`).
+    pub fn kubectl_stdin<I, S>(&self, args: I, input: &str) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child =
+            self.kubectl_command().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("running kubectl");
+        let mut stdin = child.stdin.take().expect("kubectl stdin");
+        let input = input.to_string();
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child.wait_with_output().expect("waiting for kubectl");
+        let _ = writer.join();
+        out
+    }
+
+    /// Runs kubectl and returns its stdout; an error carrying its stderr when
+    /// it fails.
+    pub fn kubectl_ok<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
+        let out = self.kubectl(&args);
+        check(&args, out)
+    }
+
+    /// `kubectl apply -f -` with the given YAML; an error when it fails.
+    pub fn apply_yaml(&self, yaml: &str) -> Result<String> {
+        let out = self.kubectl_stdin(["apply", "-f", "-"], yaml);
+        check(&["apply".into(), "-f".into(), "-".into()], out)
+    }
+}
+
+fn check(args: &[std::ffi::OsString], out: Output) -> Result<String> {
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let args: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+        Err(anyhow!(
+            "kubectl {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    }
+}
+
+/// A Node object kwok will manage (it sets its status and keeps its lease).
+fn fake_node(name: &str, pods: u32) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+  annotations:
+    node.alpha.kubernetes.io/ttl: "0"
+    {KWOK_NODE_ANNOTATION}: fake
+  labels:
+    kubernetes.io/arch: amd64
+    kubernetes.io/hostname: {name}
+    kubernetes.io/os: linux
+    kubernetes.io/role: agent
+    node-role.kubernetes.io/agent: ""
+    type: kwok
+status:
+  allocatable:
+    cpu: "1000"
+    memory: 4Ti
+    pods: "{pods}"
+  capacity:
+    cpu: "1000"
+    memory: 4Ti
+    pods: "{pods}"
+"#
+    )
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // Stop in reverse order: kwok and the controllers first, etcd last.
+        for c in self.components.iter().rev() {
+            unsafe { libc::killpg(c.child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let mut status = 0;
+                let r = unsafe { libc::waitpid(c.child.id() as libc::pid_t, &mut status, libc::WNOHANG) };
+                if r != 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    unsafe { libc::killpg(c.child.id() as libc::pid_t, libc::SIGKILL) };
+                    unsafe { libc::waitpid(c.child.id() as libc::pid_t, &mut status, 0) };
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Anything left in the group (none of these fork, but be sure).
+            unsafe { libc::killpg(c.child.id() as libc::pid_t, libc::SIGKILL) };
+        }
+        let keep = std::thread::panicking() || std::env::var_os("ZERODROP_KEEP_CLUSTER").is_some_and(|v| v != "0" && !v.is_empty());
+        if let Some(dir) = self.dir.take() {
+            if keep {
+                let path = dir.keep();
+                eprintln!("[cluster] kept {} (certificates, etcd data, component logs)", path.display());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+
+    #[test]
+    fn service_ip_is_first_host() {
+        assert_eq!(first_service_ip("10.96.0.0/16").unwrap(), "10.96.0.1");
+    }
+
+    #[test]
+    fn pki_is_accepted_by_openssl_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        make_pki(dir.path(), "10.96.0.1").unwrap();
+        for leaf in ["apiserver.crt", "admin.crt"] {
+            let out = Command::new("openssl").args(["verify", "-CAfile", "ca.crt", leaf]).current_dir(dir.path()).output().unwrap();
+            assert!(out.status.success(), "{leaf}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
