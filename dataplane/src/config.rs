@@ -50,6 +50,14 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                 rtp.listen_address
             )
         })?;
+        if let Some(fec) = &rtp.fec {
+            // Accepted by the API for senders that already send it; said
+            // loudly so nobody believes it protects the stream yet.
+            tracing::warn!(
+                pipeline = %name, source = %source.name, scheme = ?fec.scheme, ports = ?fec.ports,
+                "FEC is declared but this version does not decode FEC yet: FEC packets are not received,                  loss is repaired by NACK/RTX only"
+            );
+        }
         out.push(SourceConfig {
             pipeline: name.clone(),
             name: source.name.clone(),

@@ -59,7 +59,7 @@ impl Collector for KernelDropCollector {
                 Vec::new()
             });
             let uncounted = monitor.ebpf().and_then(|e| e.uncounted_map_full().ok());
-            (drops, monitor.source(), monitor.fallback_reason().unwrap_or("").to_owned(), uncounted)
+            (drops, monitor.source(), label_sized(monitor.fallback_reason().unwrap_or("")), uncounted)
         };
 
         let info = ConstGauge::new(1i64);
@@ -121,10 +121,26 @@ impl Collector for KernelDropCollector {
     }
 }
 
+/// The first line of `text`, at most 240 characters: a verifier log belongs
+/// in the agent's log, not in a label.
+fn label_sized(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("");
+    match line.char_indices().nth(240) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::monitor::Mode;
+
+    #[test]
+    fn long_fallback_reasons_are_cut_to_one_short_line() {
+        assert_eq!(label_sized("no BTF\nverifier log"), "no BTF");
+        assert_eq!(label_sized(&"x".repeat(500)).chars().count(), 241);
+    }
 
     #[test]
     fn procfs_source_exports_the_source_and_node_counters() {

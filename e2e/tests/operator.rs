@@ -1,0 +1,243 @@
+//! The operator against a real control plane (kube-apiserver, controller-
+//! manager, scheduler and kwok built from Go modules): apply → objects, pods
+//! Running, Ready status; scale; steady state without writes; restart
+//! without churn; delete → garbage collected. And the data plane in pod mode
+//! for real: the ConfigMap the operator rendered, read back from the
+//! apiserver, drives a `zerodrop pod` process that decodes a live stream.
+//!
+//! Needs the control-plane binaries: `scripts/controlplane.sh build`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+use zerodrop_e2e::cluster::TestCluster;
+use zerodrop_e2e::runner::{http_get, metric_value, zerodrop_bin};
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn operator_bin() -> PathBuf {
+    zerodrop_bin().with_file_name("zerodrop-operator")
+}
+
+struct Operator {
+    child: Child,
+    metrics: String,
+}
+
+impl Operator {
+    fn start(cluster: &TestCluster, port: u16, log: &str) -> Operator {
+        let log = std::fs::File::create(cluster.dir().join(log)).unwrap();
+        let child = Command::new(operator_bin())
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--dataplane-image", "zerodrop:e2e"])
+            .args(["--leader-election", "--lease-namespace", "default"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("zerodrop-operator starts (cargo build --workspace first)");
+        Operator { child, metrics: format!("127.0.0.1:{port}") }
+    }
+
+    fn reconciles(&self) -> f64 {
+        http_get(self.metrics.parse().unwrap(), "/metrics")
+            .ok()
+            .and_then(|m| metric_value(&m, "zerodrop_operator_reconciles_total", &["result=\"ok\""]))
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json(cluster: &TestCluster, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&cluster.kubectl_ok(all).unwrap()).unwrap()
+}
+
+/// A pipeline of `n` sources on distinct ports.
+fn fleet(n: usize, replicas: i32) -> String {
+    let mut s = format!(
+        "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: fleet}}\nspec:\n  \
+         scaling: {{minReplicas: 1, maxReplicas: 8, replicas: {replicas}}}\n  decode: {{decoder: software}}\n  sources:\n"
+    );
+    for i in 0..n {
+        s += &format!(
+            "    - {{name: cam-{i}, codec: h264, rtxPayloadType: 97, transport: {{rtp: {{port: {}}}}}}}\n",
+            26000 + 2 * i
+        );
+    }
+    s
+}
+
+fn owners(sp: &Value) -> BTreeMap<String, i64> {
+    sp["status"]["streams"]
+        .as_array()
+        .map(|a| a.iter().map(|s| (s["name"].as_str().unwrap().to_string(), s["shard"].as_i64().unwrap())).collect())
+        .unwrap_or_default()
+}
+
+fn resource_versions(cluster: &TestCluster) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for kind in ["statefulset", "service", "configmap", "poddisruptionbudget"] {
+        let list = json(cluster, &["get", kind, "-l", "zerodrop.dev/pipeline=fleet"]);
+        for item in list["items"].as_array().unwrap() {
+            out.insert(
+                format!("{kind}/{}", item["metadata"]["name"].as_str().unwrap()),
+                item["metadata"]["resourceVersion"].as_str().unwrap().to_string(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn operator_reconciles_scales_stays_quiet_restarts_cleanly_and_garbage_collects() -> anyhow::Result<()> {
+    let cluster = TestCluster::start()?;
+    cluster.kubectl_ok(["apply", "-f", repo("crds/streampipeline.crd.yaml").to_str().unwrap()])?;
+    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
+    let operator = Operator::start(&cluster, 27080, "operator-1.log");
+
+    // Apply: every object appears, pods run, the pipeline becomes Ready.
+    cluster.apply_yaml(&fleet(40, 3))?;
+    cluster.wait_for("the StatefulSet", Duration::from_secs(60), || {
+        Ok(cluster.kubectl(["get", "statefulset", "fleet-dataplane"]).status.success().then_some(()))
+    })?;
+    for obj in ["service/fleet-dataplane", "configmap/fleet-config", "poddisruptionbudget/fleet-dataplane", "service/fleet-cam-0", "service/fleet-cam-39"] {
+        cluster.kubectl_ok(["get", obj]).with_context(|| format!("{obj} exists"))?;
+    }
+    let sp = cluster.wait_for("Ready=True", Duration::from_secs(120), || {
+        let sp = json(&cluster, &["get", "sp", "fleet"]);
+        let ready = sp["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        Ok(ready.then_some(sp))
+    })?;
+    assert_eq!(sp["status"]["observedGeneration"], sp["metadata"]["generation"]);
+    let pods = json(&cluster, &["get", "pods", "-l", "zerodrop.dev/pipeline=fleet"]);
+    assert_eq!(pods["items"].as_array().unwrap().len(), 3);
+    for p in pods["items"].as_array().unwrap() {
+        assert_eq!(p["status"]["phase"], "Running", "kwok runs the pods");
+    }
+    let table = cluster.kubectl_ok(["get", "sp"])?;
+    for column in ["REPLICAS", "READY", "STREAMS", "DECODER", "AGE"] {
+        assert!(table.contains(column), "printer column {column} in:\n{table}");
+    }
+    assert!(table.lines().nth(1).is_some_and(|l| l.contains("fleet") && l.contains("40")), "{table}");
+
+    // Scale 3 → 4: moved streams go to the new shard only, about 1/4 of them.
+    let before = owners(&sp);
+    cluster.kubectl_ok(["scale", "sp/fleet", "--replicas=4"])?;
+    let sp = cluster.wait_for("status with 4 replicas", Duration::from_secs(120), || {
+        let sp = json(&cluster, &["get", "sp", "fleet"]);
+        Ok((sp["status"]["replicas"] == 4 && owners(&sp).values().any(|&s| s == 3)).then_some(sp))
+    })?;
+    let sts = json(&cluster, &["get", "statefulset", "fleet-dataplane"]);
+    assert_eq!(sts["spec"]["replicas"], 4);
+    let after = owners(&sp);
+    let moved: Vec<_> = before.iter().filter(|(k, v)| after[*k] != **v).collect();
+    assert!(moved.iter().all(|(k, _)| after[*k] == 3), "every moved stream goes to shard 3: {moved:?}");
+    assert!((4..=18).contains(&moved.len()), "about 40/4 streams move, {} did", moved.len());
+    let svc = json(&cluster, &["get", "service", &format!("fleet-{}", moved[0].0)]);
+    assert_eq!(svc["spec"]["selector"]["statefulset.kubernetes.io/pod-name"], "fleet-dataplane-3");
+    let events = cluster.kubectl_ok(["get", "events", "--field-selector", "involvedObject.name=fleet"])?;
+    assert!(events.contains("Scaling"), "a Scaling event: {events}");
+
+    // Steady state: reconciles happen (requeue, pod status events) but write nothing.
+    let quiet_from = resource_versions(&cluster);
+    let reconciled = operator.reconciles();
+    cluster.kubectl_ok(["annotate", "sp/fleet", "e2e/poke=1"])?; // an event, not a change
+    cluster.wait_for("another reconcile", Duration::from_secs(60), || Ok((operator.reconciles() > reconciled).then_some(())))?;
+    assert_eq!(resource_versions(&cluster), quiet_from, "steady state must not write");
+
+    // Restart: a new operator converges on the same objects without writing.
+    drop(operator);
+    let operator = Operator::start(&cluster, 27081, "operator-2.log");
+    cluster.wait_for("the restarted operator to reconcile", Duration::from_secs(90), || {
+        Ok((operator.reconciles() >= 1.0).then_some(()))
+    })?;
+    assert_eq!(resource_versions(&cluster), quiet_from, "a restart must not churn objects");
+
+    // Delete: owner references hand everything to the garbage collector.
+    cluster.kubectl_ok(["delete", "sp/fleet", "--wait=true"])?;
+    cluster.wait_for("garbage collection", Duration::from_secs(120), || {
+        Ok(resource_versions(&cluster).is_empty().then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn dataplane_pod_mode_runs_its_shard_from_the_rendered_config_and_decodes() -> anyhow::Result<()> {
+    let cluster = TestCluster::start()?;
+    cluster.kubectl_ok(["apply", "-f", repo("crds/streampipeline.crd.yaml").to_str().unwrap()])?;
+    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
+    let _operator = Operator::start(&cluster, 27082, "operator.log");
+    cluster.apply_yaml(&fleet(6, 2))?;
+    let config = cluster.wait_for("the rendered ConfigMap", Duration::from_secs(60), || {
+        let out = cluster.kubectl(["get", "configmap", "fleet-config", "-o", "jsonpath={.data.pipeline\\.yaml}"]);
+        Ok((out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+    })?;
+    let sp = cluster.wait_for("stream owners in status", Duration::from_secs(60), || {
+        let sp = json(&cluster, &["get", "sp", "fleet"]);
+        Ok((owners(&sp).len() == 6).then_some(sp))
+    })?;
+    let (stream, shard) = owners(&sp).into_iter().next().unwrap();
+    let port = 26000 + 2 * stream.trim_start_matches("cam-").parse::<u16>()?;
+
+    // The pod, as a host process: its name gives the shard, the file the pipeline.
+    let file = cluster.dir().join("pipeline.yaml");
+    std::fs::write(&file, &config)?;
+    let log = std::fs::File::create(cluster.dir().join("pod.log"))?;
+    let mut pod = Command::new(zerodrop_bin())
+        .args(["pod", "--config"])
+        .arg(&file)
+        .args(["--pod-name", &format!("fleet-dataplane-{shard}"), "--metrics-addr", "127.0.0.1:27090"])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let metrics_addr = "127.0.0.1:27090".parse()?;
+    let result = (|| -> anyhow::Result<()> {
+        cluster.wait_for("the pod to be ready", Duration::from_secs(30), || {
+            Ok(http_get(metrics_addr, "/readyz").is_ok_and(|r| r.contains(" 200 ")).then_some(()))
+        })?;
+        let metrics = http_get(metrics_addr, "/metrics")?;
+        assert!(metrics.contains(&format!("stream=\"{stream}\"")), "the pod runs {stream}");
+        let status = Command::new(zerodrop_bin())
+            .args(["send", "--dest", &format!("127.0.0.1:{port}"), "--frames", "90", "--width", "640", "--height", "360"])
+            .args(["--loss", "uniform:0.05", "--seed", "5", "--quiet"])
+            .status()?;
+        assert!(status.success());
+        let decoded = cluster.wait_for("90 decoded frames", Duration::from_secs(20), || {
+            let m = http_get(metrics_addr, "/metrics")?;
+            let d = metric_value(&m, "zerodrop_frames_decoded_total", &[&format!("stream=\"{stream}\"")]).unwrap_or(0.0);
+            Ok((d >= 90.0).then_some(d))
+        })?;
+        assert_eq!(decoded, 90.0);
+        let m = http_get(metrics_addr, "/metrics")?;
+        let dropped: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("zerodrop_frames_dropped_total") && l.contains(&format!("stream=\"{stream}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(dropped, 0.0);
+        Ok(())
+    })();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pod.id() as libc::pid_t, libc::SIGTERM) };
+    let status = pod.wait()?;
+    result?;
+    assert!(status.success(), "pod exits 0 on SIGTERM");
+    Ok(())
+}
