@@ -84,7 +84,7 @@ run_build() { # label total-packages logfile cmd...
       local n cur
       n=$(grep -cv -e '^#' -e '^go: ' "$logf" 2>/dev/null || true)
       cur=$(grep -v -e '^#' -e '^go: ' "$logf" 2>/dev/null | tail -n 1 || true)
-      log "$label: $((SECONDS - start))s elapsed, ${n} of at most ${total} packages compiled${cur:+ (last: $cur)}"
+      log "$label: $((SECONDS - start))s elapsed, ${n} of at most ${total} packages compiled${cur:+ (last: $cur)}$([ "$stopped" -eq 1 ] && echo ', paused while a benchmark runs')"
     fi
   done
   [ "$stopped" -eq 1 ] && kill -CONT -- "-$pid" 2>/dev/null || true

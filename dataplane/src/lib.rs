@@ -17,3 +17,4 @@ pub mod table;
 pub mod shutdown;
 pub mod supervisor;
 pub mod pod;
+pub mod kernel_drops;

@@ -42,6 +42,15 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KernelDropLabels {
+    pub pipeline: String,
+    pub stream: String,
+    pub reason: String,
+    /// `ebpf` or `procfs`: which counter saw the drops.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecoderLabels {
     pub pipeline: String,
     pub stream: String,
@@ -85,6 +94,8 @@ pub struct Metrics {
     /// Dropped frames summed over reasons (not exported: the sum of the
     /// exported family), for the live table and the report.
     frames_dropped_sum: Family<StreamLabels, Counter>,
+    kernel_drops: Family<KernelDropLabels, Counter>,
+    kernel_drops_sum: Family<StreamLabels, Counter>,
     decoder_names: Arc<Mutex<std::collections::HashMap<StreamLabels, String>>>,
 }
 
@@ -123,6 +134,8 @@ impl Metrics {
             stream_up: Family::default(),
             receive_buffer: Family::default(),
             frames_dropped_sum: Family::default(),
+            kernel_drops: Family::default(),
+            kernel_drops_sum: Family::default(),
             decoder_names: Arc::default(),
             registry: Registry::default(),
         };
@@ -160,6 +173,11 @@ impl Metrics {
         );
         r.register("decoder_info", "Decoder element in use (value 1)", m.decoder_info.clone());
         r.register("stream_up", "1 while packets arrive, 0 when the source went silent", m.stream_up.clone());
+        r.register(
+            "kernel_udp_drops",
+            "UDP packets for the stream's sockets the kernel dropped, by drop reason and counter source",
+            m.kernel_drops.clone(),
+        );
         r.register_with_unit("socket_receive_buffer", "Receive buffer the kernel granted the RTP socket", Unit::Bytes, m.receive_buffer.clone());
         Metrics { registry, ..m }
     }
@@ -187,6 +205,8 @@ impl Metrics {
             frames_decoded: handle(&self.frames_decoded, &l),
             frames_dropped: self.frames_dropped.clone(),
             frames_dropped_total: handle(&self.frames_dropped_sum, &l),
+            kernel_drops: self.kernel_drops.clone(),
+            kernel_drops_total: handle(&self.kernel_drops_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
             gop_interval: handle(&self.gop_interval, &l),
             jitter: handle(&self.jitter, &l),
@@ -241,6 +261,9 @@ pub struct StreamMetrics {
     frames_dropped: Family<ReasonLabels, Counter>,
     /// Sum over reasons, for the live table and the report.
     pub frames_dropped_total: Counter,
+    kernel_drops: Family<KernelDropLabels, Counter>,
+    /// Kernel drops summed over reasons, for the live table and the report.
+    pub kernel_drops_total: Counter,
     pub frames_skipped: Counter,
     pub gop_interval: F64Gauge,
     pub jitter: F64Gauge,
@@ -273,6 +296,17 @@ impl StreamMetrics {
         self.frames_dropped.get_or_create(&self.reason(reason)).inc_by(n);
         self.frames_dropped_total.inc_by(n);
         self.frames_expected.inc_by(n);
+    }
+
+    pub fn kernel_drops(&self, reason: &str, source: &str, n: u64) {
+        let l = KernelDropLabels {
+            pipeline: self.labels.pipeline.clone(),
+            stream: self.labels.stream.clone(),
+            reason: reason.into(),
+            source: source.into(),
+        };
+        self.kernel_drops.get_or_create(&l).inc_by(n);
+        self.kernel_drops_total.inc_by(n);
     }
 
     pub fn set_decoder(&self, name: &str) {

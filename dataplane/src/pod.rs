@@ -33,6 +33,9 @@ pub struct PodArgs {
     /// Receive and repair only; no decoding.
     #[arg(long)]
     pub no_decode: bool,
+    /// Where kernel UDP drops per stream come from (pods are unprivileged).
+    #[arg(long, value_enum, default_value = "procfs")]
+    pub kernel_drops: crate::kernel_drops::KernelDropMode,
 }
 
 /// The sources of `text` that shard `ordinal` owns.
@@ -61,6 +64,9 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
     tracing::info!(pod = %args.pod_name, shard = ordinal, config = %args.config.display(), metrics = %bound, "data plane pod starting");
 
     let mut supervisor = Supervisor::new(metrics, readiness, SupervisorOptions { au_log_dir: None, no_decode: args.no_decode });
+    // A pod sees its own sockets in its network namespace's /proc/net/udp;
+    // the node agent counts with eBPF and by reason.
+    let mut kernel_drops = crate::kernel_drops::KernelDrops::start(args.kernel_drops);
     let mut applied: Option<String> = None;
     let mut next_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -94,6 +100,7 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
                 Err(e) => tracing::warn!(config = %args.config.display(), error = %e, "config unreadable; keeping the last one"),
             }
         }
+        kernel_drops.update(&supervisor.sockets());
         if let Some((id, result)) = supervisor.wait_ended(Duration::from_millis(500)) {
             // A receiver that died is retried on the next config check.
             tracing::error!(stream = %id, error = ?result.err(), "receiver stopped; retrying");

@@ -64,6 +64,9 @@ pub struct StreamReport {
     pub nacks_sent: u64,
     pub retransmissions_received: u64,
     pub keyframe_requests: u64,
+    /// Packets for this stream's sockets the kernel dropped (see
+    /// `zerodrop_kernel_udp_drops_total` for reasons).
+    pub kernel_udp_drops: u64,
     pub receive_buffer_bytes: i64,
     /// Arrival of a frame's first packet to its access unit leaving the
     /// jitter buffer, over all frames.
@@ -671,6 +674,7 @@ impl Receiver {
             nacks_sent: m.nacks_sent.get(),
             retransmissions_received: m.retransmissions_received.get(),
             keyframe_requests: m.keyframe_requests.get(),
+            kernel_udp_drops: m.kernel_drops_total.get(),
             receive_buffer_bytes: m.receive_buffer.get(),
             assembly_latency_ms: LatencySummary::from_samples(&mut self.latency_ms),
         }

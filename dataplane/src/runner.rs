@@ -49,6 +49,9 @@ pub struct RunArgs {
     pub check: bool,
     #[arg(long, value_enum, default_value = "auto")]
     pub table: TableMode,
+    /// Where kernel UDP drops per stream come from.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kernel_drops: crate::kernel_drops::KernelDropMode,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,6 +112,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone())?;
     eprintln!("zerodrop: {} source(s) from {}; metrics at http://{bound}/metrics", sources.len(), args.file.display());
 
+    let mut kernel_drops = crate::kernel_drops::KernelDrops::start(args.kernel_drops);
     let mut supervisor = Supervisor::new(
         metrics,
         readiness,
@@ -131,8 +135,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             results.push(ended);
             break;
         }
+        kernel_drops.update(&supervisor.sockets());
         view.refresh(started.elapsed());
     }
+    kernel_drops.update(&supervisor.sockets());
     results.extend(supervisor.stop_all());
     view.finish(started.elapsed());
 

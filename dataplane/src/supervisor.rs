@@ -59,6 +59,18 @@ impl Supervisor {
         self.running.values().map(|r| self.metrics.stream(&r.cfg.pipeline, &r.cfg.name)).collect()
     }
 
+    /// Each running source's metrics and the UDP sockets it binds.
+    pub fn sockets(&self) -> Vec<(StreamMetrics, Vec<std::net::SocketAddr>)> {
+        self.running
+            .values()
+            .map(|r| {
+                let mut s = vec![r.cfg.rtp_bind];
+                s.extend(r.cfg.rtcp_bind);
+                (self.metrics.stream(&r.cfg.pipeline, &r.cfg.name), s)
+            })
+            .collect()
+    }
+
     pub fn running(&self) -> usize {
         self.running.len()
     }

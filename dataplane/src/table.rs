@@ -125,8 +125,8 @@ impl LiveTable {
         let _ = writeln!(out, "zerodrop  {:>7.1}s", elapsed.as_secs_f64());
         let _ = writeln!(
             out,
-            "{:<24} {:<7} {:<11} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>9} {:>7}",
-            "STREAM", "STATE", "DECODER", "FRAMES", "DROPPED", "LOST", "REPAIRED", "UNREPAIR", "NACKS", "JITTER", "RTT"
+            "{:<24} {:<7} {:<11} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>9} {:>7}",
+            "STREAM", "STATE", "DECODER", "FRAMES", "DROPPED", "LOST", "REPAIRED", "UNREPAIR", "NACKS", "KDROPS", "JITTER", "RTT"
         );
         for s in &self.streams {
             let name = format!("{}/{}", s.labels.pipeline, s.labels.stream);
@@ -138,7 +138,7 @@ impl LiveTable {
             let decoder = s.decoder();
             let _ = writeln!(
                 out,
-                "{:<24} {:<7} {:<11} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7.2}ms {:>5.1}ms",
+                "{:<24} {:<7} {:<11} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7} {:>7.2}ms {:>5.1}ms",
                 truncate(&name, 24),
                 state,
                 truncate(if decoder.is_empty() { "-" } else { &decoder }, 11),
@@ -148,6 +148,7 @@ impl LiveTable {
                 s.recovered_nack.get() + s.recovered_reorder.get(),
                 s.packets_unrecovered.get(),
                 s.nacks_sent.get(),
+                s.kernel_drops_total.get(),
                 s.jitter.get() * 1000.0,
                 s.rtt.get() * 1000.0,
             );

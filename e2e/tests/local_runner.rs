@@ -172,3 +172,47 @@ fn invalid_manifest_is_rejected_naming_document_field_and_expectation_without_st
     // Nothing started: the metrics port was never bound.
     assert!(std::net::TcpStream::connect("127.0.0.1:22490").is_err());
 }
+
+#[test]
+fn kernel_drops_of_a_too_small_receive_buffer_are_shown_per_stream() {
+    let port = 22604;
+    let yaml = manifest("kdrop", "h264", port, 300).replace(
+        "          rtcpPort:",
+        "          receiveBufferBytes: 65536\n          rtcpPort:",
+    );
+    let runner = RunnerProcess::start(&yaml, 22690, &[]).expect("runner starts");
+    // Freeze the runner so that nothing reads the socket: everything beyond
+    // the receive buffer is dropped by the kernel, deterministically.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(runner.pid() as libc::pid_t, libc::SIGSTOP) };
+    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sent = 3000usize;
+    let datagram = [0x80u8, 33, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(0u8, 1188))
+        .collect::<Vec<u8>>();
+    for _ in 0..sent {
+        tx.send_to(&datagram, format!("127.0.0.1:{port}")).unwrap();
+    }
+    unsafe { libc::kill(runner.pid() as libc::pid_t, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (kernel, read) = loop {
+        let m = runner.metrics().unwrap_or_default();
+        let kernel: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("zerodrop_kernel_udp_drops_total") && l.contains("stream=\"cam\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let read = metric_value(&m, "zerodrop_rtp_packets_discarded_total", &["reason=\"payload_type\""]).unwrap_or(0.0);
+        if kernel as usize + read as usize == sent || Instant::now() > deadline {
+            break (kernel as usize, read as usize);
+        }
+        std::thread::park_timeout(Duration::from_millis(100));
+    };
+    let table_metrics = runner.metrics().unwrap();
+    let outcome = runner.stop().expect("runner stops");
+    assert!(kernel > 0, "the kernel dropped packets: {table_metrics}");
+    assert_eq!(kernel + read, sent, "every datagram is either read or counted as a kernel drop");
+    assert_eq!(outcome.stream("cam")["kernel_udp_drops"].as_u64().unwrap() as usize, kernel);
+}
