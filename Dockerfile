@@ -2,6 +2,7 @@
 #   docker build -t zerodrop .
 #   data plane:  zerodrop pod --config /etc/zerodrop/pipeline.yaml   (the operator sets this)
 #   operator:    zerodrop-operator
+#   node agent:  zerodrop-agent           (DaemonSet; CAP_BPF + CAP_PERFMON)
 # The data plane needs GStreamer at run time; NVDEC additionally needs the
 # NVIDIA container runtime to mount the driver (libcuda, libnvcuvid).
 
@@ -9,12 +10,14 @@ FROM rust:1.95-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
+      clang libbpf-dev linux-libc-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p zerodrop-dataplane --bin zerodrop \
  && cargo build --release --locked -p zerodrop-operator --bin zerodrop-operator \
- && strip target/release/zerodrop target/release/zerodrop-operator
+ && cargo build --release --locked -p zerodrop-ebpf --bin zerodrop-agent \
+ && strip target/release/zerodrop target/release/zerodrop-operator target/release/zerodrop-agent
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -23,7 +26,8 @@ RUN apt-get update \
       gstreamer1.0-plugins-bad gstreamer1.0-libav \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 65532 zerodrop && useradd --uid 65532 --gid 65532 --no-create-home zerodrop
-COPY --from=build /src/target/release/zerodrop /src/target/release/zerodrop-operator /usr/local/bin/
+COPY --from=build /src/target/release/zerodrop /src/target/release/zerodrop-operator \
+     /src/target/release/zerodrop-agent /usr/local/bin/
 # The root filesystem is read-only in the pods: GStreamer keeps its plugin
 # registry under a writable emptyDir-free location.
 ENV GST_REGISTRY=/tmp/gstreamer-registry.bin
