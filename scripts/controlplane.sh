@@ -46,9 +46,9 @@ find_go() {
 }
 
 # --- being polite to benchmarks on a shared 2-core machine --------------------
-# pgrep pattern written so that it never matches a command line that merely
-# contains the pattern itself.
-bench_running() { pgrep -f '[b]ench-repair' >/dev/null 2>&1; }
+# Matches the benchmark binary (target/release/bench-repair, also its child
+# processes), not a cargo command that merely names it, nor this pattern itself.
+bench_running() { pgrep -f '(^|/)[b]ench-repair( |$)' >/dev/null 2>&1; }
 
 wait_for_benchmarks() {
   local waited=0

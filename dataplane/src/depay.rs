@@ -170,11 +170,10 @@ impl Depacketizer {
                 keyframe: false,
                 in_fu: false,
             });
-        } else if self.loss_pending {
-            if let Some(b) = self.building.as_mut() {
+        } else if self.loss_pending
+            && let Some(b) = self.building.as_mut() {
                 b.damaged = true;
             }
-        }
         self.loss_pending = false;
         if let Some(mut b) = self.building.take() {
             self.append(&mut b, payload);

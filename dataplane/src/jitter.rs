@@ -289,10 +289,11 @@ impl JitterBuffer {
         let Some(start) = self.next_out else { return };
         let max = self.settings.max_nack_retries;
         let latency = self.settings.latency;
-        // Retries at least one RTT apart, and spread over the latency budget:
-        // losses come in bursts, and requests bunched into one burst all fail.
-        let spread = latency / (max + 1).max(1);
-        let retry = rtt.mul_f32(1.25).max(Duration::from_millis(5)).max(spread);
+        // The first retry one RTT (plus margin) after the first request, then
+        // exponential backoff: a single lost retransmission costs little, and
+        // retries still spread out over a burst of loss instead of all
+        // falling into it.
+        let base = rtt.mul_f32(1.25).max(Duration::from_millis(5));
         for seq in start..self.end {
             let idx = (seq & self.mask) as usize;
             if let Slot::Missing { seen, nacks_sent, next_nack, last_nack } = &mut self.slots[idx] {
@@ -302,7 +303,7 @@ impl JitterBuffer {
                 let useful = *nacks_sent == 0 || now + rtt / 2 < deadline;
                 if *nacks_sent < max && now >= *next_nack && useful && now < deadline {
                     *nacks_sent += 1;
-                    *next_nack = now + retry;
+                    *next_nack = now + base * (1u32 << (*nacks_sent - 1).min(10));
                     *last_nack = Some(now);
                     out.push(seq);
                 }
@@ -447,7 +448,7 @@ mod tests {
         }
         assert_eq!(sent.len(), 3, "retries capped at max_nack_retries: {sent:?}");
         assert!(sent[1] - sent[0] >= rtt, "retry not before one RTT");
-        assert!(sent[1] - sent[0] >= Duration::from_millis(25), "retries spread over the 100 ms budget: {sent:?}");
+        assert!(sent[2] - sent[1] >= rtt.mul_f32(1.25) * 2, "retries back off exponentially: {sent:?}");
     }
 
     #[test]

@@ -316,11 +316,10 @@ impl StreamMetrics {
             stream: self.labels.stream.clone(),
             decoder: d.into(),
         };
-        if let Some(old) = names.insert(self.labels.clone(), name.to_string()) {
-            if old != name {
+        if let Some(old) = names.insert(self.labels.clone(), name.to_string())
+            && old != name {
                 self.decoder_info.get_or_create(&labels(&old)).set(0);
             }
-        }
         self.decoder_info.get_or_create(&labels(name)).set(1);
     }
 

@@ -551,13 +551,12 @@ impl Receiver {
         let (probed_unit, probes, last_probe) = self.tail_probe.unwrap_or((unit, 0, last));
         let (probes, last_probe) = if probed_unit == unit { (probes, last_probe.max(last)) } else { (0, last) };
         let wait = self.rtt.unwrap_or(Duration::from_millis(30)).mul_f32(2.0).max(TAIL_PROBE_MIN);
-        if probes < MAX_TAIL_PROBES && now - last_probe >= wait {
-            if let Some(seq) = self.jb.expect_next(now) {
+        if probes < MAX_TAIL_PROBES && now - last_probe >= wait
+            && let Some(seq) = self.jb.expect_next(now) {
                 self.metrics.packets_lost.inc();
                 self.tail_probe = Some((unit, probes + 1, now));
                 tracing::debug!(stream = %self.cfg.id(), seq, "probing for a lost tail");
             }
-        }
     }
 
     /// NACKs due now, keyframe requests, and the regular receiver report.
@@ -633,13 +632,12 @@ impl Receiver {
     }
 
     fn watch_silence(&mut self, now: Instant) {
-        if let Some(last) = self.last_packet {
-            if !self.silent && now - last >= SILENCE {
+        if let Some(last) = self.last_packet
+            && !self.silent && now - last >= SILENCE {
                 self.silent = true;
                 self.metrics.stream_up.set(0);
                 tracing::warn!(stream = %self.cfg.id(), silent_for_s = (now - last).as_secs_f32(), "source went silent");
             }
-        }
     }
 
     fn shutdown(mut self) -> StreamReport {

@@ -89,12 +89,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         std::process::exit(EXIT_INVALID_INPUT);
     }
     for s in &sources {
-        if let Err(e) = crate::decode::check(s.codec, s.decoder) {
-            if !args.no_decode {
+        if let Err(e) = crate::decode::check(s.codec, s.decoder)
+            && !args.no_decode {
                 eprintln!("{}: pipeline {} source {}: {e:#}", args.file.display(), s.pipeline, s.name);
                 std::process::exit(EXIT_INVALID_INPUT);
             }
-        }
     }
     if args.check {
         println!("{}: {} pipeline(s), {} source(s): valid", args.file.display(), pipelines.len(), sources.len());
@@ -170,11 +169,10 @@ fn check_port_clashes(sources: &[SourceConfig]) -> anyhow::Result<()> {
     let mut seen: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
     for s in sources {
         for port in [Some(s.rtp_bind.port()), s.rtcp_bind.map(|a| a.port())].into_iter().flatten() {
-            if let Some(other) = seen.insert(port, s.id()) {
-                if other != s.id() {
+            if let Some(other) = seen.insert(port, s.id())
+                && other != s.id() {
                     anyhow::bail!("UDP port {port} is used by both {other} and {}: give each source its own ports", s.id());
                 }
-            }
         }
     }
     Ok(())

@@ -135,12 +135,11 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action, E
     ctx.metrics.objects_managed(&key(sp), 4 + desired.source_services.len() as i64);
 
     let replicas = desired::replicas(sp);
-    if let Some(prev) = previous_replicas {
-        if prev != replicas {
+    if let Some(prev) = previous_replicas
+        && prev != replicas {
             let note = format!("data-plane replicas {prev} → {replicas}; streams re-assigned by rendezvous hashing");
             publish(ctx, sp, EventType::Normal, "Scaling", &note).await;
         }
-    }
 
     // status
     let observed = Api::<StatefulSet>::namespaced(client.clone(), &ns).get_opt(&desired::statefulset_name(&name)).await?;
@@ -178,11 +177,10 @@ where
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let name = obj.meta().name.clone().unwrap_or_default();
     let hash = object_hash(obj)?;
-    if let Some(live) = api.get_opt(&name).await? {
-        if live.meta().annotations.as_ref().and_then(|a| a.get(APPLIED_HASH)) == Some(&hash) {
+    if let Some(live) = api.get_opt(&name).await?
+        && live.meta().annotations.as_ref().and_then(|a| a.get(APPLIED_HASH)) == Some(&hash) {
             return Ok(false);
         }
-    }
     let mut obj = obj.clone();
     obj.meta_mut().annotations.get_or_insert_with(BTreeMap::new).insert(APPLIED_HASH.into(), hash);
     let mut value = serde_json::to_value(&obj)?;

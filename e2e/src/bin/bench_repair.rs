@@ -1,5 +1,10 @@
 //! `bench-repair`: our receiver against GStreamer's, on identical loss.
 //!
+//! Receivers: ours (`zerodrop run --no-decode`), and GStreamer's rtpbin
+//! twice: with its jitterbuffer's retransmission timing tuned for loopback
+//! (`gstreamer`) and with its defaults (`gstreamer-defaults`); see
+//! `zerodrop_e2e::gst_receiver`.
+//!
 //! For each loss rate × seed × receiver: start the receiver, a seeded lossy
 //! relay (RTX drawing from its own loss model, so both receivers lose the very
 //! same media packets), and `zerodrop send` (x264 720p30) as a child process;
