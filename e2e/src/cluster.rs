@@ -85,6 +85,9 @@ pub struct TestCluster {
     server: String,
     components: Vec<Component>,
     nodes: Vec<String>,
+    /// Kills the components if this process dies without dropping the
+    /// cluster (SIGKILL, a timeout, a cluster kept in a `static`).
+    reaper: Option<Child>,
 }
 
 /// The repository root (e2e/..).
@@ -284,7 +287,8 @@ impl TestCluster {
             ),
         )?;
 
-        let mut cluster = TestCluster { dir: Some(dir), root: root.clone(), bin: bin.clone(), kubeconfig: kubeconfig.clone(), server, components: Vec::new(), nodes: Vec::new() };
+        let mut cluster = TestCluster { dir: Some(dir), root: root.clone(), bin: bin.clone(), kubeconfig: kubeconfig.clone(), server, components: Vec::new(), nodes: Vec::new(), reaper: None };
+        cluster.reaper = Some(spawn_reaper(&root.join("pgids"))?);
         let deadline = started + opts.start_timeout;
         let p = |f: &str| pki.join(f).display().to_string();
         let kc = kubeconfig.display().to_string();
@@ -424,6 +428,9 @@ impl TestCluster {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", self.bin.join(name).display()))?;
+        // The reaper reads this list when the test process is gone.
+        let mut pgids = fs::OpenOptions::new().create(true).append(true).open(self.root.join("pgids"))?;
+        writeln!(pgids, "{}", child.id())?;
         self.components.push(Component { name, child, log });
         Ok(())
     }
@@ -570,6 +577,23 @@ fn check(args: &[std::ffi::OsString], out: Output) -> Result<String> {
     }
 }
 
+/// A shell that polls every 2 s whether this process is alive and, once it is
+/// not, SIGKILLs the process groups listed in `pgids`.
+fn spawn_reaper(pgids: &Path) -> Result<Child> {
+    fs::write(pgids, "")?;
+    Command::new("bash")
+        .arg("-c")
+        .arg(r#"while kill -0 "$0" 2>/dev/null; do sleep 2; done; for g in $(cat "$1"); do kill -KILL -- "-$g" 2>/dev/null; done"#)
+        .arg(std::process::id().to_string())
+        .arg(pgids)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting the reaper shell")
+}
+
 /// A Node object kwok will manage (it sets its status and keeps its lease).
 fn fake_node(name: &str, pods: u32) -> String {
     format!(
@@ -621,6 +645,10 @@ impl Drop for TestCluster {
             }
             // Anything left in the group (none of these fork, but be sure).
             unsafe { libc::killpg(c.child.id() as libc::pid_t, libc::SIGKILL) };
+        }
+        if let Some(mut reaper) = self.reaper.take() {
+            unsafe { libc::killpg(reaper.id() as libc::pid_t, libc::SIGKILL) };
+            let _ = reaper.wait();
         }
         let keep = std::thread::panicking() || std::env::var_os("ZERODROP_KEEP_CLUSTER").is_some_and(|v| v != "0" && !v.is_empty());
         if let Some(dir) = self.dir.take() {

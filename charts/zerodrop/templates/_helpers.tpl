@@ -21,16 +21,21 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels every object carries. */}}
-{{- define "zerodrop.labels" -}}
+{{/* Labels every object carries, except the instance label (the selector labels below carry it). */}}
+{{- define "zerodrop.baseLabels" -}}
 helm.sh/chart: {{ include "zerodrop.chart" . }}
 app.kubernetes.io/part-of: zerodrop
-app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* Labels of objects that carry no selector labels. */}}
+{{- define "zerodrop.labels" -}}
+{{ include "zerodrop.baseLabels" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/* Selector labels of the operator pods. */}}

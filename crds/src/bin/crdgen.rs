@@ -1,8 +1,9 @@
 //! Writes the StreamPipeline CRD YAML.
 //!
 //! `crdgen` writes `crds/streampipeline.crd.yaml` (the committed copy, which a
-//! test compares with the types); `crdgen -` prints it to stdout; `crdgen PATH`
-//! writes it to PATH.
+//! test compares with the types) and the Helm chart's copy,
+//! `charts/zerodrop/crds/streampipeline.crd.yaml`; `crdgen -` prints it to
+//! stdout; `crdgen PATH` writes it to PATH.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,17 +21,20 @@ fn main() -> ExitCode {
         print!("{yaml}");
         return ExitCode::SUCCESS;
     }
-    let path = target.map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("streampipeline.crd.yaml")
-    });
-    match std::fs::write(&path, yaml) {
-        Ok(()) => {
-            eprintln!("crdgen: wrote {}", path.display());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let paths = match target {
+        Some(p) => vec![PathBuf::from(p)],
+        None => vec![
+            crate_dir.join("streampipeline.crd.yaml"),
+            crate_dir.join("../charts/zerodrop/crds/streampipeline.crd.yaml"),
+        ],
+    };
+    for path in paths {
+        if let Err(e) = std::fs::write(&path, &yaml) {
             eprintln!("crdgen: cannot write {}: {e}", path.display());
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+        eprintln!("crdgen: wrote {}", path.display());
     }
+    ExitCode::SUCCESS
 }
