@@ -288,7 +288,7 @@ impl TestCluster {
         )?;
 
         let mut cluster = TestCluster { dir: Some(dir), root: root.clone(), bin: bin.clone(), kubeconfig: kubeconfig.clone(), server, components: Vec::new(), nodes: Vec::new(), reaper: None };
-        cluster.reaper = Some(spawn_reaper(&root.join("pgids"))?);
+        cluster.reaper = Some(spawn_reaper(&root)?);
         let deadline = started + opts.start_timeout;
         let p = |f: &str| pki.join(f).display().to_string();
         let kc = kubeconfig.display().to_string();
@@ -578,14 +578,19 @@ fn check(args: &[std::ffi::OsString], out: Output) -> Result<String> {
 }
 
 /// A shell that polls every 2 s whether this process is alive and, once it is
-/// not, SIGKILLs the process groups listed in `pgids`.
-fn spawn_reaper(pgids: &Path) -> Result<Child> {
-    fs::write(pgids, "")?;
+/// not, SIGKILLs the process groups listed in `dir/pgids` and removes `dir`
+/// (unless ZERODROP_KEEP_CLUSTER is set).
+fn spawn_reaper(dir: &Path) -> Result<Child> {
+    fs::write(dir.join("pgids"), "")?;
     Command::new("bash")
         .arg("-c")
-        .arg(r#"while kill -0 "$0" 2>/dev/null; do sleep 2; done; for g in $(cat "$1"); do kill -KILL -- "-$g" 2>/dev/null; done"#)
+        .arg(
+            r#"while kill -0 "$0" 2>/dev/null; do sleep 2; done
+for g in $(cat "$1/pgids"); do kill -KILL -- "-$g" 2>/dev/null; done
+case "${ZERODROP_KEEP_CLUSTER:-0}" in 0|"") sleep 1; rm -rf "$1" ;; esac"#,
+        )
         .arg(std::process::id().to_string())
-        .arg(pgids)
+        .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
