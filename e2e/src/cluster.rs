@@ -31,7 +31,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 /// Binaries the harness needs in the cache's `bin/`.
-const BINARIES: [&str; 6] = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl"];
+const BINARIES: [&str; 6] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "kubectl",
+];
 
 /// Annotation kwok is told to manage nodes by.
 pub const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
@@ -92,7 +99,10 @@ pub struct TestCluster {
 
 /// The repository root (e2e/..).
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e has a parent")
+        .to_path_buf()
 }
 
 /// The cache's `bin/` directory: `$ZERODROP_CONTROLPLANE_BIN`, else what
@@ -103,9 +113,17 @@ pub fn controlplane_bin() -> Result<PathBuf> {
         return Ok(p.into());
     }
     let script = repo_root().join("scripts/controlplane.sh");
-    let out = Command::new("bash").arg(&script).arg("path").output().with_context(|| format!("running {} path", script.display()))?;
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("path")
+        .output()
+        .with_context(|| format!("running {} path", script.display()))?;
     if !out.status.success() {
-        bail!("{} path failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{} path failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
@@ -117,7 +135,11 @@ fn kwok_stages(bin: &Path) -> PathBuf {
 
 /// Fails, with the command to run, unless every binary is in the cache.
 pub fn check_binaries(bin: &Path) -> Result<()> {
-    let mut missing: Vec<String> = BINARIES.iter().filter(|b| !bin.join(b).is_file()).map(|b| b.to_string()).collect();
+    let mut missing: Vec<String> = BINARIES
+        .iter()
+        .filter(|b| !bin.join(b).is_file())
+        .map(|b| b.to_string())
+        .collect();
     if !kwok_stages(bin).is_file() {
         missing.push("kwok/stages.yaml".into());
     }
@@ -136,13 +158,20 @@ pub fn check_binaries(bin: &Path) -> Result<()> {
 
 /// Loopback ports that were free a moment ago, all different.
 fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
-    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<_>>()?)
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?)
 }
 
 /// The last `n` lines of a file.
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -151,7 +180,11 @@ fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -171,7 +204,11 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
         .output()
         .context("running openssl (install the Debian package `openssl`)")?;
     if !out.status.success() {
-        bail!("openssl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "openssl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -181,12 +218,32 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 fn make_pki(dir: &Path, service_ip: &str) -> Result<()> {
     fs::create_dir_all(dir)?;
     let serial = || {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
         format!("0x{:x}{:04x}", nanos, std::process::id() & 0xffff)
     };
-    let ec_key = |name: &str| openssl(dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name]);
+    let ec_key = |name: &str| {
+        openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                name,
+            ],
+        )
+    };
     let req_cnf = |name: &str, dn: &str| -> Result<()> {
-        let dn: String = dn.split('/').filter(|s| !s.is_empty()).map(|kv| format!("{kv}\n")).collect();
+        let dn: String = dn
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|kv| format!("{kv}\n"))
+            .collect();
         fs::write(
             dir.join(name),
             format!(
@@ -199,18 +256,61 @@ fn make_pki(dir: &Path, service_ip: &str) -> Result<()> {
 
     ec_key("ca.key")?;
     req_cnf("ca.cnf", "CN=zerodrop-e2e-ca")?;
-    openssl(dir, &["req", "-x509", "-new", "-key", "ca.key", "-config", "ca.cnf", "-extensions", "v3_ca", "-days", "3650", "-out", "ca.crt"])?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-config",
+            "ca.cnf",
+            "-extensions",
+            "v3_ca",
+            "-days",
+            "3650",
+            "-out",
+            "ca.crt",
+        ],
+    )?;
 
     let leaf = |name: &str, dn: &str, ext: &str| -> Result<()> {
         ec_key(&format!("{name}.key"))?;
         req_cnf(&format!("{name}.cnf"), dn)?;
         fs::write(dir.join(format!("{name}.ext")), ext)?;
-        openssl(dir, &["req", "-new", "-key", &format!("{name}.key"), "-config", &format!("{name}.cnf"), "-out", &format!("{name}.csr")])?;
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", &serial(), "-days",
-                "3650", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.crt"),
+                "req",
+                "-new",
+                "-key",
+                &format!("{name}.key"),
+                "-config",
+                &format!("{name}.cnf"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        )?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                &serial(),
+                "-days",
+                "3650",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.crt"),
             ],
         )
     };
@@ -228,14 +328,30 @@ fn make_pki(dir: &Path, service_ip: &str) -> Result<()> {
         "O=system:masters/CN=zerodrop-e2e-admin",
         "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\nextendedKeyUsage = clientAuth\n",
     )?;
-    openssl(dir, &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key"])?;
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "sa.key",
+        ],
+    )?;
     openssl(dir, &["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
     Ok(())
 }
 
 /// The first address of an IPv4 CIDR plus one (the `kubernetes` Service IP).
 fn first_service_ip(cidr: &str) -> Result<String> {
-    let base: std::net::Ipv4Addr = cidr.split('/').next().unwrap_or_default().parse().with_context(|| format!("service CIDR {cidr}"))?;
+    let base: std::net::Ipv4Addr = cidr
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("service CIDR {cidr}"))?;
     Ok(std::net::Ipv4Addr::from(u32::from(base) + 1).to_string())
 }
 
@@ -246,7 +362,10 @@ fn http_get(port: u16, path: &str) -> Result<String> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    Ok(resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    Ok(resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
 }
 
 impl TestCluster {
@@ -263,14 +382,17 @@ impl TestCluster {
         let bin = controlplane_bin()?;
         check_binaries(&bin)?;
         let started = Instant::now();
-        let dir = tempfile::Builder::new().prefix("zerodrop-cluster-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("zerodrop-cluster-")
+            .tempdir()?;
         let root = dir.path().to_path_buf();
         let pki = root.join("pki");
         let service_ip = first_service_ip(&opts.service_cidr)?;
         make_pki(&pki, &service_ip)?;
 
         let ports = free_ports(5)?;
-        let (etcd_client, etcd_peer, api_port, kcm_port, sched_port) = (ports[0], ports[1], ports[2], ports[3], ports[4]);
+        let (etcd_client, etcd_peer, api_port, kcm_port, sched_port) =
+            (ports[0], ports[1], ports[2], ports[3], ports[4]);
         let server = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = root.join("kubeconfig");
         let b64 = |f: &str| -> Result<String> { Ok(base64(&fs::read(pki.join(f))?)) };
@@ -287,7 +409,16 @@ impl TestCluster {
             ),
         )?;
 
-        let mut cluster = TestCluster { dir: Some(dir), root: root.clone(), bin: bin.clone(), kubeconfig: kubeconfig.clone(), server, components: Vec::new(), nodes: Vec::new(), reaper: None };
+        let mut cluster = TestCluster {
+            dir: Some(dir),
+            root: root.clone(),
+            bin: bin.clone(),
+            kubeconfig: kubeconfig.clone(),
+            server,
+            components: Vec::new(),
+            nodes: Vec::new(),
+            reaper: None,
+        };
         cluster.reaper = Some(spawn_reaper(&root)?);
         let deadline = started + opts.start_timeout;
         let p = |f: &str| pki.join(f).display().to_string();
@@ -308,7 +439,12 @@ impl TestCluster {
                 "--log-level=warn".into(),
             ],
         )?;
-        cluster.wait_until("etcd /health", deadline, || Ok(http_get(etcd_client, "/health").ok().filter(|b| b.contains("\"true\"")).map(|_| ())))?;
+        cluster.wait_until("etcd /health", deadline, || {
+            Ok(http_get(etcd_client, "/health")
+                .ok()
+                .filter(|b| b.contains("\"true\""))
+                .map(|_| ()))
+        })?;
 
         cluster.spawn(
             "kube-apiserver",
@@ -335,7 +471,10 @@ impl TestCluster {
         )?;
         cluster.wait_until("kube-apiserver /readyz", deadline, || {
             let out = cluster.kubectl(["get", "--raw=/readyz", "--request-timeout=5s"]);
-            Ok((out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok").then_some(()))
+            Ok(
+                (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok")
+                    .then_some(()),
+            )
         })?;
 
         let qps = format!("--kube-api-qps={}", opts.kube_api_qps);
@@ -399,13 +538,35 @@ impl TestCluster {
         }
         for name in cluster.nodes.clone() {
             cluster.wait_until(&format!("node {name} Ready (kwok)"), deadline, || {
-                let out = cluster.kubectl(["get", "node", &name, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+                let out = cluster.kubectl([
+                    "get",
+                    "node",
+                    &name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                ]);
                 Ok((String::from_utf8_lossy(&out.stdout).trim() == "True").then_some(()))
             })?;
         }
-        cluster.wait_until("ServiceAccount default/default (kube-controller-manager)", deadline, || {
-            Ok(cluster.kubectl(["get", "serviceaccount", "default", "-n", "default", "-o", "name"]).status.success().then_some(()))
-        })?;
+        cluster.wait_until(
+            "ServiceAccount default/default (kube-controller-manager)",
+            deadline,
+            || {
+                Ok(cluster
+                    .kubectl([
+                        "get",
+                        "serviceaccount",
+                        "default",
+                        "-n",
+                        "default",
+                        "-o",
+                        "name",
+                    ])
+                    .status
+                    .success()
+                    .then_some(()))
+            },
+        )?;
         eprintln!(
             "[cluster] control plane up in {:.1}s at {} (kubeconfig {})",
             started.elapsed().as_secs_f64(),
@@ -429,7 +590,10 @@ impl TestCluster {
             .spawn()
             .with_context(|| format!("starting {}", self.bin.join(name).display()))?;
         // The reaper reads this list when the test process is gone.
-        let mut pgids = fs::OpenOptions::new().create(true).append(true).open(self.root.join("pgids"))?;
+        let mut pgids = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("pgids"))?;
         writeln!(pgids, "{}", child.id())?;
         self.components.push(Component { name, child, log });
         Ok(())
@@ -437,13 +601,21 @@ impl TestCluster {
 
     /// Polls `f` every 200 ms until it yields a value. Fails at `deadline`, or
     /// as soon as a component has exited, with the tails of the component logs.
-    pub fn wait_until<T>(&self, what: &str, deadline: Instant, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    pub fn wait_until<T>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut f: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
         loop {
             if let Some(v) = f()? {
                 return Ok(v);
             }
             if let Some(dead) = self.exited_component() {
-                bail!("{dead} exited while waiting for {what}\n{}", self.diagnostics());
+                bail!(
+                    "{dead} exited while waiting for {what}\n{}",
+                    self.diagnostics()
+                );
             }
             if Instant::now() >= deadline {
                 bail!("timed out waiting for {what}\n{}", self.diagnostics());
@@ -453,7 +625,12 @@ impl TestCluster {
     }
 
     /// Polls `f` for up to `timeout`; see [`TestCluster::wait_until`].
-    pub fn wait_for<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
         self.wait_until(what, Instant::now() + timeout, f)
     }
 
@@ -463,8 +640,16 @@ impl TestCluster {
             // try_wait needs &mut; ask the kernel without reaping instead.
             let pid = c.child.id() as libc::pid_t;
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            let r = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
-            (r == 0 && unsafe { info.si_pid() } == pid).then(|| format!("{} (exit status {})", c.name, unsafe { info.si_status() }))
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            (r == 0 && unsafe { info.si_pid() } == pid)
+                .then(|| format!("{} (exit status {})", c.name, unsafe { info.si_status() }))
         })
     }
 
@@ -472,7 +657,12 @@ impl TestCluster {
     pub fn diagnostics(&self) -> String {
         let mut s = format!("control-plane logs in {}:\n", self.root.display());
         for c in &self.components {
-            s.push_str(&format!("--- {} (last 25 lines of {}) ---\n{}\n", c.name, c.log.display(), tail(&c.log, 25)));
+            s.push_str(&format!(
+                "--- {} (last 25 lines of {}) ---\n{}\n",
+                c.name,
+                c.log.display(),
+                tail(&c.log, 25)
+            ));
         }
         s
     }
@@ -511,7 +701,10 @@ impl TestCluster {
     pub fn kubectl_command(&self) -> Command {
         let mut cmd = Command::new(self.bin.join("kubectl"));
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .arg(format!("--cache-dir={}", self.root.join("kubectl-cache").display()))
+            .arg(format!(
+                "--cache-dir={}",
+                self.root.join("kubectl-cache").display()
+            ))
             .env("KUBECONFIG", &self.kubeconfig)
             .env("HOME", &self.root)
             .stdin(Stdio::null());
@@ -524,7 +717,10 @@ impl TestCluster {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.kubectl_command().args(args).output().expect("running kubectl")
+        self.kubectl_command()
+            .args(args)
+            .output()
+            .expect("running kubectl")
     }
 
     /// Runs kubectl with `input` on its standard input (for `apply -f -`).
@@ -533,8 +729,14 @@ impl TestCluster {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child =
-            self.kubectl_command().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("running kubectl");
+        let mut child = self
+            .kubectl_command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running kubectl");
         let mut stdin = child.stdin.take().expect("kubectl stdin");
         let input = input.to_string();
         let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
@@ -550,7 +752,10 @@ impl TestCluster {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
+        let args: Vec<_> = args
+            .into_iter()
+            .map(|a| a.as_ref().to_os_string())
+            .collect();
         let out = self.kubectl(&args);
         check(&args, out)
     }
@@ -637,7 +842,9 @@ impl Drop for TestCluster {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 let mut status = 0;
-                let r = unsafe { libc::waitpid(c.child.id() as libc::pid_t, &mut status, libc::WNOHANG) };
+                let r = unsafe {
+                    libc::waitpid(c.child.id() as libc::pid_t, &mut status, libc::WNOHANG)
+                };
                 if r != 0 {
                     break;
                 }
@@ -655,12 +862,16 @@ impl Drop for TestCluster {
             unsafe { libc::killpg(reaper.id() as libc::pid_t, libc::SIGKILL) };
             let _ = reaper.wait();
         }
-        let keep = std::thread::panicking() || std::env::var_os("ZERODROP_KEEP_CLUSTER").is_some_and(|v| v != "0" && !v.is_empty());
-        if let Some(dir) = self.dir.take() {
-            if keep {
-                let path = dir.keep();
-                eprintln!("[cluster] kept {} (certificates, etcd data, component logs)", path.display());
-            }
+        let keep = std::thread::panicking()
+            || std::env::var_os("ZERODROP_KEEP_CLUSTER").is_some_and(|v| v != "0" && !v.is_empty());
+        if let Some(dir) = self.dir.take()
+            && keep
+        {
+            let path = dir.keep();
+            eprintln!(
+                "[cluster] kept {} (certificates, etcd data, component logs)",
+                path.display()
+            );
         }
     }
 }
@@ -671,7 +882,15 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
     }
@@ -686,8 +905,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         make_pki(dir.path(), "10.96.0.1").unwrap();
         for leaf in ["apiserver.crt", "admin.crt"] {
-            let out = Command::new("openssl").args(["verify", "-CAfile", "ca.crt", leaf]).current_dir(dir.path()).output().unwrap();
-            assert!(out.status.success(), "{leaf}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("openssl")
+                .args(["verify", "-CAfile", "ca.crt", leaf])
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{leaf}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

@@ -15,7 +15,11 @@ use serde_json::{Value, json};
 use zerodrop_e2e::cluster::TestCluster;
 
 fn repo(path: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path).display().to_string()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -68,22 +72,37 @@ const INVALID: &[Invalid] = &[
             d["spec"]["sources"][1]["transport"]["rtp"]["port"] = json!(5004);
             d["spec"]["sources"][1]["transport"]["rtp"]["rtcpPort"] = json!(5007);
         },
-        expect: &["spec.sources", "cam-1 and cam-2 listen on the same UDP port"],
+        expect: &[
+            "spec.sources",
+            "cam-1 and cam-2 listen on the same UDP port",
+        ],
     },
     Invalid {
         what: "an RTX payload type equal to the media payload type",
         edit: |d| d["spec"]["sources"][0]["rtxPayloadType"] = json!(96),
-        expect: &["spec.sources[0]", "rtxPayloadType must differ from payloadType"],
+        expect: &[
+            "spec.sources[0]",
+            "rtxPayloadType must differ from payloadType",
+        ],
     },
     Invalid {
         what: "maxReplicas < minReplicas",
         edit: |d| d["spec"]["scaling"] = json!({"minReplicas": 3, "maxReplicas": 2}),
-        expect: &["spec.scaling.maxReplicas", "scaling.maxReplicas must be greater than or equal to scaling.minReplicas"],
+        expect: &[
+            "spec.scaling.maxReplicas",
+            "scaling.maxReplicas must be greater than or equal to scaling.minReplicas",
+        ],
     },
     Invalid {
         what: "an unknown codec",
         edit: |d| d["spec"]["sources"][1]["codec"] = json!("vp8"),
-        expect: &["spec.sources[1].codec", "Unsupported value", "\"vp8\"", "h264", "h265"],
+        expect: &[
+            "spec.sources[1].codec",
+            "Unsupported value",
+            "\"vp8\"",
+            "h264",
+            "h265",
+        ],
     },
 ];
 
@@ -93,17 +112,47 @@ fn real_apiserver_validates_and_serves_streampipelines() {
 
     // The CRD is accepted (schema, CEL cost estimates) and becomes Established.
     let out = cluster.kubectl(["apply", "-f", &repo("crds/streampipeline.crd.yaml")]);
-    assert!(out.status.success(), "kubectl apply of the CRD failed:\n{}{}", stderr(&out), stdout(&out));
-    let out = cluster.kubectl(["wait", "--for=condition=Established", "--timeout=60s", "crd/streampipelines.zerodrop.dev"]);
-    assert!(out.status.success(), "CRD not Established:\n{}\n{}", stderr(&out), cluster.diagnostics());
+    assert!(
+        out.status.success(),
+        "kubectl apply of the CRD failed:\n{}{}",
+        stderr(&out),
+        stdout(&out)
+    );
+    let out = cluster.kubectl([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/streampipelines.zerodrop.dev",
+    ]);
+    assert!(
+        out.status.success(),
+        "CRD not Established:\n{}\n{}",
+        stderr(&out),
+        cluster.diagnostics()
+    );
 
     // The examples apply as they are.
     for example in ["examples/local-demo.yaml", "examples/camera-fleet.yaml"] {
         let out = cluster.kubectl(["apply", "-f", &repo(example)]);
-        assert!(out.status.success(), "kubectl apply -f {example} failed:\n{}{}", stderr(&out), stdout(&out));
+        assert!(
+            out.status.success(),
+            "kubectl apply -f {example} failed:\n{}{}",
+            stderr(&out),
+            stdout(&out)
+        );
     }
-    let names = cluster.kubectl_ok(["get", "streampipelines", "-o", "jsonpath={.items[*].metadata.name}"]).unwrap();
-    assert_eq!(names.split_whitespace().collect::<Vec<_>>(), ["camera-fleet", "demo"]);
+    let names = cluster
+        .kubectl_ok([
+            "get",
+            "streampipelines",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .unwrap();
+    assert_eq!(
+        names.split_whitespace().collect::<Vec<_>>(),
+        ["camera-fleet", "demo"]
+    );
 
     // Invalid specs are rejected by the apiserver, naming the field or rule.
     let mut failures = Vec::new();
@@ -115,30 +164,72 @@ fn real_apiserver_validates_and_serves_streampipelines() {
         if out.status.success() {
             failures.push(format!("{}: accepted by the apiserver:\n{text}", case.what));
         } else if let Some(missing) = case.expect.iter().find(|w| !text.contains(**w)) {
-            failures.push(format!("{}: rejected, but the message lacks {missing:?}:\n{text}", case.what));
+            failures.push(format!(
+                "{}: rejected, but the message lacks {missing:?}:\n{text}",
+                case.what
+            ));
         } else {
             eprintln!("rejected as expected ({}): {}", case.what, text.trim());
         }
     }
     // The unedited document is fine, so each rejection above is the edit's doing.
     let out = cluster.kubectl_stdin(["apply", "-f", "-"], &valid("valid-control").to_string());
-    assert!(out.status.success(), "the unedited manifest was rejected:\n{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "the unedited manifest was rejected:\n{}",
+        stderr(&out)
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 
     // `kubectl get sp` (short name) shows the printer columns.
     let table = cluster.kubectl_ok(["get", "sp"]).unwrap();
-    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "REPLICAS", "READY", "STREAMS", "DECODER", "AGE"], "kubectl get sp:\n{table}");
-    let demo_row: Vec<&str> = table.lines().find(|l| l.starts_with("demo ")).unwrap_or_default().split_whitespace().collect();
-    assert!(demo_row.contains(&"auto"), "the Decoder column of demo should read auto:\n{table}");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "REPLICAS", "READY", "STREAMS", "DECODER", "AGE"],
+        "kubectl get sp:\n{table}"
+    );
+    let demo_row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("demo "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(
+        demo_row.contains(&"auto"),
+        "the Decoder column of demo should read auto:\n{table}"
+    );
 
     // The scale subresource: kubectl scale writes spec.scaling.replicas.
     let out = cluster.kubectl(["scale", "sp/demo", "--replicas=3"]);
-    assert!(out.status.success(), "kubectl scale failed:\n{}", stderr(&out));
-    let replicas = cluster.kubectl_ok(["get", "sp", "demo", "-o", "jsonpath={.spec.scaling.replicas}"]).unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl scale failed:\n{}",
+        stderr(&out)
+    );
+    let replicas = cluster
+        .kubectl_ok([
+            "get",
+            "sp",
+            "demo",
+            "-o",
+            "jsonpath={.spec.scaling.replicas}",
+        ])
+        .unwrap();
     assert_eq!(replicas.trim(), "3");
     let scale: Value = serde_json::from_str(
-        &cluster.kubectl_ok(["get", "--raw", "/apis/zerodrop.dev/v1alpha1/namespaces/default/streampipelines/demo/scale"]).unwrap(),
+        &cluster
+            .kubectl_ok([
+                "get",
+                "--raw",
+                "/apis/zerodrop.dev/v1alpha1/namespaces/default/streampipelines/demo/scale",
+            ])
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(scale["kind"], "Scale");
@@ -163,33 +254,63 @@ fn real_apiserver_validates_and_serves_streampipelines() {
     cluster.apply_yaml(&sts.to_string()).unwrap();
     let phase = cluster
         .wait_for("pod kwok-check-0 Running", Duration::from_secs(90), || {
-            let out = cluster.kubectl(["get", "pod", "kwok-check-0", "-o", "jsonpath={.status.phase} {.spec.nodeName}"]);
+            let out = cluster.kubectl([
+                "get",
+                "pod",
+                "kwok-check-0",
+                "-o",
+                "jsonpath={.status.phase} {.spec.nodeName}",
+            ]);
             let s = stdout(&out);
             Ok(s.starts_with("Running ").then(|| s.trim().to_string()))
         })
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(phase, format!("Running {}", cluster.nodes()[0]));
-    let ready = cluster
-        .wait_for("StatefulSet kwok-check readyReplicas 1", Duration::from_secs(60), || {
-            let out = cluster.kubectl(["get", "statefulset", "kwok-check", "-o", "jsonpath={.status.readyReplicas}"]);
+    let ready = cluster.wait_for(
+        "StatefulSet kwok-check readyReplicas 1",
+        Duration::from_secs(60),
+        || {
+            let out = cluster.kubectl([
+                "get",
+                "statefulset",
+                "kwok-check",
+                "-o",
+                "jsonpath={.status.readyReplicas}",
+            ]);
             Ok((stdout(&out).trim() == "1").then_some(()))
-        });
+        },
+    );
     ready.unwrap_or_else(|e| panic!("{e:#}"));
 
     // Owner-reference garbage collection (kube-controller-manager): deleting
     // the StatefulSet removes its pod (kwok finalizes the pod's deletion).
-    cluster.kubectl_ok(["delete", "statefulset", "kwok-check", "--wait=false"]).unwrap();
     cluster
-        .wait_for("pod kwok-check-0 garbage-collected", Duration::from_secs(90), || {
-            let out = cluster.kubectl(["get", "pod", "kwok-check-0", "--ignore-not-found", "-o", "name"]);
-            Ok((out.status.success() && stdout(&out).trim().is_empty()).then_some(()))
-        })
+        .kubectl_ok(["delete", "statefulset", "kwok-check", "--wait=false"])
+        .unwrap();
+    cluster
+        .wait_for(
+            "pod kwok-check-0 garbage-collected",
+            Duration::from_secs(90),
+            || {
+                let out = cluster.kubectl([
+                    "get",
+                    "pod",
+                    "kwok-check-0",
+                    "--ignore-not-found",
+                    "-o",
+                    "name",
+                ]);
+                Ok((out.status.success() && stdout(&out).trim().is_empty()).then_some(()))
+            },
+        )
         .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 #[test]
 fn missing_binaries_name_the_build_command() {
     let dir = tempfile::tempdir().unwrap();
-    let err = zerodrop_e2e::cluster::check_binaries(dir.path()).unwrap_err().to_string();
+    let err = zerodrop_e2e::cluster::check_binaries(dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("scripts/controlplane.sh build"), "{err}");
 }
