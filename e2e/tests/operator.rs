@@ -241,3 +241,46 @@ fn dataplane_pod_mode_runs_its_shard_from_the_rendered_config_and_decodes() -> a
     assert!(status.success(), "pod exits 0 on SIGTERM");
     Ok(())
 }
+
+fn is_leader(op: &Operator) -> Option<bool> {
+    let m = http_get(op.metrics.parse().unwrap(), "/metrics").ok()?;
+    metric_value(&m, "zerodrop_operator_leader", &[]).map(|v| v == 1.0)
+}
+
+#[test]
+fn two_operator_replicas_elect_one_leader_and_the_standby_takes_over() -> anyhow::Result<()> {
+    let cluster = TestCluster::start()?;
+    cluster.kubectl_ok(["apply", "-f", repo("crds/streampipeline.crd.yaml").to_str().unwrap()])?;
+    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
+    let a = Operator::start(&cluster, 27083, "operator-a.log");
+    let b = Operator::start(&cluster, 27084, "operator-b.log");
+    let (leader, standby) = cluster.wait_for("exactly one leader", Duration::from_secs(60), || {
+        Ok(match (is_leader(&a), is_leader(&b)) {
+            (Some(true), Some(false)) => Some((a_or_b(true), a_or_b(false))),
+            (Some(false), Some(true)) => Some((a_or_b(false), a_or_b(true))),
+            _ => None,
+        })
+    })?;
+    fn a_or_b(first: bool) -> usize {
+        if first { 0 } else { 1 }
+    }
+    let mut ops = [Some(a), Some(b)];
+    cluster.apply_yaml(&fleet(2, 1))?;
+    cluster.wait_for("the leader to reconcile", Duration::from_secs(60), || {
+        Ok(cluster.kubectl(["get", "statefulset", "fleet-dataplane"]).status.success().then_some(()))
+    })?;
+    assert_eq!(ops[standby].as_ref().unwrap().reconciles(), 0.0, "the standby does not reconcile");
+
+    // The leader dies without releasing the lease: the standby takes over
+    // when the lease expires and reconciles a change.
+    drop(ops[leader].take());
+    cluster.wait_for("the standby to lead", Duration::from_secs(60), || {
+        Ok((is_leader(ops[standby].as_ref().unwrap()) == Some(true)).then_some(()))
+    })?;
+    cluster.kubectl_ok(["scale", "sp/fleet", "--replicas=2"])?;
+    cluster.wait_for("the new leader to scale", Duration::from_secs(60), || {
+        let sts = json(&cluster, &["get", "statefulset", "fleet-dataplane"]);
+        Ok((sts["spec"]["replicas"] == 2).then_some(()))
+    })?;
+    Ok(())
+}
