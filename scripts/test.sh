@@ -20,4 +20,4 @@ step "running the test suite"
 # Tests share UDP ports and CPU-heavy GStreamer pipelines on small machines:
 # keep end-to-end tests one at a time. The eBPF tests need root; under CI
 # (CI=true) a skipped kernel test is a failure.
-cargo test --workspace --locked -- --test-threads=1
+cargo test --workspace --locked --no-fail-fast -- --test-threads=1

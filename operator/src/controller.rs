@@ -132,6 +132,7 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action, E
     }
     writes += apply(client, &ns, &desired.pdb).await? as u32;
     writes += prune_source_services(client, &ns, &name, &desired).await?;
+    ctx.metrics.writes.inc_by(writes as u64);
     ctx.metrics.objects_managed(&key(sp), 4 + desired.source_services.len() as i64);
 
     let replicas = desired::replicas(sp);
@@ -283,6 +284,7 @@ async fn write_status(ctx: &Context, sp: &StreamPipeline, status: StreamPipeline
         "status": status,
     });
     api.patch_status(&sp.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
+    ctx.metrics.writes.inc();
     Ok(())
 }
 

@@ -25,6 +25,8 @@ pub struct OperatorMetrics {
     reconciles: Family<ResultLabels, Counter>,
     duration: Histogram,
     objects: Family<PipelineLabels, Gauge>,
+    /// Write requests sent to the apiserver (applies, deletes, status patches).
+    pub writes: Counter,
     pub leader: Gauge,
 }
 
@@ -41,11 +43,13 @@ impl OperatorMetrics {
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         let objects = Family::<PipelineLabels, Gauge>::default();
         let leader = Gauge::default();
+        let writes = Counter::default();
+        registry.register("api_writes", "Write requests sent to the apiserver: applies, deletes, status patches", writes.clone());
         registry.register("reconciles", "Reconciles by result (ok, error)", reconciles.clone());
         registry.register_with_unit("reconcile_duration", "Time one reconcile took", Unit::Seconds, duration.clone());
         registry.register("objects_managed", "Kubernetes objects owned, per pipeline", objects.clone());
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Self { registry, reconciles, duration, objects, leader }
+        Self { registry, reconciles, duration, objects, writes, leader }
     }
 
     pub fn observe_reconcile(&self, took: Duration, ok: bool) {
