@@ -9,6 +9,37 @@ pub mod gst_receiver;
 pub mod gst_sender;
 pub mod runner;
 
+/// A one-source RTP pipeline on loopback (`port`, RTCP on `port + 1`, RTX 97),
+/// as the end-to-end tests and the benchmark run it.
+pub fn single_source_manifest(pipeline: &str, codec: &str, port: u16, latency_ms: u32, max_retries: u32) -> String {
+    format!(
+        r#"apiVersion: zerodrop.dev/v1alpha1
+kind: StreamPipeline
+metadata:
+  name: {pipeline}
+spec:
+  sources:
+    - name: cam
+      codec: {codec}
+      payloadType: 96
+      rtxPayloadType: 97
+      transport:
+        rtp:
+          listenAddress: 127.0.0.1
+          port: {port}
+          rtcpPort: {rtcp}
+  repair:
+    latencyMs: {latency_ms}
+    nack:
+      enabled: true
+      maxRetries: {max_retries}
+  decode:
+    decoder: software
+"#,
+        rtcp = port + 1
+    )
+}
+
 /// Per-access-unit digests as both sides log them: `index ts digest keyframe`.
 pub fn read_digests(path: &std::path::Path) -> anyhow::Result<Vec<u64>> {
     let text = std::fs::read_to_string(path)?;

@@ -9,32 +9,7 @@ use zerodrop_e2e::runner::RunnerProcess;
 use zerodrop_e2e::{compare_digests, read_digests};
 
 fn manifest(port: u16) -> String {
-    format!(
-        r#"apiVersion: zerodrop.dev/v1alpha1
-kind: StreamPipeline
-metadata:
-  name: e2e
-spec:
-  sources:
-    - name: gst
-      codec: h264
-      payloadType: 96
-      rtxPayloadType: 97
-      transport:
-        rtp:
-          listenAddress: 127.0.0.1
-          port: {port}
-          rtcpPort: {rtcp}
-  repair:
-    latencyMs: 400
-    nack:
-      enabled: true
-      maxRetries: 10
-  decode:
-    decoder: software
-"#,
-        rtcp = port + 1
-    )
+    zerodrop_e2e::single_source_manifest("e2e", "h264", port, 400, 10).replace("name: cam", "name: gst")
 }
 
 #[test]

@@ -9,32 +9,7 @@ use zerodrop_e2e::runner::{RunnerProcess, metric_value, zerodrop_bin};
 use zerodrop_e2e::{compare_digests, read_digests};
 
 fn manifest(name: &str, codec: &str, port: u16, latency_ms: u32) -> String {
-    format!(
-        r#"apiVersion: zerodrop.dev/v1alpha1
-kind: StreamPipeline
-metadata:
-  name: {name}
-spec:
-  sources:
-    - name: cam
-      codec: {codec}
-      payloadType: 96
-      rtxPayloadType: 97
-      transport:
-        rtp:
-          listenAddress: 127.0.0.1
-          port: {port}
-          rtcpPort: {rtcp}
-  repair:
-    latencyMs: {latency_ms}
-    nack:
-      enabled: true
-      maxRetries: 15
-  decode:
-    decoder: software
-"#,
-        rtcp = port + 1
-    )
+    zerodrop_e2e::single_source_manifest(name, codec, port, latency_ms, 15)
 }
 
 /// Runs `zerodrop send` to completion and returns its per-AU digests.

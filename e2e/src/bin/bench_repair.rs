@@ -325,33 +325,9 @@ fn process_cpu_s(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
+/// Ours gets the same payload types (96 / RTX 97) and latency budget as GStreamer's.
 fn manifest(port: u16, latency_ms: u32) -> String {
-    format!(
-        r#"apiVersion: zerodrop.dev/v1alpha1
-kind: StreamPipeline
-metadata:
-  name: bench
-spec:
-  sources:
-    - name: cam
-      codec: h264
-      payloadType: {PT}
-      rtxPayloadType: {RTX_PT}
-      transport:
-        rtp:
-          listenAddress: 127.0.0.1
-          port: {port}
-          rtcpPort: {rtcp}
-  repair:
-    latencyMs: {latency_ms}
-    nack:
-      enabled: true
-      maxRetries: 10
-  decode:
-    decoder: software
-"#,
-        rtcp = port + 1
-    )
+    zerodrop_e2e::single_source_manifest("bench", "h264", port, latency_ms, 10)
 }
 
 enum Receiver {
