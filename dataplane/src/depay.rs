@@ -261,7 +261,7 @@ impl Depacketizer {
 
     /// Whether a packet begins with a NAL unit that only ever leads an access
     /// unit: an access unit delimiter, or the SPS (H.264) / VPS (H.265).
-    fn leads_access_unit(&self, payload: &[u8]) -> bool {
+    pub fn leads_access_unit(&self, payload: &[u8]) -> bool {
         match self.codec {
             Codec::H264 => {
                 let first = match payload.first().map(|h| h & 0x1f) {

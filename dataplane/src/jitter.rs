@@ -73,7 +73,9 @@ pub enum PushOutcome {
 #[derive(Debug)]
 enum Slot {
     Empty,
-    Missing { seen: Instant, nacks_sent: u32, next_nack: Instant, last_nack: Option<Instant> },
+    /// `speculative`: asked for on suspicion (a tail or head probe), not
+    /// proven to exist; one that never arrives is passed over silently.
+    Missing { seen: Instant, nacks_sent: u32, next_nack: Instant, last_nack: Option<Instant>, speculative: bool },
     Present(StoredPacket),
 }
 
@@ -102,6 +104,10 @@ pub struct JitterBuffer {
     spare: Vec<Vec<u8>>,
     /// Loss declared by a resync, handed on by the next `pop_ready`.
     resync_loss: Option<(u64, u64)>,
+    /// The first packet of the stream; head probes lie below it.
+    first_real: Option<u64>,
+    /// Whether anything was released yet (head probes only before that).
+    released_any: bool,
 }
 
 impl JitterBuffer {
@@ -116,6 +122,8 @@ impl JitterBuffer {
             counters: JitterCounters::default(),
             spare: Vec::new(),
             resync_loss: None,
+            first_real: None,
+            released_any: false,
         }
     }
 
@@ -152,11 +160,14 @@ impl JitterBuffer {
         self.next_out = None;
         self.end = 0;
         self.resync_loss = None;
+        self.first_real = None;
+        self.released_any = false;
     }
 
     pub fn push(&mut self, seq: u64, packet: StoredPacket, now: Instant) -> PushOutcome {
         let capacity = self.slots.len() as u64;
         let Some(next_out) = self.next_out else {
+            self.first_real = Some(seq);
             self.next_out = Some(seq);
             self.end = seq + 1;
             self.counters.received += 1;
@@ -185,10 +196,24 @@ impl JitterBuffer {
             outcome = PushOutcome::Resynced { lost };
         }
         if seq >= self.end {
+            // A later packet proves that tail-probed numbers exist.
+            let first_real = self.first_real.unwrap_or(seq);
+            let mut s = self.end;
+            while s > first_real && s > next_out {
+                s -= 1;
+                let idx = (s & self.mask) as usize;
+                match &mut self.slots[idx] {
+                    Slot::Missing { speculative, .. } if *speculative => {
+                        *speculative = false;
+                        self.counters.went_missing += 1;
+                    }
+                    _ => break,
+                }
+            }
             // New packets beyond the highest: every skipped number is missing now.
             let first_nack = now;
             for s in self.end..seq {
-                *self.slot(s) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: first_nack, last_nack: None };
+                *self.slot(s) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: first_nack, last_nack: None, speculative: false };
                 self.counters.went_missing += 1;
             }
             self.end = seq + 1;
@@ -202,8 +227,12 @@ impl JitterBuffer {
                 self.recycle(packet.data);
                 PushOutcome::Duplicate
             }
-            Slot::Missing { nacks_sent, .. } => {
+            Slot::Missing { nacks_sent, speculative, .. } => {
                 let by_nack = *nacks_sent > 0 && packet.retransmitted;
+                if *speculative {
+                    // It existed after all.
+                    self.counters.went_missing += 1;
+                }
                 *self.slot(seq) = Slot::Present(packet);
                 self.counters.received += 1;
                 self.counters.recovered += 1;
@@ -237,6 +266,12 @@ impl JitterBuffer {
                         unreachable!()
                     };
                     out.push(Output::Packet { seq: next, packet });
+                    self.released_any = true;
+                    next += 1;
+                }
+                Slot::Missing { seen, speculative: true, .. } if now >= *seen + latency => {
+                    // Probed on suspicion and never seen: it did not exist.
+                    self.slots[idx] = Slot::Empty;
                     next += 1;
                 }
                 Slot::Missing { seen, .. } if now >= *seen + latency => {
@@ -244,7 +279,7 @@ impl JitterBuffer {
                     while next < self.end {
                         let idx = (next & self.mask) as usize;
                         match &self.slots[idx] {
-                            Slot::Missing { seen, .. } if now >= *seen + latency => {
+                            Slot::Missing { seen, speculative: false, .. } if now >= *seen + latency => {
                                 self.slots[idx] = Slot::Empty;
                                 next += 1;
                             }
@@ -260,18 +295,36 @@ impl JitterBuffer {
         self.next_out = Some(next);
     }
 
-    /// Declares the packet after the highest one missing, as if a later packet
-    /// had revealed the gap. For tail loss: when the last packets of a burst
-    /// are lost nothing after them shows the gap, but an access unit left
-    /// without its marker proves that something is missing. Returns the
-    /// sequence number now awaited, or None before the first packet.
+    /// Asks for the packet after the highest one, on suspicion: when the
+    /// last packets of a burst are lost nothing after them shows the gap, but
+    /// an access unit left without its marker suggests one. The probe counts
+    /// as a loss only once a later packet proves the number exists. Returns
+    /// the sequence number now awaited, or None before the first packet.
     pub fn expect_next(&mut self, now: Instant) -> Option<u64> {
         self.next_out?;
         let seq = self.end;
-        *self.slot(seq) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: now, last_nack: None };
+        *self.slot(seq) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: now, last_nack: None, speculative: true };
         self.end = seq + 1;
-        self.counters.went_missing += 1;
         Some(seq)
+    }
+
+    /// Asks for up to `count` packets before the first one received, on
+    /// suspicion: a stream whose first packet is not the start of an access
+    /// unit lost its head, and no earlier packet can reveal the gap. Only
+    /// before anything was released. Returns how many were added.
+    pub fn expect_before(&mut self, count: u64, now: Instant) -> u64 {
+        let (Some(next), Some(first)) = (self.next_out, self.first_real) else { return 0 };
+        if self.released_any || next != first {
+            return 0;
+        }
+        let room = (self.slots.len() as u64).saturating_sub(self.end - next + 1);
+        let n = count.min(room).min(next);
+        for i in 1..=n {
+            *self.slot(next - i) =
+                Slot::Missing { seen: now, nacks_sent: 0, next_nack: now, last_nack: None, speculative: true };
+        }
+        self.next_out = Some(next - n);
+        n
     }
 
     /// One past the highest sequence number seen or awaited.
@@ -296,7 +349,7 @@ impl JitterBuffer {
         let base = rtt.mul_f32(1.25).max(Duration::from_millis(5));
         for seq in start..self.end {
             let idx = (seq & self.mask) as usize;
-            if let Slot::Missing { seen, nacks_sent, next_nack, last_nack } = &mut self.slots[idx] {
+            if let Slot::Missing { seen, nacks_sent, next_nack, last_nack, .. } = &mut self.slots[idx] {
                 let deadline = *seen + latency;
                 // The first request goes out regardless of the RTT guess; later
                 // ones only if the retransmission could still make it.
@@ -499,6 +552,47 @@ mod tests {
         jb.pop_ready(t0, &mut out);
         assert_eq!(released(&out), vec![7, 8]);
         assert_eq!(jb.counters().recovered_by_nack, 1);
+    }
+
+    #[test]
+    fn an_unanswered_tail_probe_expires_silently_but_a_later_packet_makes_it_a_loss() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings { latency: Duration::from_millis(50), ..Default::default() });
+        let mut out = Vec::new();
+        jb.push(7, pkt(t0, 0), t0);
+        jb.expect_next(t0);
+        jb.pop_ready(t0 + Duration::from_millis(60), &mut out);
+        assert_eq!(released(&out), vec![7], "a probe nobody answered is no loss");
+        assert_eq!((jb.counters().went_missing, jb.counters().lost), (0, 0));
+
+        let mut jb = JitterBuffer::new(JitterSettings { latency: Duration::from_millis(50), ..Default::default() });
+        let mut out = Vec::new();
+        jb.push(7, pkt(t0, 0), t0);
+        jb.expect_next(t0);
+        jb.push(9, pkt(t0, 0), t0); // proves 8 existed
+        jb.pop_ready(t0 + Duration::from_millis(60), &mut out);
+        assert_eq!(released(&out), vec![7, -8, 9]);
+        assert_eq!((jb.counters().went_missing, jb.counters().lost), (1, 1));
+    }
+
+    #[test]
+    fn head_probe_accepts_packets_before_the_first_one_until_something_is_released() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings { latency: Duration::from_millis(50), ..Default::default() });
+        let mut out = Vec::new();
+        jb.push(100, pkt(t0, 0), t0);
+        assert_eq!(jb.expect_before(3, t0), 3);
+        let mut nacks = Vec::new();
+        jb.due_nacks(t0, Duration::from_millis(1), &mut nacks);
+        assert_eq!(nacks, vec![97, 98, 99]);
+        let mut rtx = pkt(t0, 0);
+        rtx.retransmitted = true;
+        jb.push(99, rtx, t0);
+        jb.pop_ready(t0 + Duration::from_millis(60), &mut out);
+        assert_eq!(released(&out), vec![99, 100], "97 and 98 never existed: passed over");
+        assert_eq!(jb.counters().recovered_by_nack, 1);
+        assert_eq!(jb.counters().lost, 0);
+        assert_eq!(jb.expect_before(3, t0), 0, "not once packets have been released");
     }
 
     #[test]

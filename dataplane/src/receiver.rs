@@ -30,6 +30,9 @@ const BATCH: usize = 32;
 /// How long an unfinished access unit waits for its next packet before the
 /// receiver suspects tail loss (at least; twice the RTT when known).
 const TAIL_PROBE_MIN: Duration = Duration::from_millis(40);
+/// Packets asked for before a stream's first packet when that packet does not
+/// begin an access unit (its parameter sets were lost).
+const HEAD_PROBE_PACKETS: u64 = 4;
 /// Probes per unfinished access unit: a tail longer than this is given up.
 const MAX_TAIL_PROBES: u32 = 8;
 
@@ -150,6 +153,8 @@ struct Receiver {
     next_report: Instant,
     report_prior: (u64, u64),
     rtp_ts_ext: Option<(u32, i64)>,
+    /// Set when a sender restart broke the timestamp sequence.
+    timestamps_restarted: bool,
     last_keyframe: Option<i64>,
     /// Tail probes for the open access unit: (its timestamp, probes, last).
     tail_probe: Option<(u32, u32, Instant)>,
@@ -231,6 +236,7 @@ pub fn run(
         next_report: now + REPORT_INTERVAL,
         report_prior: (0, 0),
         rtp_ts_ext: None,
+        timestamps_restarted: false,
         last_keyframe: None,
         tail_probe: None,
         au_log,
@@ -395,6 +401,12 @@ impl Receiver {
                 self.metrics.rtt.set(rtt.as_secs_f64());
             }
         }
+        // The first packet of a stream that does not begin an access unit
+        // means its head was lost, and nothing earlier will reveal the gap.
+        let head_probe = self.base_seq == Some(ext)
+            && self.jb.end().is_none()
+            && !retransmitted
+            && !self.depay.leads_access_unit(&batch.datagram(i)[offset..offset + len]);
         let data = batch.take(i, self.jb.take_spare());
         let packet = StoredPacket {
             data,
@@ -411,6 +423,10 @@ impl Receiver {
             PushOutcome::TooLate => self.metrics.packets_late.inc(),
             PushOutcome::Stored | PushOutcome::Resynced { .. } => self.metrics.packets_received.inc(),
         };
+        if head_probe && self.cfg.jitter.nack {
+            let n = self.jb.expect_before(HEAD_PROBE_PACKETS, now);
+            tracing::debug!(stream = %self.cfg.id(), n, "stream starts mid access unit; probing for its head");
+        }
         let after = self.jb.counters();
         self.metrics.packets_lost.inc_by(after.went_missing - before.went_missing);
         let by_nack = after.recovered_by_nack - before.recovered_by_nack;
@@ -422,8 +438,21 @@ impl Receiver {
         let mut out = std::mem::take(&mut self.outputs);
         self.jb.drain(&mut out);
         self.outputs = out;
-        self.deliver(Instant::now());
+        let now = Instant::now();
+        self.deliver(now);
+        self.flush_depay(now);
         self.jb.reset();
+        // The new stream starts afresh: it must begin with a keyframe, and its
+        // timestamps have nothing to do with the old ones.
+        self.depay = Depacketizer::new(self.cfg.codec);
+        self.timestamps_restarted = true;
+        // Feedback goes to the new sender: until its first sender report,
+        // to its RTP address's RTCP neighbour; its RTT is measured anew.
+        self.rtcp_peer = None;
+        self.last_sr = None;
+        self.rtt = None;
+        self.last_keyframe = None;
+        self.tail_probe = None;
         self.seq = SeqExtender::default();
         self.base_seq = None;
         self.report_prior = (0, 0);
@@ -534,6 +563,11 @@ impl Receiver {
     fn extend_timestamp(&mut self, ts: u32) -> i64 {
         let ext = match self.rtp_ts_ext {
             None => 0,
+            // After a sender restart, continue one frame later so that the
+            // decoder's timestamps keep increasing.
+            Some((_, ext)) if std::mem::take(&mut self.timestamps_restarted) => {
+                ext + self.cfg.clock_rate as i64 / 30
+            }
             Some((last, ext)) => ext + ts.wrapping_sub(last) as i32 as i64,
         };
         self.rtp_ts_ext = Some((ts, ext));

@@ -191,3 +191,32 @@ fn kernel_drops_of_a_too_small_receive_buffer_are_shown_per_stream() {
     assert_eq!(kernel + read, sent, "every datagram is either read or counted as a kernel drop");
     assert_eq!(outcome.stream("cam")["kernel_udp_drops"].as_u64().unwrap() as usize, kernel);
 }
+
+#[test]
+fn a_sender_restarting_with_a_new_ssrc_is_picked_up_after_silence_without_drops() {
+    let port = 22704;
+    let runner = RunnerProcess::start(&manifest("restart", "h264", port, 300), 22790, &[]).expect("runner starts");
+    let first_dir = runner.dir.path().join("first");
+    let second_dir = runner.dir.path().join("second");
+    std::fs::create_dir_all(&first_dir).unwrap();
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let (first, _) = send(port, "h264", 45, "uniform:0.05", 11, &first_dir);
+    // A new SSRC is accepted once the old source has gone silent.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_value(&runner.metrics().unwrap_or_default(), "zerodrop_stream_up", &["stream=\"cam\""]) != Some(0.0) {
+        assert!(Instant::now() < deadline, "the first source never went silent");
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+    let (second, _) = send(port, "h264", 45, "uniform:0.05", 12, &second_dir);
+    let outcome = runner.stop().expect("runner stops");
+    assert!(outcome.status.success(), "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("sender restarted with a new SSRC"), "{}", outcome.stderr);
+    let stream = outcome.stream("cam");
+    assert_eq!(stream["frames_dropped"], 0, "{stream:#}");
+    assert_eq!(stream["frames_decoded"].as_u64().unwrap(), 90, "{stream:#}");
+    let sent: Vec<u64> = first.into_iter().chain(second).collect();
+    let received = read_digests(&outcome.au_log("restart", "cam")).unwrap();
+    if let Some(diff) = compare_digests(&sent, &received) {
+        panic!("content differs across the restart: {diff}");
+    }
+}
