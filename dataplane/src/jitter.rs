@@ -354,7 +354,11 @@ impl JitterBuffer {
                 // The first request goes out regardless of the RTT guess; later
                 // ones only if the retransmission could still make it.
                 let useful = *nacks_sent == 0 || now + rtt / 2 < deadline;
-                if *nacks_sent < max && now >= *next_nack && useful && now < deadline {
+                if *nacks_sent < max && now >= *next_nack && !(useful && now < deadline) {
+                    // Too late for an answer to help: stop asking, and stop
+                    // `next_deadline` from waking the loop for this packet.
+                    *nacks_sent = max;
+                } else if *nacks_sent < max && now >= *next_nack {
                     *nacks_sent += 1;
                     *next_nack = now + base * (1u32 << (*nacks_sent - 1).min(10));
                     *last_nack = Some(now);

@@ -606,6 +606,11 @@ impl Receiver {
         if self.nacks.is_empty() && !pli && !report_due {
             return;
         }
+        if report_due {
+            // Even with nobody to report to: a report left due would make
+            // the loop wake at once, forever.
+            self.next_report = now + REPORT_INTERVAL;
+        }
         let Some(peer) = self.feedback_peer() else { return };
         let media_ssrc = self.media_ssrc.unwrap_or(0);
         self.nack_seqs.clear();
@@ -622,9 +627,6 @@ impl Receiver {
         if pli {
             self.metrics.keyframe_requests.inc();
             self.last_pli = Some(now);
-        }
-        if report_due {
-            self.next_report = now + REPORT_INTERVAL;
         }
     }
 

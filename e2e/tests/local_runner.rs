@@ -220,3 +220,30 @@ fn a_sender_restarting_with_a_new_ssrc_is_picked_up_after_silence_without_drops(
         panic!("content differs across the restart: {diff}");
     }
 }
+
+/// User plus system CPU seconds a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz
+}
+
+#[test]
+fn a_source_that_never_sends_leaves_the_receiver_idle() {
+    // A regression: a receiver with nobody to send reports to woke up at once,
+    // forever, and burnt a core.
+    let runner = RunnerProcess::start(&manifest("idle", "h264", 22804, 300), 22890, &[]).expect("runner starts");
+    let before = cpu_seconds(runner.pid());
+    let window = Duration::from_secs(3);
+    let start = Instant::now();
+    while start.elapsed() < window {
+        std::thread::park_timeout(window - start.elapsed()); // observing an idle process for a while is the test
+    }
+    let used = cpu_seconds(runner.pid()) - before;
+    let outcome = runner.stop().expect("runner stops");
+    assert!(outcome.status.success());
+    assert!(used < 0.3, "an idle receiver used {used:.2} CPU-seconds in {window:?}");
+}
