@@ -192,7 +192,12 @@ impl JitterBuffer {
             self.counters.went_missing += lost;
             self.next_out = Some(seq);
             self.end = seq;
-            self.resync_loss = Some((next_out, lost));
+            // Two jumps before a release make one lost range, from where the
+            // first one started.
+            self.resync_loss = Some(match self.resync_loss.take() {
+                Some((first, _)) => (first, seq - first),
+                None => (next_out, lost),
+            });
             outcome = PushOutcome::Resynced { lost };
         }
         if seq >= self.end {
@@ -301,7 +306,10 @@ impl JitterBuffer {
     /// as a loss only once a later packet proves the number exists. Returns
     /// the sequence number now awaited, or None before the first packet.
     pub fn expect_next(&mut self, now: Instant) -> Option<u64> {
-        self.next_out?;
+        let next = self.next_out?;
+        if self.end - next + 1 >= self.slots.len() as u64 {
+            return None; // the ring is full
+        }
         let seq = self.end;
         *self.slot(seq) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: now, last_nack: None, speculative: true };
         self.end = seq + 1;
@@ -597,6 +605,24 @@ mod tests {
         assert_eq!(jb.counters().recovered_by_nack, 1);
         assert_eq!(jb.counters().lost, 0);
         assert_eq!(jb.expect_before(3, t0), 0, "not once packets have been released");
+    }
+
+    #[test]
+    fn two_jumps_before_a_release_lose_one_contiguous_range() {
+        // Found by the `jitter` fuzz target.
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings { capacity: 64, ..Default::default() });
+        let mut out = Vec::new();
+        jb.push(10, pkt(t0, 0), t0);
+        jb.pop_ready(t0, &mut out);
+        jb.push(1000, pkt(t0, 0), t0);
+        jb.push(5000, pkt(t0, 0), t0);
+        jb.pop_ready(t0, &mut out);
+        let r = released(&out);
+        assert_eq!(r.first(), Some(&10));
+        assert_eq!(r.last(), Some(&5000));
+        assert_eq!(r.len(), 5000 - 10 + 1, "every number released or lost exactly once");
+        assert_eq!(jb.counters().lost, 5000 - 11);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 #![no_main]
-//! The jitter buffer under arbitrary pushes, releases, NACK rounds and tail
-//! probes on a synthetic clock. What it releases must account for every
-//! sequence number exactly once, in order: from the first released on, each
-//! number is either a packet (the one pushed with that number) or inside a
-//! declared loss, with nothing skipped. Draining releases everything held.
+//! The jitter buffer under arbitrary pushes, releases, NACK rounds and head
+//! and tail probes on a synthetic clock. What it releases must account for
+//! every sequence number exactly once, in order: from the first released on,
+//! each number is a packet (the one pushed with that number) or inside a
+//! declared loss, with nothing skipped but speculative probes that went
+//! unanswered (they never existed). Draining releases everything held.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
@@ -24,19 +26,25 @@ struct Input {
 #[derive(Debug, Arbitrary)]
 enum Op {
     /// A datagram with this 16-bit RTP sequence number arrives; it is extended
-    /// as the receiver does.
+    /// as the receiver extends it.
     Push { seq: u16, retransmitted: bool },
     Pop,
     DueNacks { rtt_ms: u16 },
+    /// Tail probe; like the receiver (`probe_tail_loss`), only while nothing
+    /// is held, so the probe always fits in the ring.
     ExpectNext,
+    /// Head probe.
+    ExpectBefore { count: u8 },
     Advance { ms: u16 },
 }
 
-/// Follows the released stream: the sequence number the next output must
-/// start at, once anything was released.
+/// Follows the released stream.
 #[derive(Default)]
 struct ReleaseCheck {
+    /// The sequence number the next output must start at, once anything was released.
     next: Option<u64>,
+    /// Numbers asked for on suspicion, which may be skipped when unanswered.
+    probed: BTreeSet<u64>,
 }
 
 impl ReleaseCheck {
@@ -53,7 +61,11 @@ impl ReleaseCheck {
                 }
             };
             if let Some(next) = self.next {
-                assert_eq!(first, next, "released {output:?} but {next} was due next");
+                assert!(first >= next, "released {output:?} again or out of order: {next} was due next");
+                assert!(
+                    (next..first).all(|s| self.probed.contains(&s)),
+                    "released {output:?} but {next} was due next, and not every number between was a speculative probe"
+                );
             }
             self.next = Some(first + count);
         }
@@ -69,8 +81,8 @@ fuzz_target!(|input: Input| {
     };
     let mut jb = JitterBuffer::new(settings);
     let mut seqs = SeqExtender::default();
-    let base = Instant::now();
-    let mut now = base;
+    let mut first_pushed = None;
+    let mut now = Instant::now();
     let mut outputs = Vec::new();
     let mut check = ReleaseCheck::default();
     let mut nacks = Vec::new();
@@ -79,6 +91,7 @@ fuzz_target!(|input: Input| {
         match op {
             Op::Push { seq, retransmitted } => {
                 let seq = seqs.extend(seq);
+                first_pushed.get_or_insert(seq);
                 let mut data = jb.take_spare();
                 data.extend_from_slice(&seq.to_le_bytes());
                 let packet = StoredPacket {
@@ -103,7 +116,18 @@ fuzz_target!(|input: Input| {
                 assert!(nacks.iter().all(|&s| s < end), "NACK beyond the highest awaited: {nacks:?}, end {end}");
             }
             Op::ExpectNext => {
-                jb.expect_next(now);
+                if jb.held() == 0
+                    && let Some(seq) = jb.expect_next(now)
+                {
+                    check.probed.insert(seq);
+                }
+            }
+            Op::ExpectBefore { count } => {
+                let added = jb.expect_before(u64::from(count), now);
+                if added > 0 {
+                    let first = first_pushed.expect("head probes only after the first packet");
+                    check.probed.extend(first - added..first);
+                }
             }
             Op::Advance { ms } => now += Duration::from_millis(u64::from(ms)),
         }

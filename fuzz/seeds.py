@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Writes the small seed corpora the fuzz targets start from: a few real RTP,
+RTCP and H.264/H.265 packets, and the repository's example manifests.
+
+Run from anywhere: `python3 fuzz/seeds.py`. Seeds are named `seed-*` and
+committed; everything else the fuzzer adds to fuzz/corpus is ignored.
+"""
+import pathlib
+import struct
+
+FUZZ = pathlib.Path(__file__).resolve().parent
+ROOT = FUZZ.parent
+
+
+def write(target, name, data):
+    d = FUZZ / "corpus" / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"seed-{name}").write_bytes(data)
+
+
+def rtp(seq, ts, payload, pt=96, marker=False, ssrc=0xDEADBEEF, csrcs=(), ext=None, padding=0):
+    b0 = 0x80 | (0x20 if padding else 0) | (0x10 if ext is not None else 0) | len(csrcs)
+    head = struct.pack("!BBHII", b0, (0x80 if marker else 0) | pt, seq, ts, ssrc)
+    head += b"".join(struct.pack("!I", c) for c in csrcs)
+    if ext is not None:
+        profile, body = ext
+        head += struct.pack("!HH", profile, len(body) // 4) + body
+    pad = (b"\0" * (padding - 1) + bytes([padding])) if padding else b""
+    return head + payload + pad
+
+
+def rtcp(fmt_or_count, pt, body):
+    assert len(body) % 4 == 0
+    return struct.pack("!BBH", 0x80 | fmt_or_count, pt, len(body) // 4) + body
+
+
+def sdes_cname(ssrc, cname):
+    item = bytes([1, len(cname)]) + cname + b"\0"
+    item += b"\0" * (-len(item) % 4)
+    return rtcp(1, 202, struct.pack("!I", ssrc) + item)
+
+
+# H.264 NAL units (nal_unit_type in the low 5 bits of the first byte).
+SPS = bytes([0x67, 0x42, 0xC0, 0x1F, 0xDA, 0x01, 0x40, 0x16, 0xE8])
+PPS = bytes([0x68, 0xCE, 0x3C, 0x80])
+AUD = bytes([0x09, 0xF0])
+IDR = bytes([0x65, 0x88, 0x84]) + bytes(range(3, 200))
+P_SLICE = bytes([0x41, 0x9A, 0x02, 0x04, 0x05, 0x06])
+
+
+def stap_a(nals):
+    return bytes([0x18]) + b"".join(struct.pack("!H", len(n)) + n for n in nals)
+
+
+def fu_a(nal, chunk):
+    body = nal[1:]
+    parts = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+    out = []
+    for i, part in enumerate(parts):
+        fu = (nal[0] & 0x1F) | (0x80 if i == 0 else 0) | (0x40 if i == len(parts) - 1 else 0)
+        out.append(bytes([(nal[0] & 0xE0) | 28, fu]) + part)
+    return out
+
+
+# H.265 NAL units (nal_unit_type in bits 1-6 of the first byte).
+VPS5 = bytes([0x40, 0x01, 0x0C, 0x01, 0xFF])
+SPS5 = bytes([0x42, 0x01, 0x01, 0x01, 0x60])
+PPS5 = bytes([0x44, 0x01, 0xC1, 0x72])
+IDR5 = bytes([0x26, 0x01, 0xAF]) + bytes(range(0, 150))  # IDR_W_RADL
+TRAIL5 = bytes([0x02, 0x01, 0xD0, 0x11, 0x22])  # TRAIL_R, first slice
+
+
+def ap(nals):
+    return bytes([48 << 1, 1]) + b"".join(struct.pack("!H", len(n)) + n for n in nals)
+
+
+def fu5(nal, chunk):
+    body = nal[2:]
+    t = (nal[0] >> 1) & 0x3F
+    parts = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+    out = []
+    for i, part in enumerate(parts):
+        fu = t | (0x80 if i == 0 else 0) | (0x40 if i == len(parts) - 1 else 0)
+        out.append(bytes([(nal[0] & 0x81) | (49 << 1), nal[1], fu]) + part)
+    return out
+
+
+def depay_input(first_ts, packets):
+    """Layout read by zerodrop_fuzz::DepayInput: first timestamp, then per
+    packet flags (marker, loss before, timestamp step), length, payload."""
+    out = struct.pack("!I", first_ts)
+    for payload, step, marker, loss in packets:
+        flags = (1 if marker else 0) | (2 if loss else 0) | (step << 2)
+        out += bytes([flags]) + struct.pack("!H", len(payload)) + payload
+    return out
+
+
+def main():
+    # rtp: plain packets, one with CSRCs, a header extension and padding, and an RTX.
+    write("rtp", "idr", rtp(4242, 90000, IDR, marker=True))
+    write("rtp", "fu-a", rtp(7, 3000, fu_a(IDR, 60)[0]))
+    write("rtp", "csrc-ext-padding", rtp(65535, 0xFFFFFFF0, P_SLICE, marker=True, csrcs=(1, 2),
+                                         ext=(0xBEDE, bytes([0x10, 0xAA, 0, 0])), padding=4))
+    write("rtp", "rtx", rtp(9, 3000, struct.pack("!H", 4242) + P_SLICE, pt=97, ssrc=0x1111))
+
+    # rtcp: what the receiver writes (RR, SDES, NACK, PLI) and what senders send (SR, FIR, BYE).
+    report_block = struct.pack("!IBBHIIII", 0xDEADBEEF, 12, 0, 5, 0x0001_0063, 3, 0x4567_89AB, 655)
+    rr = rtcp(1, 201, struct.pack("!I", 1) + report_block)
+    nack = rtcp(1, 205, struct.pack("!IIHH", 1, 0xDEADBEEF, 100, 0b1000_0000_0000_0101))
+    pli = rtcp(1, 206, struct.pack("!II", 1, 0xDEADBEEF))
+    write("rtcp", "rr-sdes-nack-pli", rr + sdes_cname(1, b"zerodrop@test") + nack + pli)
+    sr = rtcp(0, 200, struct.pack("!IQIII", 9, 0x0123_4567_89AB_CDEF, 90000, 10, 1000))
+    write("rtcp", "sr-sdes", sr + sdes_cname(9, b"sender"))
+    fir = rtcp(4, 206, struct.pack("!IIIB3x", 9, 0, 0xDEADBEEF, 1))
+    write("rtcp", "rr-fir-bye", rtcp(0, 201, struct.pack("!I", 1)) + fir + rtcp(1, 203, struct.pack("!I", 9)))
+
+    # depay_h264: keyframe from STAP-A and FU-A, P frames, then a loss inside a frame.
+    idr_parts = fu_a(IDR, 60)
+    clean = [(stap_a([AUD, SPS, PPS]), 0, False, False)]
+    clean += [(p, 0, i == len(idr_parts) - 1, False) for i, p in enumerate(idr_parts)]
+    clean += [(P_SLICE, 2, True, False), (P_SLICE, 2, True, False)]
+    write("depay_h264", "keyframe-then-p", depay_input(0, clean))
+    p_parts = fu_a(bytes([0x41, 0x9A]) + bytes(range(120)), 40)
+    lossy = clean + [(p_parts[0], 2, False, False), (p_parts[2], 0, True, True),
+                     (P_SLICE, 2, True, False), (stap_a([SPS, PPS, IDR]), 2, True, False)]
+    write("depay_h264", "loss-then-keyframe", depay_input(0xFFFF_F000, lossy))
+
+    # depay_h265: AP of parameter sets, FU keyframe, a trailing picture, then a lost frame.
+    idr5_parts = fu5(IDR5, 50)
+    clean5 = [(ap([VPS5, SPS5, PPS5]), 0, False, False)]
+    clean5 += [(p, 0, i == len(idr5_parts) - 1, False) for i, p in enumerate(idr5_parts)]
+    clean5 += [(TRAIL5, 2, True, False)]
+    write("depay_h265", "keyframe-then-trail", depay_input(1000, clean5))
+    write("depay_h265", "missing-frame", depay_input(1000, clean5 + [(TRAIL5, 4, True, True)]))
+
+    # manifest: the repository's examples.
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        write("manifest", path.stem + ".yaml", path.read_bytes())
+
+
+if __name__ == "__main__":
+    main()
