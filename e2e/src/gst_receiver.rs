@@ -346,34 +346,13 @@ impl GstReceiver {
             .property("buffer-size", cfg.receive_buffer as i32)
             .property("caps", rtp_caps(pt, "H264", None))
             .build()?;
-        let rtcp_src = gst::ElementFactory::make("udpsrc")
-            .property("address", "127.0.0.1")
-            .property("port", cfg.rtp_port as i32 + 1)
-            .property("caps", gst::Caps::builder("application/x-rtcp").build())
-            .build()?;
-        let rtcp_sink = gst::ElementFactory::make("udpsink")
-            .property("host", cfg.rtcp_dest.ip().to_string())
-            .property("port", cfg.rtcp_dest.port() as i32)
-            .property("sync", false)
-            .property("async", false)
-            .property("close-socket", false)
-            .build()?;
-        pipeline.add_many([&rtp_src, &rtcp_src, &rtcp_sink])?;
+        pipeline.add(&rtp_src)?;
         rtp_src.static_pad("src").context("udpsrc src")?.link(
             &rtpbin.request_pad_simple("recv_rtp_sink_0").context("recv_rtp_sink_0")?,
         )?;
-        rtcp_src.static_pad("src").context("udpsrc src")?.link(
-            &rtpbin.request_pad_simple("recv_rtcp_sink_0").context("recv_rtcp_sink_0")?,
-        )?;
-        rtpbin
-            .request_pad_simple("send_rtcp_src_0")
-            .context("send_rtcp_src_0")?
-            .link(&rtcp_sink.static_pad("sink").context("udpsink sink")?)?;
         // One socket for RTCP both ways, so the relay sees our RTCP come from
         // the port its RTCP goes to.
-        rtcp_src.set_state(gst::State::Ready)?;
-        let socket: glib::Object = rtcp_src.property("used-socket");
-        rtcp_sink.set_property("socket", &socket);
+        crate::gst_sender::symmetric_rtcp(&pipeline, &rtpbin, cfg.rtp_port + 1, cfg.rtcp_dest)?;
 
         {
             let probes = probes.clone();

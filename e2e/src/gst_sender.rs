@@ -57,6 +57,38 @@ pub struct GstSenderReport {
     pub rtx_packets_sent: u64,
 }
 
+/// Links session 0's RTCP of `rtpbin` to the network through ONE UDP socket,
+/// bound on loopback at `local_port` (0: any), sending to `dest`: the socket
+/// that receives RTCP also sends it (symmetric RTCP, RFC 4961), so the peer
+/// can answer to where our RTCP comes from.
+pub fn symmetric_rtcp(pipeline: &gst::Pipeline, rtpbin: &gst::Element, local_port: u16, dest: SocketAddr) -> anyhow::Result<()> {
+    let rtcp_src = gst::ElementFactory::make("udpsrc")
+        .property("address", "127.0.0.1")
+        .property("port", local_port as i32)
+        .property("caps", gst::Caps::builder("application/x-rtcp").build())
+        .build()?;
+    let rtcp_sink = gst::ElementFactory::make("udpsink")
+        .property("host", dest.ip().to_string())
+        .property("port", dest.port() as i32)
+        .property("sync", false)
+        .property("async", false)
+        .property("close-socket", false)
+        .build()?;
+    pipeline.add_many([&rtcp_src, &rtcp_sink])?;
+    rtpbin
+        .request_pad_simple("send_rtcp_src_0")
+        .context("send_rtcp_src_0")?
+        .link(&rtcp_sink.static_pad("sink").context("udpsink sink")?)?;
+    rtcp_src
+        .static_pad("src")
+        .context("udpsrc src")?
+        .link(&rtpbin.request_pad_simple("recv_rtcp_sink_0").context("recv_rtcp_sink_0")?)?;
+    rtcp_src.set_state(gst::State::Ready)?;
+    let socket: glib::Object = rtcp_src.property("used-socket");
+    rtcp_sink.set_property("socket", &socket);
+    Ok(())
+}
+
 /// Runs the sender to completion (all frames out, then `linger`).
 pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
     gst::init()?;
@@ -152,26 +184,10 @@ pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
         .property("sync", false)
         .property("async", false)
         .build()?;
-    let rtcp_src = gst::ElementFactory::make("udpsrc")
-        .property("address", "127.0.0.1")
-        .property("port", 0i32)
-        .property("caps", gst::Caps::builder("application/x-rtcp").build())
-        .build()?;
-    let rtcp_sink = gst::ElementFactory::make("udpsink")
-        .property("host", cfg.rtcp_dest.ip().to_string())
-        .property("port", cfg.rtcp_dest.port() as i32)
-        .property("sync", false)
-        .property("async", false)
-        .property("close-socket", false)
-        .build()?;
-    pipeline.add_many([&rtp_sink, &rtcp_src, &rtcp_sink])?;
+    pipeline.add(&rtp_sink)?;
     send_rtp_src.link(&rtp_sink.static_pad("sink").context("sink")?)?;
-    rtpbin.request_pad_simple("send_rtcp_src_0").context("send_rtcp_src_0")?.link(&rtcp_sink.static_pad("sink").context("sink")?)?;
-    rtcp_src.static_pad("src").context("src")?.link(&rtpbin.request_pad_simple("recv_rtcp_sink_0").context("recv_rtcp_sink_0")?)?;
-    // One socket for RTCP both ways: the receiver answers where reports come from.
-    rtcp_src.set_state(gst::State::Ready)?;
-    let socket: glib::Object = rtcp_src.property("used-socket");
-    rtcp_sink.set_property("socket", &socket);
+    // The receiver answers where our reports come from.
+    symmetric_rtcp(&pipeline, &rtpbin, 0, cfg.rtcp_dest)?;
 
     let bus = pipeline.bus().context("bus")?;
     pipeline.set_state(gst::State::Playing)?;
