@@ -288,17 +288,10 @@ impl GstReceiver {
             let rtxreceive = rtxreceive.clone();
             rtpbin.connect("request-aux-receiver", false, move |args| {
                 let session = args[1].get::<u32>().expect("session id");
-                let bin = gst::Bin::new();
                 let rtx = gst::ElementFactory::make("rtprtxreceive").build().expect("rtprtxreceive exists");
                 let map = gst::Structure::builder("application/x-rtp-pt-map").field(pt.to_string(), rtx_pt as u32).build();
                 rtx.set_property("payload-type-map", map);
-                bin.add(&rtx).expect("add rtprtxreceive");
-                let sink = gst::GhostPad::with_target(&rtx.static_pad("sink").expect("sink")).expect("ghost");
-                sink.set_property("name", format!("sink_{session}"));
-                let src = gst::GhostPad::with_target(&rtx.static_pad("src").expect("src")).expect("ghost");
-                src.set_property("name", format!("src_{session}"));
-                bin.add_pad(&sink).expect("add pad");
-                bin.add_pad(&src).expect("add pad");
+                let bin = crate::gst_sender::aux_bin(&rtx, session);
                 *rtxreceive.lock().expect("lock") = Some(rtx);
                 Some(bin.to_value())
             });

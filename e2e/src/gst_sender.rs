@@ -57,6 +57,20 @@ pub struct GstSenderReport {
     pub rtx_packets_sent: u64,
 }
 
+/// rtpbin's auxiliary sender/receiver for `session`: `element` in a bin with
+/// the ghost pads `sink_N` and `src_N` that rtpbin links.
+pub fn aux_bin(element: &gst::Element, session: u32) -> gst::Bin {
+    let bin = gst::Bin::new();
+    bin.add(element).expect("a fresh bin accepts the element");
+    for dir in ["sink", "src"] {
+        let pad = gst::GhostPad::with_target(&element.static_pad(dir).expect("rtx elements have sink and src"))
+            .expect("ghost pad");
+        pad.set_property("name", format!("{dir}_{session}"));
+        bin.add_pad(&pad).expect("unique pad name");
+    }
+    bin
+}
+
 /// Links session 0's RTCP of `rtpbin` to the network through ONE UDP socket,
 /// bound on loopback at `local_port` (0: any), sending to `dest`: the socket
 /// that receives RTCP also sends it (symmetric RTCP, RFC 4961), so the peer
@@ -104,19 +118,12 @@ pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
         // requested; rtprtxsend inside it turns retransmission requests into RTX.
         rtpbin.connect("request-aux-sender", false, move |args| {
             let session = args[1].get::<u32>().expect("session id");
-            let bin = gst::Bin::new();
             let rtx = gst::ElementFactory::make("rtprtxsend").build().expect("rtprtxsend exists");
             let map = gst::Structure::builder("application/x-rtp-pt-map").field(pt.to_string(), rtx_pt).build();
             rtx.set_property("payload-type-map", map);
             rtx.set_property("max-size-packets", 0u32);
             rtx.set_property("max-size-time", 2000u32);
-            bin.add(&rtx).expect("add rtprtxsend");
-            let sink = gst::GhostPad::with_target(&rtx.static_pad("sink").expect("sink")).expect("ghost");
-            sink.set_property("name", format!("sink_{session}"));
-            let src = gst::GhostPad::with_target(&rtx.static_pad("src").expect("src")).expect("ghost");
-            src.set_property("name", format!("src_{session}"));
-            bin.add_pad(&sink).expect("add pad");
-            bin.add_pad(&src).expect("add pad");
+            let bin = aux_bin(&rtx, session);
             *rtxsend.lock().expect("lock") = Some(rtx);
             Some(bin.to_value())
         });
