@@ -8,6 +8,9 @@
 # input lands in fuzz/artifacts/<target>: minimise it with
 # `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz tmin TARGET ARTIFACT`, keep it in
 # fuzz/regressions/<target> and show it with `cargo fuzz fmt TARGET FILE`.
+#
+# Every run appends a line to results/fuzzing.tsv (date, target, seconds,
+# executions, corpus size, outcome); scripts/fuzz-summary.sh totals them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +38,11 @@ else
     exit 2
 fi
 
+results=../results/fuzzing.tsv
+[ -f "$results" ] || printf 'date\ttarget\tseconds\texecutions\tcorpus\toutcome\n' >"$results"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
 failed=()
 for t in $targets; do
     printf '\n== fuzzing %s for %s s\n' "$t" "$seconds" >&2
@@ -42,9 +50,16 @@ for t in $targets; do
     # Saved crashes run first, with the seeds: a fixed bug must stay fixed.
     dirs=("corpus/$t")
     [ -d "regressions/$t" ] && dirs+=("regressions/$t")
-    if ! cargo fuzz run "$t" "${dirs[@]}" -- -max_total_time="$seconds" -timeout=10 -print_final_stats=1; then
+    cargo fuzz build "$t" >&2
+    started=$(date +%s)
+    outcome=ok
+    if ! cargo fuzz run "$t" "${dirs[@]}" -- -max_total_time="$seconds" -timeout=10 -print_final_stats=1 2>&1 | tee "$log" >&2; then
+        outcome=crash
         failed+=("$t")
     fi
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t" "$(($(date +%s) - started))" \
+        "${execs:-0}" "$(find "corpus/$t" -type f | wc -l)" "$outcome" >>"$results"
 done
 
 if [ ${#failed[@]} -gt 0 ]; then
