@@ -101,6 +101,8 @@ pub struct Depacketizer {
     /// Smallest positive timestamp step seen: the frame duration.
     frame_step: Option<u32>,
     counters: DepayCounters,
+    /// Access-unit buffers handed back (`recycle`) or left by dropped units.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Depacketizer {
@@ -115,11 +117,21 @@ impl Depacketizer {
             last_timestamp: None,
             frame_step: None,
             counters: DepayCounters::default(),
+            spare: Vec::new(),
         }
     }
 
     pub fn counters(&self) -> DepayCounters {
         self.counters
+    }
+
+    /// Gives an access unit's buffer back for the next one (when nobody
+    /// downstream keeps it), so a running stream does not allocate per frame.
+    pub fn recycle(&mut self, mut data: Vec<u8>) {
+        if self.spare.len() < 4 {
+            data.clear();
+            self.spare.push(data);
+        }
     }
 
     /// The RTP timestamp of an access unit being built that has not seen its
@@ -161,8 +173,10 @@ impl Depacketizer {
             } else {
                 !self.starts_access_unit(payload)
             };
+            let mut data = self.spare.pop().unwrap_or_default();
+            data.reserve(payload.len() * 8);
             self.building = Some(Building {
-                data: Vec::with_capacity(payload.len() * 8),
+                data,
                 timestamp,
                 first_arrival: arrival,
                 damaged,
@@ -227,6 +241,7 @@ impl Depacketizer {
         let ts = Some(b.timestamp);
         if b.damaged || b.malformed || b.in_fu || b.data.is_empty() {
             let reason = if b.malformed { DropReason::Malformed } else { DropReason::Incomplete };
+            self.recycle(b.data);
             if self.started {
                 out.push(DepayEvent::Dropped { reason, frames: 1, rtp_timestamp: ts });
                 self.enter_keyframe_wait(out);
@@ -236,6 +251,7 @@ impl Depacketizer {
             return;
         }
         if self.waiting_for_keyframe && !b.keyframe {
+            self.recycle(b.data);
             if self.started {
                 out.push(DepayEvent::Dropped { reason: DropReason::ReferenceLost, frames: 1, rtp_timestamp: ts });
             } else {

@@ -33,6 +33,9 @@ pub struct PodArgs {
     /// Receive and repair only; no decoding.
     #[arg(long)]
     pub no_decode: bool,
+    /// Receive threads, each serving many sources (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
     /// Where kernel UDP drops per stream come from (pods are unprivileged).
     #[arg(long, value_enum, default_value = "procfs")]
     pub kernel_drops: crate::kernel_drops::KernelDropMode,
@@ -63,7 +66,7 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
     let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone())?;
     tracing::info!(pod = %args.pod_name, shard = ordinal, config = %args.config.display(), metrics = %bound, "data plane pod starting");
 
-    let mut supervisor = Supervisor::new(metrics, readiness, SupervisorOptions { au_log_dir: None, no_decode: args.no_decode });
+    let mut supervisor = Supervisor::new(metrics, readiness, SupervisorOptions { au_log_dir: None, no_decode: args.no_decode, workers: args.workers });
     // A pod sees its own sockets in its network namespace's /proc/net/udp;
     // the node agent counts with eBPF and by reason.
     let mut kernel_drops = crate::kernel_drops::KernelDrops::start(args.kernel_drops);

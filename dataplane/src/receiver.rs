@@ -26,7 +26,7 @@ const SILENCE: Duration = Duration::from_secs(2);
 /// Regular receiver reports (RFC 3550 leaves the interval to the profile;
 /// AVPF sends feedback early, between these).
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
-const BATCH: usize = 32;
+pub const BATCH: usize = 32;
 /// How long an unfinished access unit waits for its next packet before the
 /// receiver suspects tail loss (at least; twice the RTT when known).
 const TAIL_PROBE_MIN: Duration = Duration::from_millis(40);
@@ -124,7 +124,7 @@ impl JitterEstimate {
     }
 }
 
-struct Receiver {
+pub struct Receiver {
     cfg: SourceConfig,
     metrics: StreamMetrics,
     jb: JitterBuffer,
@@ -160,7 +160,7 @@ struct Receiver {
     tail_probe: Option<(u32, u32, Instant)>,
     au_log: Option<BufWriter<File>>,
     au_index: u64,
-    latency_ms: Vec<f32>,
+    latency: LatencySamples,
     rtcp_buf: Vec<u8>,
     outputs: Vec<Output>,
     events: Vec<DepayEvent>,
@@ -169,151 +169,180 @@ struct Receiver {
     rtcp_events: Vec<RtcpEvent>,
 }
 
-/// Runs one source until `stop` is set; returns its final report.
+/// Which of a source's sockets became readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketRole {
+    Rtp,
+    Rtcp,
+}
+
+/// Runs one source on the calling thread until `stop` is set; returns its
+/// final report. (Many sources share a thread through `worker::Worker`.)
 pub fn run(
     cfg: SourceConfig,
     metrics: StreamMetrics,
     stop: Arc<AtomicBool>,
     options: ReceiverOptions,
 ) -> anyhow::Result<StreamReport> {
+    let mut worker = crate::worker::Worker::new()?;
     let id = cfg.id();
-    let (rtp_socket, granted) = udp::bind(cfg.rtp_bind, cfg.receive_buffer)
-        .with_context(|| format!("{id}: cannot bind RTP socket {}", cfg.rtp_bind))?;
-    let rtcp_socket = match cfg.rtcp_bind {
-        Some(addr) => Some(
-            udp::bind(addr, 256 << 10).with_context(|| format!("{id}: cannot bind RTCP socket {addr}"))?.0,
-        ),
-        None => None,
-    };
-    metrics.receive_buffer.set(granted as i64);
-    if granted < cfg.receive_buffer {
-        tracing::warn!(
-            stream = %id, requested = cfg.receive_buffer, granted,
-            "kernel granted a smaller receive buffer than requested (raise net.core.rmem_max or run with CAP_NET_ADMIN)"
-        );
+    worker.add(Receiver::open(cfg, metrics, &options)?, id, 0)?;
+    while !stop.load(Ordering::Relaxed) {
+        worker.turn(Duration::from_millis(100))?;
     }
-    let decoder = if options.no_decode {
-        None
-    } else {
-        Some(Decoder::start(cfg.codec, cfg.decoder, metrics.clone())?)
-    };
-    let au_log = match &options.au_log {
-        Some(path) => Some(BufWriter::new(
-            File::create(path).with_context(|| format!("{id}: cannot create AU log {}", path.display()))?,
-        )),
-        None => None,
-    };
-    tracing::info!(
-        stream = %id, rtp = %cfg.rtp_bind, rtcp = ?cfg.rtcp_bind, receive_buffer = granted,
-        decoder = decoder.as_ref().map_or("none", |d| d.name()), latency_ms = cfg.jitter.latency.as_millis() as u64,
-        "receiving"
-    );
-    if let Some(r) = &options.readiness {
-        r.mark_ready(&id);
-    }
-    let now = Instant::now();
-    let mut r = Receiver {
-        jb: JitterBuffer::new(cfg.jitter.clone()),
-        depay: Depacketizer::new(cfg.codec),
-        decoder,
-        rtp_socket,
-        rtcp_socket,
-        media_ssrc: None,
-        our_ssrc: rand::random(),
-        cname: format!("zerodrop-{}@{}", cfg.name, std::process::id()),
-        rtcp_peer: None,
-        rtp_peer: None,
-        last_sr: None,
-        rtt: None,
-        jitter: JitterEstimate::default(),
-        seq: SeqExtender::default(),
-        base_seq: None,
-        epoch: now,
-        last_packet: None,
-        silent: false,
-        keyframe_wanted: false,
-        last_pli: None,
-        next_report: now + REPORT_INTERVAL,
-        report_prior: (0, 0),
-        rtp_ts_ext: None,
-        timestamps_restarted: false,
-        last_keyframe: None,
-        tail_probe: None,
-        au_log,
-        au_index: 0,
-        latency_ms: Vec::new(),
-        rtcp_buf: Vec::with_capacity(1500),
-        outputs: Vec::with_capacity(BATCH * 4),
-        events: Vec::new(),
-        nacks: Vec::new(),
-        nack_seqs: Vec::new(),
-        rtcp_events: Vec::new(),
-        metrics,
-        cfg,
-    };
-    r.run_loop(&stop)?;
-    Ok(r.shutdown())
+    Ok(worker.take_all().pop().map(|(_, _, f)| f.complete()).expect("one receiver was added"))
 }
 
 impl Receiver {
-    fn run_loop(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
-        let mut batch = RecvBatch::new(BATCH);
-        while !stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            let mut wake = (now + Duration::from_millis(100)).min(self.next_report);
-            if let Some(t) = self.jb.next_deadline() {
-                wake = wake.min(t);
-            }
-            let timeout = wake.saturating_duration_since(now);
-            let readable = {
-                let mut socks = vec![&self.rtp_socket];
-                if let Some(s) = &self.rtcp_socket {
-                    socks.push(s);
-                }
-                udp::wait_readable(&socks, timeout)?
-            };
-            if readable[0] {
-                // Drain what is queued, a batch at a time, before running timers.
-                for _ in 0..64 {
+    /// Binds the source's sockets and starts its decoder.
+    pub fn open(cfg: SourceConfig, metrics: StreamMetrics, options: &ReceiverOptions) -> anyhow::Result<Receiver> {
+        let id = cfg.id();
+        let (rtp_socket, granted) = udp::bind(cfg.rtp_bind, cfg.receive_buffer)
+            .with_context(|| format!("{id}: cannot bind RTP socket {}", cfg.rtp_bind))?;
+        let rtcp_socket = match cfg.rtcp_bind {
+            Some(addr) => Some(
+                udp::bind(addr, 256 << 10).with_context(|| format!("{id}: cannot bind RTCP socket {addr}"))?.0,
+            ),
+            None => None,
+        };
+        metrics.receive_buffer.set(granted as i64);
+        if granted < cfg.receive_buffer {
+            tracing::warn!(
+                stream = %id, requested = cfg.receive_buffer, granted,
+                "kernel granted a smaller receive buffer than requested (raise net.core.rmem_max or run with CAP_NET_ADMIN)"
+            );
+        }
+        let decoder = if options.no_decode {
+            None
+        } else {
+            Some(Decoder::start(cfg.codec, cfg.decoder, metrics.clone())?)
+        };
+        let au_log = match &options.au_log {
+            Some(path) => Some(BufWriter::new(
+                File::create(path).with_context(|| format!("{id}: cannot create AU log {}", path.display()))?,
+            )),
+            None => None,
+        };
+        tracing::info!(
+            stream = %id, rtp = %cfg.rtp_bind, rtcp = ?cfg.rtcp_bind, receive_buffer = granted,
+            decoder = decoder.as_ref().map_or("none", |d| d.name()), latency_ms = cfg.jitter.latency.as_millis() as u64,
+            "receiving"
+        );
+        if let Some(r) = &options.readiness {
+            r.mark_ready(&id);
+        }
+        let now = Instant::now();
+        Ok(Receiver {
+            jb: JitterBuffer::new(cfg.jitter.clone()),
+            depay: Depacketizer::new(cfg.codec),
+            decoder,
+            rtp_socket,
+            rtcp_socket,
+            media_ssrc: None,
+            our_ssrc: rand::random(),
+            cname: format!("zerodrop-{}@{}", cfg.name, std::process::id()),
+            rtcp_peer: None,
+            rtp_peer: None,
+            last_sr: None,
+            rtt: None,
+            jitter: JitterEstimate::default(),
+            seq: SeqExtender::default(),
+            base_seq: None,
+            epoch: now,
+            last_packet: None,
+            silent: false,
+            keyframe_wanted: false,
+            last_pli: None,
+            next_report: now + REPORT_INTERVAL,
+            report_prior: (0, 0),
+            rtp_ts_ext: None,
+            timestamps_restarted: false,
+            last_keyframe: None,
+            tail_probe: None,
+            au_log,
+            au_index: 0,
+            latency: LatencySamples::default(),
+            rtcp_buf: Vec::with_capacity(1500),
+            outputs: Vec::with_capacity(BATCH * 4),
+            events: Vec::with_capacity(16),
+            nacks: Vec::with_capacity(64),
+            nack_seqs: Vec::with_capacity(64),
+            rtcp_events: Vec::with_capacity(8),
+            metrics,
+            cfg,
+        })
+    }
+
+    /// The sockets to watch, with their roles.
+    pub fn sockets(&self) -> impl Iterator<Item = (std::os::fd::RawFd, SocketRole)> + '_ {
+        use std::os::fd::AsRawFd;
+        std::iter::once((self.rtp_socket.as_raw_fd(), SocketRole::Rtp))
+            .chain(self.rtcp_socket.as_ref().map(|s| (s.as_raw_fd(), SocketRole::Rtcp)))
+    }
+
+    /// Reads what is queued on one socket, at most `max_batches` batches (the
+    /// rest waits for the next turn, so one busy source cannot starve the
+    /// others sharing the thread). Returns whether more may be queued.
+    pub fn on_readable(&mut self, role: SocketRole, batch: &mut RecvBatch, max_batches: usize) -> std::io::Result<bool> {
+        match role {
+            SocketRole::Rtp => {
+                for _ in 0..max_batches {
                     let n = batch.recv(&self.rtp_socket)?;
                     if n == 0 {
-                        break;
+                        return Ok(false);
                     }
                     let now = Instant::now();
                     for i in 0..n {
-                        self.on_datagram(&mut batch, i, now);
+                        self.on_datagram(batch, i, now);
                     }
                     self.release(now);
-                    if n < BATCH {
+                    if n < batch.capacity() {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            SocketRole::Rtcp => {
+                let Some(socket) = self.rtcp_socket.take() else { return Ok(false) };
+                let mut result = Ok(false);
+                for _ in 0..max_batches {
+                    let n = match batch.recv(&socket) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    };
+                    let now = Instant::now();
+                    for i in 0..n {
+                        self.on_rtcp(batch.datagram(i), batch.sources[i], now);
+                    }
+                    if n < batch.capacity() {
                         break;
                     }
                 }
+                self.rtcp_socket = Some(socket);
+                result
             }
-            if readable.get(1).copied().unwrap_or(false) {
-                let socket = self.rtcp_socket.take();
-                if let Some(s) = &socket {
-                    loop {
-                        let n = batch.recv(s)?;
-                        let now = Instant::now();
-                        for i in 0..n {
-                            let from = batch.sources[i];
-                            let data = batch.datagram(i).to_vec();
-                            self.on_rtcp(&data, from, now);
-                        }
-                        if n < BATCH {
-                            break;
-                        }
-                    }
-                }
-                self.rtcp_socket = socket;
-            }
-            let now = Instant::now();
-            self.release(now);
-            self.probe_tail_loss(now);
-            self.feedback(now);
-            self.watch_silence(now);
         }
-        Ok(())
+    }
+
+    /// Timers: release packets whose deadline passed, probe for a lost tail,
+    /// send due feedback, notice silence.
+    pub fn on_timers(&mut self, now: Instant) {
+        self.release(now);
+        self.probe_tail_loss(now);
+        self.feedback(now);
+        self.watch_silence(now);
+    }
+
+    /// When `on_timers` next has work (at the latest in 100 ms, for silence).
+    pub fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = (now + Duration::from_millis(100)).min(self.next_report);
+        if let Some(t) = self.jb.next_deadline() {
+            wake = wake.min(t);
+        }
+        wake
     }
 
     fn on_datagram(&mut self, batch: &mut RecvBatch, i: usize, now: Instant) {
@@ -324,8 +353,7 @@ impl Receiver {
             return;
         }
         if self.rtcp_socket.is_none() && rtp::is_rtcp(datagram) {
-            let data = datagram.to_vec();
-            self.on_rtcp(&data, batch.sources[i], now);
+            self.on_rtcp(datagram, batch.sources[i], now);
             return;
         }
         let (pt, ssrc, seq, ts, marker, offset, len) = match RtpPacket::parse(datagram) {
@@ -504,7 +532,8 @@ impl Receiver {
 
     fn handle_depay_events(&mut self, now: Instant) {
         let before = self.depay.counters();
-        for event in std::mem::take(&mut self.events) {
+        let mut events = std::mem::take(&mut self.events);
+        for event in events.drain(..) {
             match event {
                 DepayEvent::Frame(au) => {
                     let ts = self.extend_timestamp(au.rtp_timestamp);
@@ -517,9 +546,7 @@ impl Receiver {
                     }
                     let latency = now - au.first_arrival;
                     StreamMetrics::observe(&self.metrics.assembly_latency, latency);
-                    if self.latency_ms.len() < 1_000_000 {
-                        self.latency_ms.push(latency.as_secs_f32() * 1000.0);
-                    }
+                    self.latency.record(latency.as_secs_f32() * 1000.0);
                     if let Some(log) = &mut self.au_log {
                         let _ = writeln!(
                             log,
@@ -531,7 +558,11 @@ impl Receiver {
                     let pts_ns = (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;
                     let queued = match &mut self.decoder {
                         Some(d) => d.push(au.data, pts_ns, au.first_arrival, au.keyframe),
-                        None => true,
+                        None => {
+                            // Nobody takes the buffer: the depacketiser reuses it.
+                            self.depay.recycle(au.data);
+                            true
+                        }
                     };
                     if queued {
                         self.metrics.frames_assembled.inc();
@@ -550,6 +581,7 @@ impl Receiver {
                 DepayEvent::KeyframeNeeded => self.keyframe_wanted = true,
             }
         }
+        self.events = events;
         let after = self.depay.counters();
         for _ in before.malformed_packets..after.malformed_packets {
             self.metrics.discarded("depacketize");
@@ -676,7 +708,10 @@ impl Receiver {
             }
     }
 
-    fn shutdown(mut self) -> StreamReport {
+    /// Stops receiving: hands on what the jitter buffer holds and flushes
+    /// the depacketiser. The decoder drains in `Finishing::complete`, which
+    /// may block and so runs off the receive thread when others share it.
+    pub fn finish(mut self) -> Finishing {
         let now = Instant::now();
         let mut out = std::mem::take(&mut self.outputs);
         self.jb.drain(&mut out);
@@ -686,9 +721,10 @@ impl Receiver {
         if let Some(log) = &mut self.au_log {
             let _ = log.flush();
         }
-        if let Some(d) = self.decoder.take() {
-            d.finish(Duration::from_secs(5));
-        }
+        Finishing { decoder: self.decoder.take(), receiver: self }
+    }
+
+    fn report(mut self) -> StreamReport {
         let m = &self.metrics;
         StreamReport {
             pipeline: self.cfg.pipeline.clone(),
@@ -710,7 +746,67 @@ impl Receiver {
             keyframe_requests: m.keyframe_requests.get(),
             kernel_udp_drops: m.kernel_drops_total.get(),
             receive_buffer_bytes: m.receive_buffer.get(),
-            assembly_latency_ms: LatencySummary::from_samples(&mut self.latency_ms),
+            assembly_latency_ms: LatencySummary { count: self.latency.seen, ..LatencySummary::from_samples(self.latency.samples_mut()) },
         }
+    }
+}
+
+/// A stopped receiver whose decoder may still be draining.
+pub struct Finishing {
+    decoder: Option<Decoder>,
+    receiver: Receiver,
+}
+
+impl Finishing {
+    /// Whether `complete` may block (a decoder is draining).
+    pub fn has_decoder(&self) -> bool {
+        self.decoder.is_some()
+    }
+
+    /// Waits for the decoder to drain (at most 5 s) and writes the report.
+    pub fn complete(mut self) -> StreamReport {
+        if let Some(d) = self.decoder.take() {
+            d.finish(Duration::from_secs(5));
+        }
+        self.receiver.report()
+    }
+}
+
+/// Arrival-to-AU-out latencies kept for the report: every sample up to a
+/// fixed capacity, then a uniform reservoir sample, so memory stays bounded
+/// and nothing allocates once the stream runs.
+struct LatencySamples {
+    samples: Vec<f32>,
+    seen: u64,
+    rng: u64,
+}
+
+impl Default for LatencySamples {
+    fn default() -> Self {
+        Self { samples: Vec::with_capacity(Self::CAPACITY), seen: 0, rng: 0x9e37_79b9_7f4a_7c15 }
+    }
+}
+
+impl LatencySamples {
+    const CAPACITY: usize = 1 << 16;
+
+    fn record(&mut self, ms: f32) {
+        self.seen += 1;
+        if self.samples.len() < Self::CAPACITY {
+            self.samples.push(ms);
+            return;
+        }
+        // xorshift64: cheap, and good enough to pick reservoir slots.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let slot = self.rng % self.seen;
+        if (slot as usize) < Self::CAPACITY {
+            self.samples[slot as usize] = ms;
+        }
+    }
+
+    fn samples_mut(&mut self) -> &mut [f32] {
+        &mut self.samples
     }
 }

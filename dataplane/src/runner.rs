@@ -44,6 +44,9 @@ pub struct RunArgs {
     /// Receive and repair only; no decoding.
     #[arg(long)]
     pub no_decode: bool,
+    /// Receive threads, each serving many sources (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
     /// Validate the file and exit.
     #[arg(long)]
     pub check: bool,
@@ -115,7 +118,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut supervisor = Supervisor::new(
         metrics,
         readiness,
-        SupervisorOptions { au_log_dir: args.au_log_dir.clone(), no_decode: args.no_decode },
+        SupervisorOptions { au_log_dir: args.au_log_dir.clone(), no_decode: args.no_decode, workers: args.workers },
     );
     supervisor.apply(&sources);
 

@@ -1,24 +1,30 @@
-//! Keeps one receiver thread per source and makes the running set match a
-//! desired set: new sources start, changed ones restart, removed ones drain
-//! and stop, and untouched ones keep running. The local runner applies one
-//! set; the pod applies a new set each time its rendered config changes.
+//! Places sources on worker threads (one per core by default, each serving
+//! many sources; see `worker`) and makes the running set match a desired
+//! set: new sources start, changed ones restart, removed ones drain and stop,
+//! and untouched ones keep running. The local runner applies one set; the pod
+//! applies a new set each time its rendered config changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::SourceConfig;
 use crate::metrics::{Metrics, Readiness, StreamMetrics};
-use crate::receiver::{self, ReceiverOptions, StreamReport};
+use crate::receiver::{ReceiverOptions, StreamReport};
+use crate::worker::{Done, WorkerThread};
 
 #[derive(Debug, Clone, Default)]
 pub struct SupervisorOptions {
     pub au_log_dir: Option<PathBuf>,
     pub no_decode: bool,
+    /// Receive threads; 0 means one per available core.
+    pub workers: usize,
 }
+
+/// How long stopping waits for a receiver's report (its decoder drains for
+/// at most 5 s).
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `apply` did, by source id.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -31,27 +37,51 @@ pub struct Change {
 
 struct Running {
     cfg: SourceConfig,
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<()>,
+    worker: usize,
     generation: u64,
 }
-
-type Done = (String, u64, anyhow::Result<StreamReport>);
 
 pub struct Supervisor {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     options: SupervisorOptions,
     running: BTreeMap<String, Running>,
+    workers: Vec<WorkerThread>,
     done_tx: crossbeam_channel::Sender<Done>,
     done_rx: crossbeam_channel::Receiver<Done>,
+    /// Reports received while waiting for another one.
+    backlog: VecDeque<Done>,
     generation: u64,
 }
 
 impl Supervisor {
     pub fn new(metrics: Arc<Metrics>, readiness: Arc<Readiness>, options: SupervisorOptions) -> Self {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        Self { metrics, readiness, options, running: BTreeMap::new(), done_tx, done_rx, generation: 0 }
+        Self {
+            metrics,
+            readiness,
+            options,
+            running: BTreeMap::new(),
+            workers: Vec::new(),
+            done_tx,
+            done_rx,
+            backlog: VecDeque::new(),
+            generation: 0,
+        }
+    }
+
+    /// The worker with the fewest sources; workers start on first use.
+    fn place(&mut self) -> anyhow::Result<usize> {
+        let wanted = match self.options.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        if self.workers.len() < wanted && self.workers.iter().all(|w| w.load > 0) {
+            let name = format!("rx-worker-{}", self.workers.len());
+            self.workers.push(WorkerThread::spawn(name, self.done_tx.clone())?);
+        }
+        let (index, _) = self.workers.iter().enumerate().min_by_key(|(_, w)| w.load).expect("at least one worker");
+        Ok(index)
     }
 
     /// Metric handles of the running sources, in id order.
@@ -117,60 +147,83 @@ impl Supervisor {
         self.generation += 1;
         let generation = self.generation;
         let id = cfg.id();
+        let worker = match self.place() {
+            Ok(w) => w,
+            Err(e) => {
+                self.backlog.push_back((id, generation, Err(e.context("cannot start a receive thread"))));
+                return;
+            }
+        };
         let metrics = self.metrics.stream(&cfg.pipeline, &cfg.name);
         let options = ReceiverOptions {
             au_log: self.options.au_log_dir.as_ref().map(|d| d.join(format!("{}.{}.au", cfg.pipeline, cfg.name))),
             no_decode: self.options.no_decode,
             readiness: Some(self.readiness.clone()),
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let (thread_cfg, thread_stop, done_tx, thread_id) = (cfg.clone(), stop.clone(), self.done_tx.clone(), id.clone());
-        let spawned = std::thread::Builder::new().name(format!("rx-{}", cfg.name)).spawn(move || {
-            let result = receiver::run(thread_cfg, metrics, thread_stop, options);
-            let _ = done_tx.send((thread_id, generation, result));
-        });
-        match spawned {
-            Ok(handle) => {
-                self.running.insert(id, Running { cfg, stop, handle, generation });
-            }
-            Err(e) => {
-                let _ = self.done_tx.send((id, generation, Err(anyhow::anyhow!("cannot start a receiver thread: {e}"))));
+        self.workers[worker].start(cfg.clone(), metrics, options, generation);
+        self.workers[worker].load += 1;
+        self.running.insert(id, Running { cfg, worker, generation });
+    }
+
+    fn forget(&mut self, id: &str) -> Option<Running> {
+        let r = self.running.remove(id)?;
+        self.workers[r.worker].load -= 1;
+        self.readiness.mark_gone(id);
+        Some(r)
+    }
+
+    /// The next report, from the backlog first; None after `timeout`.
+    fn next_done(&mut self, timeout: Duration) -> Option<Done> {
+        self.backlog.pop_front().or_else(|| self.done_rx.recv_timeout(timeout).ok())
+    }
+
+    /// Waits for the reports of `wanted` (id → generation), keeping others
+    /// for later.
+    fn collect(&mut self, mut wanted: BTreeMap<String, u64>) -> Vec<(String, anyhow::Result<StreamReport>)> {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut out = Vec::new();
+        let mut others = Vec::new();
+        // Backlog first, then the channel until every wanted report is in.
+        while !wanted.is_empty() {
+            let Some((id, generation, result)) = self
+                .backlog
+                .pop_front()
+                .or_else(|| self.done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok())
+            else {
+                break;
+            };
+            if wanted.get(&id) == Some(&generation) {
+                wanted.remove(&id);
+                out.push((id, result));
+            } else {
+                others.push((id, generation, result));
             }
         }
+        self.backlog.extend(others);
+        for (id, _) in wanted {
+            out.push((id.clone(), Err(anyhow::anyhow!("{id}: receiver did not report within {STOP_TIMEOUT:?}"))));
+        }
+        out
     }
 
     /// Stops one receiver and waits for its report.
     fn stop_one(&mut self, r: Running) -> anyhow::Result<StreamReport> {
-        r.stop.store(true, Ordering::Relaxed);
-        let _ = r.handle.join();
         let id = r.cfg.id();
+        self.workers[r.worker].load -= 1;
         self.readiness.mark_gone(&id);
-        // Its result is in the channel; other receivers' results may be ahead of it.
-        let mut result = None;
-        let mut others = Vec::new();
-        while let Ok(done) = self.done_rx.try_recv() {
-            if done.0 == id && done.1 == r.generation {
-                result = Some(done.2);
-            } else {
-                others.push(done);
-            }
-        }
-        for d in others {
-            let _ = self.done_tx.send(d);
-        }
-        result.unwrap_or_else(|| Err(anyhow::anyhow!("{id}: receiver ended without a report")))
+        self.workers[r.worker].stop(id.clone(), r.generation);
+        self.collect(BTreeMap::from([(id.clone(), r.generation)]))
+            .pop()
+            .map_or_else(|| Err(anyhow::anyhow!("{id}: receiver ended without a report")), |(_, r)| r)
     }
 
     /// Waits up to `timeout` for a receiver that ended by itself (an error:
     /// a port taken, a decoder missing). Returns its id and result.
     pub fn wait_ended(&mut self, timeout: Duration) -> Option<(String, anyhow::Result<StreamReport>)> {
-        let (id, generation, result) = self.done_rx.recv_timeout(timeout).ok()?;
+        let (id, generation, result) = self.next_done(timeout)?;
         match self.running.get(&id) {
             Some(r) if r.generation == generation => {
-                if let Some(r) = self.running.remove(&id) {
-                    let _ = r.handle.join();
-                }
-                self.readiness.mark_gone(&id);
+                self.forget(&id);
                 Some((id, result))
             }
             // A stale result of a receiver already replaced.
@@ -180,22 +233,15 @@ impl Supervisor {
 
     /// Stops every receiver (they drain in parallel) and returns their reports.
     pub fn stop_all(&mut self) -> Vec<(String, anyhow::Result<StreamReport>)> {
-        for r in self.running.values() {
-            r.stop.store(true, Ordering::Relaxed);
-        }
         let running = std::mem::take(&mut self.running);
-        let mut generations = BTreeMap::new();
+        let mut wanted = BTreeMap::new();
         for (id, r) in running {
-            let _ = r.handle.join();
+            self.workers[r.worker].load -= 1;
             self.readiness.mark_gone(&id);
-            generations.insert(id, r.generation);
+            self.workers[r.worker].stop(id.clone(), r.generation);
+            wanted.insert(id, r.generation);
         }
-        let mut out = Vec::new();
-        while let Ok((id, generation, result)) = self.done_rx.try_recv() {
-            if generations.get(&id) == Some(&generation) {
-                out.push((id, result));
-            }
-        }
+        let mut out = self.collect(wanted);
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }

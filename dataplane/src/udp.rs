@@ -55,6 +55,11 @@ pub struct RecvBatch {
     names: Vec<libc::sockaddr_storage>,
 }
 
+// SAFETY: the raw pointers in `hdrs`/`iovs` only ever point into buffers this
+// batch owns, and are rewritten before each `recvmmsg`; moving the batch to
+// another thread moves those buffers with it.
+unsafe impl Send for RecvBatch {}
+
 impl RecvBatch {
     pub fn new(size: usize) -> Self {
         // SAFETY: all-zero is a valid value for these plain C structs.
@@ -69,6 +74,11 @@ impl RecvBatch {
             iovs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; size],
             names: vec![zeroed_name; size],
         }
+    }
+
+    /// Datagrams one `recv` can return.
+    pub fn capacity(&self) -> usize {
+        self.bufs.len()
     }
 
     /// Receives up to a batch of datagrams without blocking. Returns how many

@@ -1,0 +1,288 @@
+//! One thread serves many sources. A worker waits on one epoll set holding
+//! every socket of its sources (level-triggered), reads each readable socket
+//! a bounded number of batches per turn so a busy source cannot starve the
+//! others, and runs each source's timers when they fall due. No thread per
+//! stream: the supervisor runs one worker per core and places sources on the
+//! least loaded one.
+//!
+//! Under overload the kernel sheds what the sockets cannot hold (counted per
+//! socket, see `kernel_drops`); the loop itself never blocks on one source.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::SourceConfig;
+use crate::metrics::StreamMetrics;
+use crate::receiver::{BATCH, Finishing, Receiver, ReceiverOptions, SocketRole, StreamReport};
+use crate::udp::RecvBatch;
+
+/// Batches one socket may read per turn before others get theirs.
+const BATCHES_PER_TURN: usize = 8;
+/// epoll user data of the command wake-up eventfd.
+const WAKE_TOKEN: u64 = u64::MAX;
+const MAX_EVENTS: usize = 64;
+
+struct Slot {
+    receiver: Receiver,
+    id: String,
+    generation: u64,
+    wake_at: Instant,
+}
+
+/// The event loop of one thread: many receivers, one epoll set.
+pub struct Worker {
+    epoll: OwnedFd,
+    slots: Vec<Option<Slot>>,
+    batch: RecvBatch,
+    events: Vec<libc::epoll_event>,
+}
+
+fn token(slot: usize, role: SocketRole) -> u64 {
+    (slot as u64) << 1 | matches!(role, SocketRole::Rtcp) as u64
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
+impl Worker {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the fd is owned from here on.
+        let epoll = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
+        Ok(Self {
+            epoll,
+            slots: Vec::new(),
+            batch: RecvBatch::new(BATCH),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS],
+        })
+    }
+
+    fn watch(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        // SAFETY: valid epoll fd, valid fd, event struct lives across the call.
+        cvt(unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
+        Ok(())
+    }
+
+    fn unwatch(&self, fd: RawFd) {
+        // SAFETY: as above; a missing fd only yields an error we ignore.
+        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    }
+
+    /// Sources served.
+    pub fn len(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Starts serving an opened receiver.
+    pub fn add(&mut self, receiver: Receiver, id: String, generation: u64) -> io::Result<()> {
+        let index = self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len());
+        let sockets: Vec<_> = receiver.sockets().collect();
+        for (n, &(fd, role)) in sockets.iter().enumerate() {
+            if let Err(e) = self.watch(fd, token(index, role)) {
+                for &(fd, _) in &sockets[..n] {
+                    self.unwatch(fd);
+                }
+                return Err(e);
+            }
+        }
+        let slot = Slot { wake_at: Instant::now(), receiver, id, generation };
+        if index == self.slots.len() {
+            self.slots.push(Some(slot));
+        } else {
+            self.slots[index] = Some(slot);
+        }
+        Ok(())
+    }
+
+    /// Stops serving one source and returns it, drained, for its report.
+    pub fn remove(&mut self, id: &str, generation: u64) -> Option<Finishing> {
+        let index = self.slots.iter().position(|s| s.as_ref().is_some_and(|s| s.id == id && s.generation == generation))?;
+        let slot = self.slots[index].take()?;
+        for (fd, _) in slot.receiver.sockets() {
+            self.unwatch(fd);
+        }
+        Some(slot.receiver.finish())
+    }
+
+    /// Stops serving every source.
+    pub fn take_all(&mut self) -> Vec<(String, u64, Finishing)> {
+        let ids: Vec<(String, u64)> = self.slots.iter().flatten().map(|s| (s.id.clone(), s.generation)).collect();
+        ids.into_iter().filter_map(|(id, g)| self.remove(&id, g).map(|f| (id, g, f))).collect()
+    }
+
+    /// One turn: wait until a socket is readable, a timer is due or `max_wait`
+    /// passes; serve the readable sockets; run due timers. Returns whether an
+    /// extra fd (`extra`, registered by the caller with `WAKE_TOKEN`) fired.
+    pub fn turn(&mut self, max_wait: Duration) -> io::Result<bool> {
+        let now = Instant::now();
+        let mut wake = now + max_wait;
+        for s in self.slots.iter().flatten() {
+            wake = wake.min(s.wake_at);
+        }
+        // Round up: waking a little late is harmless, early means a spin.
+        let ms = wake.saturating_duration_since(now).as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: the events buffer holds MAX_EVENTS entries for the call.
+        let n = unsafe {
+            libc::epoll_wait(self.epoll.as_raw_fd(), self.events.as_mut_ptr(), MAX_EVENTS as libc::c_int, ms)
+        };
+        let n = match cvt(n) {
+            Ok(n) => n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        let mut woken = false;
+        for i in 0..n {
+            let t = self.events[i].u64;
+            if t == WAKE_TOKEN {
+                woken = true;
+                continue;
+            }
+            let (index, role) = ((t >> 1) as usize, if t & 1 == 1 { SocketRole::Rtcp } else { SocketRole::Rtp });
+            let Some(Some(slot)) = self.slots.get_mut(index) else { continue };
+            if let Err(e) = slot.receiver.on_readable(role, &mut self.batch, BATCHES_PER_TURN) {
+                // A socket error (ICMP unreachable reported late, ...) must
+                // not take down the other sources on this thread.
+                tracing::debug!(stream = %slot.id, error = %e, "receive error");
+            }
+            // Served now: its timers run below.
+            slot.wake_at = now;
+        }
+        let now = Instant::now();
+        for slot in self.slots.iter_mut().flatten() {
+            if now >= slot.wake_at {
+                slot.receiver.on_timers(now);
+                slot.wake_at = slot.receiver.next_wake(now);
+            }
+        }
+        Ok(woken)
+    }
+}
+
+/// What a worker thread is told to do.
+enum Command {
+    Start { cfg: SourceConfig, metrics: StreamMetrics, options: ReceiverOptions, generation: u64 },
+    Stop { id: String, generation: u64 },
+    Exit,
+}
+
+/// A receiver's end: its id, generation and report (or why it failed).
+pub type Done = (String, u64, anyhow::Result<StreamReport>);
+
+/// A worker running on a thread of its own, told what to serve through a
+/// channel and an eventfd that wakes its epoll wait.
+pub struct WorkerThread {
+    commands: crossbeam_channel::Sender<Command>,
+    wake: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    /// Sources placed on it (the supervisor's count, for placement).
+    pub load: usize,
+}
+
+impl WorkerThread {
+    pub fn spawn(name: String, done: crossbeam_channel::Sender<Done>) -> io::Result<Self> {
+        let worker = Worker::new()?;
+        // SAFETY: plain syscall; the fd is owned from here on.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(cvt(libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))?) });
+        worker.watch(wake.as_raw_fd(), WAKE_TOKEN)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread_wake = wake.clone();
+        let thread = std::thread::Builder::new().name(name).spawn(move || serve(worker, rx, thread_wake, done))?;
+        Ok(Self { commands: tx, wake, thread: Some(thread), load: 0 })
+    }
+
+    fn send(&self, command: Command) {
+        let _ = self.commands.send(command);
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a live u64 to an eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    pub fn start(&self, cfg: SourceConfig, metrics: StreamMetrics, options: ReceiverOptions, generation: u64) {
+        self.send(Command::Start { cfg, metrics, options, generation });
+    }
+
+    /// Asks for one source to stop; its report arrives on the done channel.
+    pub fn stop(&self, id: String, generation: u64) {
+        self.send(Command::Stop { id, generation });
+    }
+}
+
+impl Drop for WorkerThread {
+    fn drop(&mut self) {
+        self.send(Command::Exit);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut worker: Worker, commands: crossbeam_channel::Receiver<Command>, wake: Arc<OwnedFd>, done: crossbeam_channel::Sender<Done>) {
+    let report = |id: String, generation: u64, finishing: Finishing| {
+        if finishing.has_decoder() {
+            // A decoder drains for up to seconds: not on the receive thread.
+            let spawned = std::thread::Builder::new()
+                .name(format!("drain-{id}"))
+                .spawn({
+                    let (id, done) = (id.clone(), done.clone());
+                    move || {
+                        let _ = done.send((id, generation, Ok(finishing.complete())));
+                    }
+                });
+            if let Err(e) = spawned {
+                let _ = done.send((id, generation, Err(anyhow::anyhow!("cannot start a drain thread: {e}"))));
+            }
+        } else {
+            let _ = done.send((id, generation, Ok(finishing.complete())));
+        }
+    };
+    loop {
+        let woken = match worker.turn(Duration::from_millis(100)) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "worker event loop failed");
+                for (id, g, f) in worker.take_all() {
+                    report(id, g, f);
+                }
+                return;
+            }
+        };
+        if !woken {
+            continue;
+        }
+        let mut counter = [0u8; 8];
+        // SAFETY: reading 8 bytes into a live buffer resets the eventfd.
+        unsafe { libc::read(wake.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+        while let Ok(command) = commands.try_recv() {
+            match command {
+                Command::Start { cfg, metrics, options, generation } => {
+                    let id = cfg.id();
+                    match Receiver::open(cfg, metrics, &options).and_then(|r| Ok(worker.add(r, id.clone(), generation)?)) {
+                        Ok(()) => {}
+                        Err(e) => {
+                            let _ = done.send((id, generation, Err(e)));
+                        }
+                    }
+                }
+                Command::Stop { id, generation } => {
+                    if let Some(f) = worker.remove(&id, generation) {
+                        report(id, generation, f);
+                    }
+                }
+                Command::Exit => {
+                    for (id, g, f) in worker.take_all() {
+                        report(id, g, f);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
