@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod config;
 pub mod decode;
 pub mod receiver;
+pub mod worker;
 pub mod udp;
 pub mod runner;
 pub mod table;
