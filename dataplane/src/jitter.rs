@@ -11,6 +11,14 @@
 
 use std::time::{Duration, Instant};
 
+/// Receive buffers made when a buffer is created: enough for a batch in
+/// flight plus the packets held behind a gap at moderate loss, so a running
+/// stream takes every buffer from the pool (256 KiB per stream).
+pub const PREALLOCATED_BUFFERS: usize = 128;
+/// Buffers kept for reuse at most: the pool grows to a stream's working set
+/// (more packets held behind long gaps) up to this, and never shrinks below it.
+const MAX_SPARE_BUFFERS: usize = 1024;
+
 /// Settings, separate from running state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JitterSettings {
@@ -120,7 +128,11 @@ impl JitterBuffer {
             next_out: None,
             end: 0,
             counters: JitterCounters::default(),
-            spare: Vec::new(),
+            spare: {
+                let mut spare = Vec::with_capacity(MAX_SPARE_BUFFERS);
+                spare.extend((0..PREALLOCATED_BUFFERS).map(|_| Vec::with_capacity(crate::udp::MAX_DATAGRAM)));
+                spare
+            },
             resync_loss: None,
             first_real: None,
             released_any: false,
@@ -142,7 +154,7 @@ impl JitterBuffer {
 
     /// Gives a released packet's buffer back for reuse.
     pub fn recycle(&mut self, mut data: Vec<u8>) {
-        if self.spare.len() < 256 {
+        if self.spare.len() < MAX_SPARE_BUFFERS {
             data.clear();
             self.spare.push(data);
         }

@@ -273,6 +273,11 @@ impl Receiver {
         })
     }
 
+    /// Where the RTP socket is bound (its port when bound to port 0).
+    pub fn local_rtp_addr(&self) -> std::io::Result<SocketAddr> {
+        self.rtp_socket.local_addr()
+    }
+
     /// The sockets to watch, with their roles.
     pub fn sockets(&self) -> impl Iterator<Item = (std::os::fd::RawFd, SocketRole)> + '_ {
         use std::os::fd::AsRawFd;
@@ -683,7 +688,7 @@ impl Receiver {
         let received_interval = c.received.saturating_sub(prior_received);
         let lost_interval = expected_interval.saturating_sub(received_interval);
         self.report_prior = (expected, c.received);
-        let fraction = if expected_interval == 0 { 0 } else { ((lost_interval << 8) / expected_interval).min(255) as u8 };
+        let fraction = (lost_interval << 8).checked_div(expected_interval).map_or(0, |f| f.min(255) as u8);
         let (lsr, dlsr) = match self.last_sr {
             Some((lsr, at)) => (lsr, ((now - at).as_secs_f64() * 65536.0) as u32),
             None => (0, 0),

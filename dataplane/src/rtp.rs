@@ -5,8 +5,8 @@
 //! buffer so the hot path does not allocate.
 
 use rtcp_types::{
-    Compound, CompoundBuilder, Nack, Packet as RtcpPacket, Pli, ReceiverReport, ReportBlock,
-    RtcpPacketWriter, RtcpPacketWriterExt, Sdes, SdesChunk, SdesItem, TransportFeedback, PayloadFeedback,
+    Compound, CompoundBuilder, Nack, Packet as RtcpPacket, Pli, ReportBlock,
+    RtcpPacketWriter, RtcpPacketWriterExt, Sdes, SdesChunk, SdesItem,
 };
 pub use rtp_types::{RtpPacket, RtpPacketBuilder, RtpParseError};
 
@@ -163,42 +163,101 @@ pub struct ReceiverFeedback<'a> {
     pub media_ssrc: u32,
 }
 
-/// Writes a receiver RTCP compound into `out` and returns its length.
+/// Most NACK FCI entries in one compound: keeps it within one datagram
+/// (4 bytes each); a longer list is sent in part, the rest asked again later.
+const MAX_NACK_FCI: usize = 300;
+
+/// Writes a receiver RTCP compound into `out` and returns its length: RR
+/// (RFC 3550 §6.4.2), SDES CNAME (§6.5), Generic NACK (RFC 4585 §6.2.1), PLI
+/// (§6.3.1). Written by hand into the caller's buffer: this runs for every
+/// loss and must not allocate once `out` has grown to a datagram.
 pub fn write_receiver_rtcp(
     sender_ssrc: u32,
     cname: &str,
     feedback: &ReceiverFeedback<'_>,
     out: &mut Vec<u8>,
 ) -> Result<usize, RtcpError> {
-    let mut rr = ReceiverReport::builder(sender_ssrc);
-    if let Some(r) = feedback.report {
-        rr = rr.add_report_block(
-            ReportBlock::builder(r.media_ssrc)
-                .fraction_lost(r.fraction_lost)
-                .cumulative_lost(r.cumulative_lost.min(0x7f_ffff))
-                .extended_sequence_number(r.extended_highest_seq)
-                .interarrival_jitter(r.jitter)
-                .last_sender_report_timestamp(r.lsr)
-                .delay_since_last_sender_report_timestamp(r.dlsr),
-        );
+    if cname.len() > 255 {
+        return Err(RtcpError { len: 0, reason: format!("CNAME of {} bytes exceeds 255", cname.len()) });
     }
-    let sdes = Sdes::builder().add_chunk(SdesChunk::builder(sender_ssrc).add_item(SdesItem::builder(SdesItem::CNAME, cname)));
-    let mut compound = CompoundBuilder::default().add_packet(rr).add_packet(sdes);
+    out.clear();
+    // RR with zero or one report block.
+    let start = begin_rtcp(out, feedback.report.is_some() as u8, 201);
+    out.extend_from_slice(&sender_ssrc.to_be_bytes());
+    if let Some(r) = feedback.report {
+        out.extend_from_slice(&r.media_ssrc.to_be_bytes());
+        out.push(r.fraction_lost);
+        out.extend_from_slice(&r.cumulative_lost.min(0x7f_ffff).to_be_bytes()[1..]);
+        out.extend_from_slice(&r.extended_highest_seq.to_be_bytes());
+        out.extend_from_slice(&r.jitter.to_be_bytes());
+        out.extend_from_slice(&r.lsr.to_be_bytes());
+        out.extend_from_slice(&r.dlsr.to_be_bytes());
+    }
+    end_rtcp(out, start);
+    // SDES: one chunk, CNAME, then the null terminator padded to 32 bits.
+    let start = begin_rtcp(out, 1, 202);
+    out.extend_from_slice(&sender_ssrc.to_be_bytes());
+    out.push(1);
+    out.push(cname.len() as u8);
+    out.extend_from_slice(cname.as_bytes());
+    out.push(0);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    end_rtcp(out, start);
     if !feedback.nacks.is_empty() {
-        let mut nack = Nack::builder();
+        let start = begin_rtcp(out, 1, 205);
+        out.extend_from_slice(&sender_ssrc.to_be_bytes());
+        out.extend_from_slice(&feedback.media_ssrc.to_be_bytes());
+        // (PID, BLP) pairs: a PID and a bitmask of the 16 numbers after it.
+        let mut fci: Option<(u16, u16)> = None;
+        let mut entries = 0;
         for &seq in feedback.nacks {
-            nack = nack.add_rtp_sequence(seq);
+            if let Some((pid, blp)) = &mut fci {
+                let d = seq.wrapping_sub(*pid);
+                if (1..=16).contains(&d) {
+                    *blp |= 1 << (d - 1);
+                    continue;
+                }
+                if d == 0 {
+                    continue;
+                }
+                out.extend_from_slice(&pid.to_be_bytes());
+                out.extend_from_slice(&blp.to_be_bytes());
+                entries += 1;
+                if entries == MAX_NACK_FCI {
+                    fci = None;
+                    break;
+                }
+            }
+            fci = Some((seq, 0));
         }
-        compound = compound.add_packet(
-            TransportFeedback::builder_owned(nack).sender_ssrc(sender_ssrc).media_ssrc(feedback.media_ssrc),
-        );
+        if let Some((pid, blp)) = fci {
+            out.extend_from_slice(&pid.to_be_bytes());
+            out.extend_from_slice(&blp.to_be_bytes());
+        }
+        end_rtcp(out, start);
     }
     if feedback.pli {
-        compound = compound.add_packet(
-            PayloadFeedback::builder_owned(Pli::builder()).sender_ssrc(sender_ssrc).media_ssrc(feedback.media_ssrc),
-        );
+        let start = begin_rtcp(out, 1, 206);
+        out.extend_from_slice(&sender_ssrc.to_be_bytes());
+        out.extend_from_slice(&feedback.media_ssrc.to_be_bytes());
+        end_rtcp(out, start);
     }
-    write_compound(compound, out)
+    Ok(out.len())
+}
+
+/// Starts an RTCP packet (version 2, no padding, `count` = RC/SC/FMT) and
+/// returns where it begins; `end_rtcp` fills in its length.
+fn begin_rtcp(out: &mut Vec<u8>, count: u8, packet_type: u8) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0x80 | (count & 0x1f), packet_type, 0, 0]);
+    start
+}
+
+fn end_rtcp(out: &mut [u8], start: usize) {
+    let words = ((out.len() - start) / 4 - 1) as u16;
+    out[start + 2..start + 4].copy_from_slice(&words.to_be_bytes());
 }
 
 /// Writes a sender report (with SDES CNAME) into `out`; used by the test sender.

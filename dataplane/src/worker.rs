@@ -168,7 +168,7 @@ impl Worker {
 
 /// What a worker thread is told to do.
 enum Command {
-    Start { cfg: SourceConfig, metrics: StreamMetrics, options: ReceiverOptions, generation: u64 },
+    Start { cfg: Box<SourceConfig>, metrics: StreamMetrics, options: ReceiverOptions, generation: u64 },
     Stop { id: String, generation: u64 },
     Exit,
 }
@@ -206,7 +206,7 @@ impl WorkerThread {
     }
 
     pub fn start(&self, cfg: SourceConfig, metrics: StreamMetrics, options: ReceiverOptions, generation: u64) {
-        self.send(Command::Start { cfg, metrics, options, generation });
+        self.send(Command::Start { cfg: Box::new(cfg), metrics, options, generation });
     }
 
     /// Asks for one source to stop; its report arrives on the done channel.
@@ -264,7 +264,7 @@ fn serve(mut worker: Worker, commands: crossbeam_channel::Receiver<Command>, wak
             match command {
                 Command::Start { cfg, metrics, options, generation } => {
                     let id = cfg.id();
-                    match Receiver::open(cfg, metrics, &options).and_then(|r| Ok(worker.add(r, id.clone(), generation)?)) {
+                    match Receiver::open(*cfg, metrics, &options).and_then(|r| Ok(worker.add(r, id.clone(), generation)?)) {
                         Ok(()) => {}
                         Err(e) => {
                             let _ = done.send((id, generation, Err(e)));
