@@ -81,10 +81,99 @@ pub enum PushOutcome {
 #[derive(Debug)]
 enum Slot {
     Empty,
-    /// `speculative`: asked for on suspicion (a tail or head probe), not
-    /// proven to exist; one that never arrives is passed over silently.
-    Missing { seen: Instant, nacks_sent: u32, next_nack: Instant, last_nack: Option<Instant>, speculative: bool },
+    Missing(Gap),
     Present(StoredPacket),
+}
+
+/// A missing packet's repair state.
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    /// When it was found missing.
+    seen: Instant,
+    /// When it is declared lost: `seen + latency`, or sooner once nothing
+    /// can bring it any more (retries spent and unanswered, FEC hopeless).
+    deadline: Instant,
+    nacks_sent: u32,
+    /// When to ask (again); later than now while FEC may still recover it.
+    next_nack: Instant,
+    last_nack: Option<Instant>,
+    /// Asked for on suspicion (a tail or head probe), not proven to exist;
+    /// one that never arrives is passed over silently.
+    speculative: bool,
+    /// A request was refused by the budget (counted once per packet).
+    refused: bool,
+}
+
+impl Gap {
+    fn new(now: Instant, latency: Duration, speculative: bool) -> Self {
+        Gap { seen: now, deadline: now + latency, nacks_sent: 0, next_nack: now, last_nack: None, speculative, refused: false }
+    }
+}
+
+/// Bounds retransmission requests, and with them the retransmission
+/// bandwidth a sender spends on us: a token bucket refilled at a share of
+/// the received packet rate (plus a floor), so heavy loss cannot turn into a
+/// NACK storm. A refused packet is asked for later if tokens come in time,
+/// else it is lost and a keyframe request repairs the picture.
+#[derive(Debug, Clone)]
+pub struct NackBudget {
+    tokens: f64,
+    /// Tokens per second.
+    rate: f64,
+    burst: f64,
+    last: Option<Instant>,
+    /// Packets whose request was refused for want of tokens (each once).
+    pub refused: u64,
+}
+
+impl NackBudget {
+    /// Share of the received packet rate that may be asked for again.
+    pub const SHARE: f64 = 0.25;
+    /// Requests per second allowed whatever the rate.
+    pub const FLOOR: f64 = 50.0;
+
+    pub fn new() -> Self {
+        Self { tokens: Self::FLOOR, rate: Self::FLOOR, burst: Self::FLOOR, last: None, refused: 0 }
+    }
+
+    /// No limit (tests of the retry schedule alone).
+    pub fn unlimited() -> Self {
+        Self { tokens: f64::INFINITY, rate: f64::INFINITY, burst: f64::INFINITY, last: None, refused: 0 }
+    }
+
+    /// Sets the refill from the received packet rate (packets per second).
+    pub fn set_packet_rate(&mut self, packets_per_second: f64) {
+        self.rate = Self::FLOOR + Self::SHARE * packets_per_second.max(0.0);
+        // Half a second of requests may go out at once (a burst of loss).
+        self.burst = self.rate / 2.0;
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            self.tokens = (self.tokens + (now - last).as_secs_f64() * self.rate).min(self.burst.max(1.0));
+        }
+        self.last = Some(now);
+    }
+
+    fn take(&mut self) -> bool {
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long until the next token.
+    fn wait(&self) -> Duration {
+        Duration::from_secs_f64(((1.0 - self.tokens).max(0.0) / self.rate).max(0.001))
+    }
+}
+
+impl Default for NackBudget {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -220,17 +309,17 @@ impl JitterBuffer {
                 s -= 1;
                 let idx = (s & self.mask) as usize;
                 match &mut self.slots[idx] {
-                    Slot::Missing { speculative, .. } if *speculative => {
-                        *speculative = false;
+                    Slot::Missing(gap) if gap.speculative => {
+                        gap.speculative = false;
                         self.counters.went_missing += 1;
                     }
                     _ => break,
                 }
             }
             // New packets beyond the highest: every skipped number is missing now.
-            let first_nack = now;
+            let latency = self.settings.latency;
             for s in self.end..seq {
-                *self.slot(s) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: first_nack, last_nack: None, speculative: false };
+                *self.slot(s) = Slot::Missing(Gap::new(now, latency, false));
                 self.counters.went_missing += 1;
             }
             self.end = seq + 1;
@@ -244,9 +333,9 @@ impl JitterBuffer {
                 self.recycle(packet.data);
                 PushOutcome::Duplicate
             }
-            Slot::Missing { nacks_sent, speculative, .. } => {
-                let by_nack = *nacks_sent > 0 && packet.retransmitted;
-                if *speculative {
+            Slot::Missing(gap) => {
+                let by_nack = gap.nacks_sent > 0 && packet.retransmitted;
+                if gap.speculative {
                     // It existed after all.
                     self.counters.went_missing += 1;
                 }
@@ -274,7 +363,6 @@ impl JitterBuffer {
         if let Some((first, count)) = self.resync_loss.take() {
             out.push(Output::Lost { first, count });
         }
-        let latency = self.settings.latency;
         while next < self.end {
             let idx = (next & self.mask) as usize;
             match &self.slots[idx] {
@@ -286,17 +374,17 @@ impl JitterBuffer {
                     self.released_any = true;
                     next += 1;
                 }
-                Slot::Missing { seen, speculative: true, .. } if now >= *seen + latency => {
+                Slot::Missing(gap) if gap.speculative && now >= gap.deadline => {
                     // Probed on suspicion and never seen: it did not exist.
                     self.slots[idx] = Slot::Empty;
                     next += 1;
                 }
-                Slot::Missing { seen, .. } if now >= *seen + latency => {
+                Slot::Missing(gap) if now >= gap.deadline => {
                     let first = next;
                     while next < self.end {
                         let idx = (next & self.mask) as usize;
                         match &self.slots[idx] {
-                            Slot::Missing { seen, speculative: false, .. } if now >= *seen + latency => {
+                            Slot::Missing(gap) if !gap.speculative && now >= gap.deadline => {
                                 self.slots[idx] = Slot::Empty;
                                 next += 1;
                             }
@@ -323,7 +411,7 @@ impl JitterBuffer {
             return None; // the ring is full
         }
         let seq = self.end;
-        *self.slot(seq) = Slot::Missing { seen: now, nacks_sent: 0, next_nack: now, last_nack: None, speculative: true };
+        *self.slot(seq) = Slot::Missing(Gap::new(now, self.settings.latency, true));
         self.end = seq + 1;
         Some(seq)
     }
@@ -340,8 +428,7 @@ impl JitterBuffer {
         let room = (self.slots.len() as u64).saturating_sub(self.end - next + 1);
         let n = count.min(room).min(next);
         for i in 1..=n {
-            *self.slot(next - i) =
-                Slot::Missing { seen: now, nacks_sent: 0, next_nack: now, last_nack: None, speculative: true };
+            *self.slot(next - i) = Slot::Missing(Gap::new(now, self.settings.latency, true));
         }
         self.next_out = Some(next - n);
         n
@@ -354,38 +441,91 @@ impl JitterBuffer {
 
     /// Collects the sequence numbers to NACK now, given the current RTT
     /// estimate, and schedules their next retry. A packet is asked for only
-    /// while an answer could still arrive before its deadline.
-    pub fn due_nacks(&mut self, now: Instant, rtt: Duration, out: &mut Vec<u64>) {
+    /// while an answer could still arrive before its deadline, and only as
+    /// far as `budget` allows. Once asking is over (retries spent, or too
+    /// late), the packet is given up as soon as the last answer is overdue
+    /// (two RTTs after the last request) instead of at its deadline, so the
+    /// buffer moves on and a keyframe request goes out early.
+    pub fn due_nacks(&mut self, now: Instant, rtt: Duration, budget: &mut NackBudget, out: &mut Vec<u64>) {
         if !self.settings.nack {
             return;
         }
         let Some(start) = self.next_out else { return };
         let max = self.settings.max_nack_retries;
-        let latency = self.settings.latency;
+        budget.refill(now);
         // The first retry one RTT (plus margin) after the first request, then
         // exponential backoff: a single lost retransmission costs little, and
         // retries still spread out over a burst of loss instead of all
         // falling into it.
         let base = rtt.mul_f32(1.25).max(Duration::from_millis(5));
+        let overdue = (rtt * 2).max(Duration::from_millis(10));
         for seq in start..self.end {
             let idx = (seq & self.mask) as usize;
-            if let Slot::Missing { seen, nacks_sent, next_nack, last_nack, .. } = &mut self.slots[idx] {
-                let deadline = *seen + latency;
-                // The first request goes out regardless of the RTT guess; later
-                // ones only if the retransmission could still make it.
-                let useful = *nacks_sent == 0 || now + rtt / 2 < deadline;
-                if *nacks_sent < max && now >= *next_nack && !(useful && now < deadline) {
-                    // Too late for an answer to help: stop asking, and stop
-                    // `next_deadline` from waking the loop for this packet.
-                    *nacks_sent = max;
-                } else if *nacks_sent < max && now >= *next_nack {
-                    *nacks_sent += 1;
-                    *next_nack = now + base * (1u32 << (*nacks_sent - 1).min(10));
-                    *last_nack = Some(now);
-                    out.push(seq);
+            let Slot::Missing(gap) = &mut self.slots[idx] else { continue };
+            if gap.nacks_sent >= max || now < gap.next_nack {
+                continue;
+            }
+            // The first request goes out regardless of the RTT guess; later
+            // ones only if the retransmission could still make it.
+            let useful = gap.nacks_sent == 0 || now + rtt / 2 < gap.deadline;
+            if !(useful && now < gap.deadline) {
+                // Too late for an answer to help: stop asking (and stop
+                // `next_deadline` from waking the loop for this packet).
+                gap.nacks_sent = max;
+            } else if !budget.take() {
+                if !gap.refused {
+                    gap.refused = true;
+                    budget.refused += 1;
                 }
+                gap.next_nack = now + budget.wait();
+                continue;
+            } else {
+                gap.nacks_sent += 1;
+                gap.next_nack = now + base * (1u32 << (gap.nacks_sent - 1).min(10));
+                gap.last_nack = Some(now);
+                out.push(seq);
+            }
+            if gap.nacks_sent >= max && !gap.speculative {
+                let give_up = gap.last_nack.map_or(now, |t| t + overdue);
+                gap.deadline = gap.deadline.min(give_up.max(now));
             }
         }
+    }
+
+    /// Holds back the first request for a missing packet until `until`
+    /// (FEC is expected to recover it by then). No effect once asked for.
+    pub fn defer_nack(&mut self, seq: u64, until: Instant) {
+        if let Some(Slot::Missing(gap)) = self.missing_slot(seq)
+            && gap.nacks_sent == 0 {
+                gap.next_nack = gap.next_nack.max(until);
+            }
+    }
+
+    /// Asks for a missing packet at the next `due_nacks` (FEC cannot
+    /// recover it); without NACK, gives it up now.
+    pub fn nack_now(&mut self, seq: u64, now: Instant) {
+        let nack = self.settings.nack;
+        if let Some(Slot::Missing(gap)) = self.missing_slot(seq) {
+            if nack {
+                gap.next_nack = gap.next_nack.min(now);
+            } else if !gap.speculative {
+                gap.deadline = gap.deadline.min(now);
+            }
+        }
+    }
+
+    /// Sequence numbers missing now (not yet declared lost), in order.
+    pub fn missing(&self) -> impl Iterator<Item = u64> + '_ {
+        let start = self.next_out.unwrap_or(self.end);
+        (start..self.end).filter(|&s| matches!(&self.slots[(s & self.mask) as usize], Slot::Missing(g) if !g.speculative))
+    }
+
+    fn missing_slot(&mut self, seq: u64) -> Option<&mut Slot> {
+        let start = self.next_out?;
+        if seq < start || seq >= self.end {
+            return None;
+        }
+        Some(self.slot(seq))
     }
 
     /// The earliest instant at which `pop_ready` or `due_nacks` has work.
@@ -393,10 +533,10 @@ impl JitterBuffer {
         let start = self.next_out?;
         let mut earliest: Option<Instant> = None;
         for seq in start..self.end {
-            if let Slot::Missing { seen, nacks_sent, next_nack, .. } = &self.slots[(seq & self.mask) as usize] {
-                let mut t = *seen + self.settings.latency;
-                if self.settings.nack && *nacks_sent < self.settings.max_nack_retries {
-                    t = t.min(*next_nack);
+            if let Slot::Missing(gap) = &self.slots[(seq & self.mask) as usize] {
+                let mut t = gap.deadline;
+                if self.settings.nack && gap.nacks_sent < self.settings.max_nack_retries {
+                    t = t.min(gap.next_nack);
                 }
                 earliest = Some(earliest.map_or(t, |e| e.min(t)));
             }
@@ -418,7 +558,7 @@ impl JitterBuffer {
             return None;
         }
         match &self.slots[(seq & self.mask) as usize] {
-            Slot::Missing { nacks_sent, last_nack, .. } => Some((*nacks_sent, *last_nack)),
+            Slot::Missing(gap) => Some((gap.nacks_sent, gap.last_nack)),
             _ => None,
         }
     }
@@ -427,11 +567,11 @@ impl JitterBuffer {
     pub fn drain(&mut self, out: &mut Vec<Output>) {
         let Some(start) = self.next_out else { return };
         let far_future = self.slots.iter().filter_map(|s| match s {
-            Slot::Missing { seen, .. } => Some(*seen),
+            Slot::Missing(gap) => Some(gap.deadline),
             _ => None,
         }).max();
         if let Some(t) = far_future {
-            self.pop_ready(t + self.settings.latency, out);
+            self.pop_ready(t, out);
         } else {
             self.pop_ready(Instant::now(), out);
         }
@@ -468,6 +608,57 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_bounds_requests_under_heavy_loss() {
+        // 1000 packets/s received, half of them lost: without a bound that is
+        // 1000 requests a second (and as many retransmissions).
+        let t0 = Instant::now();
+        let settings = JitterSettings { max_nack_retries: 1, ..JitterSettings::default() };
+        let mut jb = JitterBuffer::new(settings);
+        let mut budget = NackBudget::new();
+        budget.set_packet_rate(1000.0);
+        let mut out = Vec::new();
+        let mut asked = 0;
+        for ms in 0..2000u64 {
+            let t = t0 + Duration::from_millis(ms);
+            jb.push(ms * 2, pkt(t, 0), t);
+            let mut nacks = Vec::new();
+            jb.due_nacks(t, Duration::from_millis(20), &mut budget, &mut nacks);
+            asked += nacks.len();
+            jb.pop_ready(t, &mut out);
+        }
+        // 2 s at 50 + 25% of 1000 per second, plus the initial half-second burst.
+        let limit = 2.0 * (NackBudget::FLOOR + NackBudget::SHARE * 1000.0) + (NackBudget::FLOOR + 250.0) / 2.0;
+        assert!(asked as f64 <= limit + 1.0, "{asked} requests, limit {limit}");
+        assert!(asked as f64 >= limit * 0.8, "the budget was not used: {asked} of {limit}");
+        assert!(budget.refused as usize >= 1999 - asked, "{} refused, {asked} asked of 1999", budget.refused);
+    }
+
+    #[test]
+    fn a_packet_is_given_up_once_its_last_request_is_overdue_not_at_the_deadline() {
+        let t0 = Instant::now();
+        let settings = JitterSettings { latency: Duration::from_millis(1000), max_nack_retries: 2, ..JitterSettings::default() };
+        let mut jb = JitterBuffer::new(settings);
+        let rtt = Duration::from_millis(20);
+        let mut budget = NackBudget::unlimited();
+        let mut out = Vec::new();
+        jb.push(1, pkt(t0, 0), t0);
+        jb.push(3, pkt(t0, 0), t0);
+        let mut lost_at = None;
+        for ms in 0..1000u64 {
+            let t = t0 + Duration::from_millis(ms);
+            let mut nacks = Vec::new();
+            jb.due_nacks(t, rtt, &mut budget, &mut nacks);
+            jb.pop_ready(t, &mut out);
+            if lost_at.is_none() && released(&out).contains(&-2) {
+                lost_at = Some(ms);
+            }
+        }
+        // Requests at 0 and 25 ms; the second's answer is overdue at 65 ms.
+        assert_eq!(lost_at, Some(65), "{:?}", released(&out));
+        assert_eq!(released(&out), vec![1, -2, 3]);
+    }
+
+    #[test]
     fn in_order_packets_leave_without_delay() {
         let t0 = Instant::now();
         let mut jb = JitterBuffer::new(JitterSettings::default());
@@ -488,7 +679,7 @@ mod tests {
         jb.push(10, pkt(t0, 0), t0);
         jb.push(13, pkt(t0, 0), t0);
         let mut nacks = Vec::new();
-        jb.due_nacks(t0, Duration::from_millis(20), &mut nacks);
+        jb.due_nacks(t0, Duration::from_millis(20), &mut NackBudget::unlimited(), &mut nacks);
         assert_eq!(nacks, vec![11, 12]);
         jb.pop_ready(t0, &mut out);
         assert_eq!(released(&out), vec![10]);
@@ -517,7 +708,7 @@ mod tests {
         let mut t = t0;
         while t < t0 + Duration::from_millis(200) {
             let mut n = Vec::new();
-            jb.due_nacks(t, rtt, &mut n);
+            jb.due_nacks(t, rtt, &mut NackBudget::unlimited(), &mut n);
             if !n.is_empty() {
                 sent.push(t - t0);
             }
@@ -568,7 +759,7 @@ mod tests {
         jb.pop_ready(t0, &mut out);
         assert_eq!(jb.expect_next(t0), Some(8));
         let mut nacks = Vec::new();
-        jb.due_nacks(t0, Duration::from_millis(10), &mut nacks);
+        jb.due_nacks(t0, Duration::from_millis(10), &mut NackBudget::unlimited(), &mut nacks);
         assert_eq!(nacks, vec![8]);
         let mut rtx = pkt(t0, 0);
         rtx.retransmitted = true;
@@ -607,7 +798,7 @@ mod tests {
         jb.push(100, pkt(t0, 0), t0);
         assert_eq!(jb.expect_before(3, t0), 3);
         let mut nacks = Vec::new();
-        jb.due_nacks(t0, Duration::from_millis(1), &mut nacks);
+        jb.due_nacks(t0, Duration::from_millis(1), &mut NackBudget::unlimited(), &mut nacks);
         assert_eq!(nacks, vec![97, 98, 99]);
         let mut rtx = pkt(t0, 0);
         rtx.retransmitted = true;

@@ -25,6 +25,7 @@ pub struct StreamLabels {
 pub enum RepairMethod {
     Nack,
     Reorder,
+    Fec,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +78,9 @@ pub struct Metrics {
     bytes_received: Family<StreamLabels, Counter>,
     nacks_sent: Family<StreamLabels, Counter>,
     retransmissions_received: Family<StreamLabels, Counter>,
+    fec_packets_received: Family<StreamLabels, Counter>,
+    nacks_refused: Family<StreamLabels, Counter>,
+    nacks_avoided: Family<StreamLabels, Counter>,
     keyframe_requests: Family<StreamLabels, Counter>,
     frames_expected: Family<StreamLabels, Counter>,
     frames_assembled: Family<StreamLabels, Counter>,
@@ -119,6 +123,9 @@ impl Metrics {
             bytes_received: Family::default(),
             nacks_sent: Family::default(),
             retransmissions_received: Family::default(),
+            fec_packets_received: Family::default(),
+            nacks_refused: Family::default(),
+            nacks_avoided: Family::default(),
             keyframe_requests: Family::default(),
             frames_expected: Family::default(),
             frames_assembled: Family::default(),
@@ -150,6 +157,17 @@ impl Metrics {
         r.register_with_unit("rtp_received", "Datagram bytes received on the RTP socket", Unit::Bytes, m.bytes_received.clone());
         r.register("nacks_sent", "Sequence numbers requested by generic NACK (RFC 4585)", m.nacks_sent.clone());
         r.register("retransmissions_received", "RTX packets received (RFC 4588)", m.retransmissions_received.clone());
+        r.register("fec_packets_received", "FEC packets received (ST 2022-1 or ULPFEC)", m.fec_packets_received.clone());
+        r.register(
+            "nacks_refused",
+            "Retransmission requests withheld by the retransmission budget (a share of the received packet rate)",
+            m.nacks_refused.clone(),
+        );
+        r.register(
+            "nacks_avoided",
+            "Missing packets FEC recovered before any retransmission was requested",
+            m.nacks_avoided.clone(),
+        );
         r.register("keyframe_requests", "Picture loss indications sent", m.keyframe_requests.clone());
         r.register("frames_expected", "Frames the source sent, as far as the receiver can tell", m.frames_expected.clone());
         r.register("frames_assembled", "Whole access units handed to the decoder", m.frames_assembled.clone());
@@ -199,6 +217,10 @@ impl Metrics {
             bytes_received: handle(&self.bytes_received, &l),
             nacks_sent: handle(&self.nacks_sent, &l),
             retransmissions_received: handle(&self.retransmissions_received, &l),
+            recovered_fec: handle(&self.packets_recovered, &method(RepairMethod::Fec)),
+            fec_packets_received: handle(&self.fec_packets_received, &l),
+            nacks_refused: handle(&self.nacks_refused, &l),
+            nacks_avoided: handle(&self.nacks_avoided, &l),
             keyframe_requests: handle(&self.keyframe_requests, &l),
             frames_expected: handle(&self.frames_expected, &l),
             frames_assembled: handle(&self.frames_assembled, &l),
@@ -254,6 +276,10 @@ pub struct StreamMetrics {
     pub bytes_received: Counter,
     pub nacks_sent: Counter,
     pub retransmissions_received: Counter,
+    pub recovered_fec: Counter,
+    pub fec_packets_received: Counter,
+    pub nacks_refused: Counter,
+    pub nacks_avoided: Counter,
     pub keyframe_requests: Counter,
     pub frames_expected: Counter,
     pub frames_assembled: Counter,

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::config::SourceConfig;
 use crate::decode::Decoder;
 use crate::depay::{DepayEvent, Depacketizer};
-use crate::jitter::{JitterBuffer, Output, PushOutcome, StoredPacket};
+use crate::jitter::{JitterBuffer, NackBudget, Output, PushOutcome, StoredPacket};
 use crate::metrics::StreamMetrics;
 use crate::rtp::{self, RtcpEvent, RtpPacket, SeqExtender};
 use crate::udp::{self, RecvBatch};
@@ -167,6 +167,9 @@ pub struct Receiver {
     nacks: Vec<u64>,
     nack_seqs: Vec<u16>,
     rtcp_events: Vec<RtcpEvent>,
+    nack_budget: NackBudget,
+    /// Packets received at the start of the current rate window, and when.
+    rate_window: (Instant, u64),
 }
 
 /// Which of a source's sockets became readable.
@@ -268,6 +271,8 @@ impl Receiver {
             nacks: Vec::with_capacity(64),
             nack_seqs: Vec::with_capacity(64),
             rtcp_events: Vec::with_capacity(8),
+            nack_budget: NackBudget::new(),
+            rate_window: (now, 0),
             metrics,
             cfg,
         })
@@ -634,7 +639,15 @@ impl Receiver {
     fn feedback(&mut self, now: Instant) {
         self.nacks.clear();
         let rtt = self.rtt.unwrap_or(Duration::from_millis(30));
-        self.jb.due_nacks(now, rtt, &mut self.nacks);
+        let window = now - self.rate_window.0;
+        if window >= Duration::from_millis(250) {
+            let received = self.jb.counters().received;
+            self.nack_budget.set_packet_rate((received - self.rate_window.1) as f64 / window.as_secs_f64());
+            self.rate_window = (now, received);
+        }
+        let refused = self.nack_budget.refused;
+        self.jb.due_nacks(now, rtt, &mut self.nack_budget, &mut self.nacks);
+        self.metrics.nacks_refused.inc_by(self.nack_budget.refused - refused);
         let pli_interval = rtt.max(Duration::from_millis(300));
         let pli = self.keyframe_wanted
             && self.media_ssrc.is_some()

@@ -86,6 +86,7 @@ fuzz_target!(|input: Input| {
     let mut outputs = Vec::new();
     let mut check = ReleaseCheck::default();
     let mut nacks = Vec::new();
+    let mut budget = zerodrop_dataplane::jitter::NackBudget::new();
 
     for op in input.ops {
         match op {
@@ -111,7 +112,7 @@ fuzz_target!(|input: Input| {
             }
             Op::DueNacks { rtt_ms } => {
                 nacks.clear();
-                jb.due_nacks(now, Duration::from_millis(u64::from(rtt_ms % 5000)), &mut nacks);
+                jb.due_nacks(now, Duration::from_millis(u64::from(rtt_ms % 5000)), &mut budget, &mut nacks);
                 let end = jb.end().unwrap_or(0);
                 assert!(nacks.iter().all(|&s| s < end), "NACK beyond the highest awaited: {nacks:?}, end {end}");
             }
