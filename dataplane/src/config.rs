@@ -5,8 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
-use zerodrop_crds::{Codec, DecoderChoice, StreamPipeline};
+use zerodrop_crds::{Codec, DecoderChoice, FecScheme as CrdFecScheme, StreamPipeline};
 
+use crate::fec::FecScheme;
 use crate::jitter::JitterSettings;
 
 /// Receive buffer requested when the spec names none: about 1 s of a
@@ -27,6 +28,18 @@ pub struct SourceConfig {
     pub receive_buffer: usize,
     pub jitter: JitterSettings,
     pub decoder: DecoderChoice,
+    /// FEC to decode: declared by the source and enabled in `repair.fec`.
+    pub fec: Option<FecSource>,
+}
+
+/// Where a source's FEC arrives and how to read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FecSource {
+    pub scheme: FecScheme,
+    /// ST 2022-1: the column and row FEC sockets; ULPFEC: none (in-band).
+    pub binds: Vec<SocketAddr>,
+    /// ULPFEC: the payload type of FEC packets in the media stream.
+    pub payload_type: Option<u8>,
 }
 
 impl SourceConfig {
@@ -50,14 +63,24 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                 rtp.listen_address
             )
         })?;
-        if let Some(fec) = &rtp.fec {
-            // Accepted by the API for senders that already send it; said
-            // loudly so nobody believes it protects the stream yet.
-            tracing::warn!(
-                pipeline = %name, source = %source.name, scheme = ?fec.scheme, ports = ?fec.ports,
-                "FEC is declared but this version does not decode FEC yet: FEC packets are not received,                  loss is repaired by NACK/RTX only"
-            );
-        }
+        let fec = match &rtp.fec {
+            Some(fec) if spec.repair.fec.enabled => Some(FecSource {
+                scheme: match fec.scheme {
+                    CrdFecScheme::St2022_1 => FecScheme::St2022_1,
+                    CrdFecScheme::Ulpfec => FecScheme::Ulpfec,
+                },
+                binds: fec.ports.iter().map(|&p| SocketAddr::new(ip, p)).collect(),
+                payload_type: fec.payload_type,
+            }),
+            Some(fec) => {
+                tracing::info!(
+                    pipeline = %name, source = %source.name, scheme = ?fec.scheme,
+                    "the source sends FEC but repair.fec.enabled is false: FEC packets are ignored"
+                );
+                None
+            }
+            None => None,
+        };
         out.push(SourceConfig {
             pipeline: name.clone(),
             name: source.name.clone(),
@@ -75,6 +98,7 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                 ..JitterSettings::default()
             },
             decoder: spec.decode.decoder,
+            fec,
         });
     }
     Ok(out)

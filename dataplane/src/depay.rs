@@ -93,6 +93,12 @@ pub struct Depacketizer {
     building: Option<Building>,
     /// A loss was declared since the last packet.
     loss_pending: bool,
+    /// ... and every lost packet came while no unit was open (after a
+    /// marker packet).
+    loss_between_units: bool,
+    /// Take a loss between units followed by an inter picture's first slice
+    /// for a lost in-band FEC packet (see `tolerate_loss_between_units`).
+    tolerate_loss_between_units: bool,
     /// Drop everything until a keyframe (references lost, or start of stream).
     waiting_for_keyframe: bool,
     started: bool,
@@ -111,6 +117,8 @@ impl Depacketizer {
             codec,
             building: None,
             loss_pending: false,
+            loss_between_units: false,
+            tolerate_loss_between_units: false,
             waiting_for_keyframe: true,
             started: false,
             initial_keyframe_requested: false,
@@ -147,6 +155,7 @@ impl Depacketizer {
 
     /// Packets `count` in sequence were lost.
     pub fn push_loss(&mut self, _count: u64) {
+        self.loss_between_units = if self.loss_pending { self.loss_between_units } else { true } && self.building.is_none();
         self.loss_pending = true;
     }
 
@@ -169,7 +178,12 @@ impl Depacketizer {
             // can be whole; a lost SEI or parameter set would otherwise go
             // unnoticed.
             let damaged = if lost_before {
-                !self.leads_access_unit(payload)
+                // In-band FEC (ULPFEC) follows a frame's marker packet: a
+                // loss there, before a picture that starts with its first
+                // inter slice, is most likely FEC, and nothing the picture
+                // needs (parameter sets come with IDR pictures) lies there.
+                let benign = self.tolerate_loss_between_units && self.loss_between_units && self.starts_inter_picture(payload);
+                !(benign || self.leads_access_unit(payload))
             } else {
                 !self.starts_access_unit(payload)
             };
@@ -301,6 +315,32 @@ impl Depacketizer {
     /// Whether a packet begins an access unit: a parameter set, delimiter or
     /// SEI, or the first slice of a picture (first_mb_in_slice == 0 in H.264,
     /// first_slice_segment_in_pic_flag in H.265).
+    /// Takes a loss between access units, followed by a picture that starts
+    /// with its first inter (non-IDR) slice, for a lost in-band FEC packet
+    /// rather than damage. For streams with ULPFEC, whose FEC packets sit
+    /// between frames in the media's sequence numbers: otherwise each lost
+    /// FEC packet would cost the frames up to the next keyframe.
+    pub fn tolerate_loss_between_units(&mut self, on: bool) {
+        self.tolerate_loss_between_units = on;
+    }
+
+    /// Whether the payload starts the first slice of a non-IDR picture.
+    fn starts_inter_picture(&self, payload: &[u8]) -> bool {
+        let first_slice = |b: Option<&u8>, mask: u8| b.is_some_and(|b| b & mask != 0);
+        match self.codec {
+            Codec::H264 => match payload.first().map(|h| h & 0x1f) {
+                Some(1) => first_slice(payload.get(1), 0x80),
+                Some(28) => payload.get(1).is_some_and(|fu| fu & 0x80 != 0 && fu & 0x1f == 1) && first_slice(payload.get(2), 0x80),
+                _ => false,
+            },
+            Codec::H265 => match payload.first().map(|h| (h >> 1) & 0x3f) {
+                Some(0..=9) => first_slice(payload.get(2), 0x80),
+                Some(49) => payload.get(2).is_some_and(|fu| fu & 0x80 != 0 && fu & 0x3f <= 9) && first_slice(payload.get(3), 0x80),
+                _ => false,
+            },
+        }
+    }
+
     fn starts_access_unit(&self, payload: &[u8]) -> bool {
         match self.codec {
             Codec::H264 => {

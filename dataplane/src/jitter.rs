@@ -49,6 +49,10 @@ pub struct StoredPacket {
     pub arrival: Instant,
     /// Whether this copy came from a retransmission.
     pub retransmitted: bool,
+    /// An in-band FEC packet (ULPFEC shares the media's sequence numbers):
+    /// it fills its number so the media around it is contiguous, and is not
+    /// handed to the depacketiser.
+    pub fec: bool,
 }
 
 impl StoredPacket {
@@ -88,8 +92,6 @@ enum Slot {
 /// A missing packet's repair state.
 #[derive(Debug, Clone, Copy)]
 struct Gap {
-    /// When it was found missing.
-    seen: Instant,
     /// When it is declared lost: `seen + latency`, or sooner once nothing
     /// can bring it any more (retries spent and unanswered, FEC hopeless).
     deadline: Instant,
@@ -106,7 +108,7 @@ struct Gap {
 
 impl Gap {
     fn new(now: Instant, latency: Duration, speculative: bool) -> Self {
-        Gap { seen: now, deadline: now + latency, nacks_sent: 0, next_nack: now, last_nack: None, speculative, refused: false }
+        Gap { deadline: now + latency, nacks_sent: 0, next_nack: now, last_nack: None, speculative, refused: false }
     }
 }
 
@@ -502,15 +504,15 @@ impl JitterBuffer {
     }
 
     /// Asks for a missing packet at the next `due_nacks` (FEC cannot
-    /// recover it); without NACK, gives it up now.
+    /// recover it). Without NACK it waits for its deadline all the same:
+    /// FEC's verdict may come before all of its FEC has (a frame's FEC
+    /// follows its marker packet), and a late original still counts.
     pub fn nack_now(&mut self, seq: u64, now: Instant) {
-        let nack = self.settings.nack;
+        if !self.settings.nack {
+            return;
+        }
         if let Some(Slot::Missing(gap)) = self.missing_slot(seq) {
-            if nack {
-                gap.next_nack = gap.next_nack.min(now);
-            } else if !gap.speculative {
-                gap.deadline = gap.deadline.min(now);
-            }
+            gap.next_nack = gap.next_nack.min(now);
         }
     }
 
@@ -592,6 +594,7 @@ mod tests {
             marker: false,
             arrival: now,
             retransmitted: false,
+            fec: false,
         }
     }
 

@@ -4,6 +4,7 @@ pub mod au;
 pub mod loss;
 pub mod relay;
 pub mod rtp;
+pub mod fec;
 pub mod sender;
 pub mod depay;
 pub mod jitter;

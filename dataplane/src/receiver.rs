@@ -14,6 +14,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::SourceConfig;
+use crate::fec::{FecDecoder, FecScheme, Outlook};
 use crate::decode::Decoder;
 use crate::depay::{DepayEvent, Depacketizer};
 use crate::jitter::{JitterBuffer, NackBudget, Output, PushOutcome, StoredPacket};
@@ -33,6 +34,9 @@ const TAIL_PROBE_MIN: Duration = Duration::from_millis(40);
 /// Packets asked for before a stream's first packet when that packet does not
 /// begin an access unit (its parameter sets were lost).
 const HEAD_PROBE_PACKETS: u64 = 4;
+/// Media packets the FEC decoder keeps: room for a 2-D ST 2022-1 matrix of
+/// 20×20 with column FEC arriving after the next matrix (2·L·D + L).
+const FEC_WINDOW: usize = 1024;
 /// Probes per unfinished access unit: a tail longer than this is given up.
 const MAX_TAIL_PROBES: u32 = 8;
 
@@ -45,6 +49,8 @@ pub struct ReceiverOptions {
     pub no_decode: bool,
     /// Told once the sockets are bound and the decoder runs.
     pub readiness: Option<Arc<crate::metrics::Readiness>>,
+    /// Write one line per packet FEC rebuilt: `seq xxh3-digest-of-datagram`.
+    pub recovered_log: Option<PathBuf>,
 }
 
 /// Final figures for one stream, written to the run report.
@@ -61,11 +67,17 @@ pub struct StreamReport {
     pub packets_received: u64,
     pub packets_lost: u64,
     pub packets_recovered_nack: u64,
+    pub packets_recovered_fec: u64,
     pub packets_recovered_reorder: u64,
     pub packets_unrecovered: u64,
     pub packets_discarded: u64,
     pub nacks_sent: u64,
     pub retransmissions_received: u64,
+    pub fec_packets_received: u64,
+    /// Missing packets FEC rebuilt before any NACK asked for them.
+    pub nacks_avoided: u64,
+    /// Requests withheld by the retransmission budget.
+    pub nacks_refused: u64,
     pub keyframe_requests: u64,
     /// Packets for this stream's sockets the kernel dropped (see
     /// `zerodrop_kernel_udp_drops_total` for reasons).
@@ -170,6 +182,21 @@ pub struct Receiver {
     nack_budget: NackBudget,
     /// Packets received at the start of the current rate window, and when.
     rate_window: (Instant, u64),
+    /// Media packets per second, measured over the last rate window.
+    packet_rate: f64,
+    fec: Option<FecDecoder>,
+    /// ST 2022-1 column and row sockets.
+    fec_sockets: Vec<UdpSocket>,
+    /// ULPFEC: the payload type of FEC packets in the media stream.
+    fec_payload_type: Option<u8>,
+    /// Recovered datagrams (`seq digest` lines), for checking them.
+    recovered_log: Option<BufWriter<File>>,
+}
+
+fn new_depacketizer(cfg: &SourceConfig) -> Depacketizer {
+    let mut depay = Depacketizer::new(cfg.codec);
+    depay.tolerate_loss_between_units(cfg.fec.as_ref().is_some_and(|f| f.scheme == FecScheme::Ulpfec));
+    depay
 }
 
 /// Which of a source's sockets became readable.
@@ -177,6 +204,8 @@ pub struct Receiver {
 pub enum SocketRole {
     Rtp,
     Rtcp,
+    /// The n-th FEC socket (ST 2022-1: 0 = column, 1 = row).
+    Fec(u8),
 }
 
 /// Runs one source on the calling thread until `stop` is set; returns its
@@ -208,6 +237,22 @@ impl Receiver {
             ),
             None => None,
         };
+        let mut fec_sockets = Vec::new();
+        if let Some(fec) = &cfg.fec {
+            for addr in &fec.binds {
+                fec_sockets.push(
+                    udp::bind(*addr, cfg.receive_buffer / 4)
+                        .with_context(|| format!("{id}: cannot bind FEC socket {addr}"))?
+                        .0,
+                );
+            }
+        }
+        let recovered_log = match &options.recovered_log {
+            Some(path) => Some(BufWriter::new(
+                File::create(path).with_context(|| format!("{id}: cannot create recovered-packet log {}", path.display()))?,
+            )),
+            None => None,
+        };
         metrics.receive_buffer.set(granted as i64);
         if granted < cfg.receive_buffer {
             tracing::warn!(
@@ -237,7 +282,7 @@ impl Receiver {
         let now = Instant::now();
         Ok(Receiver {
             jb: JitterBuffer::new(cfg.jitter.clone()),
-            depay: Depacketizer::new(cfg.codec),
+            depay: new_depacketizer(&cfg),
             decoder,
             rtp_socket,
             rtcp_socket,
@@ -273,6 +318,11 @@ impl Receiver {
             rtcp_events: Vec::with_capacity(8),
             nack_budget: NackBudget::new(),
             rate_window: (now, 0),
+            packet_rate: 0.0,
+            fec: cfg.fec.as_ref().map(|f| FecDecoder::new(f.scheme, FEC_WINDOW)),
+            fec_sockets,
+            fec_payload_type: cfg.fec.as_ref().and_then(|f| (f.scheme == FecScheme::Ulpfec).then_some(f.payload_type).flatten()),
+            recovered_log,
             metrics,
             cfg,
         })
@@ -288,6 +338,7 @@ impl Receiver {
         use std::os::fd::AsRawFd;
         std::iter::once((self.rtp_socket.as_raw_fd(), SocketRole::Rtp))
             .chain(self.rtcp_socket.as_ref().map(|s| (s.as_raw_fd(), SocketRole::Rtcp)))
+            .chain(self.fec_sockets.iter().enumerate().map(|(i, s)| (s.as_raw_fd(), SocketRole::Fec(i as u8))))
     }
 
     /// Reads what is queued on one socket, at most `max_batches` batches (the
@@ -305,12 +356,40 @@ impl Receiver {
                     for i in 0..n {
                         self.on_datagram(batch, i, now);
                     }
+                    self.coordinate_fec(now);
                     self.release(now);
                     if n < batch.capacity() {
                         return Ok(false);
                     }
                 }
                 Ok(true)
+            }
+            SocketRole::Fec(index) => {
+                let sockets = std::mem::take(&mut self.fec_sockets);
+                let mut result = Ok(true);
+                if let Some(socket) = sockets.get(index as usize) {
+                    for _ in 0..max_batches {
+                        let n = match batch.recv(socket) {
+                            Ok(n) => n,
+                            Err(e) => {
+                                result = Err(e);
+                                break;
+                            }
+                        };
+                        for i in 0..n {
+                            self.on_fec_datagram(batch.datagram(i));
+                        }
+                        if n < batch.capacity() {
+                            result = Ok(false);
+                            break;
+                        }
+                    }
+                }
+                self.fec_sockets = sockets;
+                let now = Instant::now();
+                self.coordinate_fec(now);
+                self.release(now);
+                result
             }
             SocketRole::Rtcp => {
                 let Some(socket) = self.rtcp_socket.take() else { return Ok(false) };
@@ -396,6 +475,22 @@ impl Receiver {
                 _ => {}
             }
             (seq, offset, len, false)
+        } else if pt == self.fec_payload_type.unwrap_or(u8::MAX) && self.media_ssrc.is_none_or(|s| s == ssrc) {
+            // ULPFEC: in the media's sequence space. It fills its number in
+            // the jitter buffer (not handed on) and goes to the FEC decoder.
+            self.metrics.fec_packets_received.inc();
+            let ext = self.seq.extend(seq);
+            if let Some(fec) = &mut self.fec {
+                let highest = self.seq.highest().unwrap_or(ext);
+                if let Err(e) = fec.push_fec(datagram, highest) {
+                    self.metrics.discarded("fec");
+                    tracing::debug!(stream = %self.cfg.id(), error = %e, "FEC packet not used");
+                }
+            }
+            let data = batch.take(i, self.jb.take_spare());
+            let filler = StoredPacket { data, payload_offset: 0, payload_len: 0, timestamp: ts, marker: false, arrival: now, retransmitted: false, fec: true };
+            self.store(ext, filler, now, false);
+            return;
         } else if Some(pt) == self.cfg.rtx_payload_type {
             match rtp::parse_rtx(&datagram[offset..offset + len]) {
                 Ok(rtx) => {
@@ -445,6 +540,9 @@ impl Receiver {
             && self.jb.end().is_none()
             && !retransmitted
             && !self.depay.leads_access_unit(&batch.datagram(i)[offset..offset + len]);
+        if !retransmitted && let Some(fec) = &mut self.fec {
+            fec.push_media(ext, batch.datagram(i));
+        }
         let data = batch.take(i, self.jb.take_spare());
         let packet = StoredPacket {
             data,
@@ -454,22 +552,108 @@ impl Receiver {
             marker,
             arrival: now,
             retransmitted,
+            fec: false,
         };
-        let before = self.jb.counters();
-        match self.jb.push(ext, packet, now) {
-            PushOutcome::Duplicate => self.metrics.packets_duplicate.inc(),
-            PushOutcome::TooLate => self.metrics.packets_late.inc(),
-            PushOutcome::Stored | PushOutcome::Resynced { .. } => self.metrics.packets_received.inc(),
-        };
+        self.store(ext, packet, now, false);
         if head_probe && self.cfg.jitter.nack {
             let n = self.jb.expect_before(HEAD_PROBE_PACKETS, now);
             tracing::debug!(stream = %self.cfg.id(), n, "stream starts mid access unit; probing for its head");
         }
+    }
+
+    /// Puts a packet into the jitter buffer and counts what that changed:
+    /// packets found missing, and missing ones now here, by how they came.
+    fn store(&mut self, ext: u64, packet: StoredPacket, now: Instant, by_fec: bool) -> PushOutcome {
+        let before = self.jb.counters();
+        let outcome = self.jb.push(ext, packet, now);
+        match outcome {
+            PushOutcome::Duplicate => self.metrics.packets_duplicate.inc(),
+            PushOutcome::TooLate => self.metrics.packets_late.inc(),
+            PushOutcome::Stored | PushOutcome::Resynced { .. } => self.metrics.packets_received.inc(),
+        };
         let after = self.jb.counters();
         self.metrics.packets_lost.inc_by(after.went_missing - before.went_missing);
-        let by_nack = after.recovered_by_nack - before.recovered_by_nack;
-        self.metrics.recovered_nack.inc_by(by_nack);
-        self.metrics.recovered_reorder.inc_by((after.recovered - before.recovered) - by_nack);
+        let recovered = after.recovered - before.recovered;
+        if by_fec {
+            self.metrics.recovered_fec.inc_by(recovered);
+        } else {
+            let by_nack = after.recovered_by_nack - before.recovered_by_nack;
+            self.metrics.recovered_nack.inc_by(by_nack);
+            self.metrics.recovered_reorder.inc_by(recovered - by_nack);
+        }
+        outcome
+    }
+
+    /// A datagram on an ST 2022-1 FEC socket.
+    fn on_fec_datagram(&mut self, datagram: &[u8]) {
+        self.metrics.fec_packets_received.inc();
+        let Some(fec) = &mut self.fec else { return };
+        let Some(highest) = self.seq.highest() else {
+            // Nothing to place it against yet: the media's first packet.
+            self.metrics.discarded("fec");
+            return;
+        };
+        if let Err(e) = fec.push_fec(datagram, highest) {
+            self.metrics.discarded("fec");
+            tracing::debug!(stream = %self.cfg.id(), error = %e, "FEC packet not used");
+        }
+    }
+
+    /// Lets FEC and NACK work together on what is missing: rebuilds what FEC
+    /// can, holds back the request for a packet whose FEC is still to come
+    /// (until shortly after it is due), and asks at once for a packet FEC
+    /// cannot rebuild.
+    fn coordinate_fec(&mut self, now: Instant) {
+        let Some(mut fec) = self.fec.take() else { return };
+        if self.jb.held() > 0 {
+            self.recover_from_fec(&mut fec, now);
+            let highest = self.seq.highest().unwrap_or(0);
+            // Time per media packet, to turn "due after packet N" into a time.
+            let per_packet = Duration::from_secs_f64(1.0 / self.packet_rate.max(100.0));
+            let grace = crate::fec::REORDER_GRACE as u32;
+            let missing_now = std::mem::take(&mut self.nacks);
+            let mut missing = missing_now;
+            missing.clear();
+            missing.extend(self.jb.missing());
+            for &seq in &missing {
+                let outlook = fec.outlook(seq, highest);
+                tracing::trace!(stream = %self.cfg.id(), seq = seq as u16, highest = highest as u16, ?outlook, "FEC outlook");
+                match outlook {
+                    Outlook::Present | Outlook::Recoverable => {}
+                    Outlook::Waiting { fec_due_after } => {
+                        let packets = fec_due_after.saturating_sub(highest).min(u32::MAX as u64) as u32 + grace;
+                        self.jb.defer_nack(seq, now + per_packet * packets + Duration::from_millis(2));
+                    }
+                    Outlook::Hopeless => self.jb.nack_now(seq, now),
+                }
+            }
+            self.nacks = missing;
+        }
+        self.fec = Some(fec);
+    }
+
+    fn recover_from_fec(&mut self, fec: &mut FecDecoder, now: Instant) {
+        fec.recover(&mut |seq, datagram| self.on_recovered(seq, datagram, now));
+    }
+
+    /// A media packet FEC rebuilt: into the jitter buffer like any other.
+    fn on_recovered(&mut self, seq: u64, datagram: &[u8], now: Instant) {
+        let Ok(p) = RtpPacket::parse(datagram) else {
+            self.metrics.discarded("fec");
+            return;
+        };
+        let (offset, len, ts, marker) = (p.payload_offset(), p.payload_len(), p.timestamp(), p.marker_bit());
+        if let Some(log) = &mut self.recovered_log {
+            let _ = writeln!(log, "{} {:016x}", seq as u16, xxhash_rust::xxh3::xxh3_64(datagram));
+        }
+        let mut data = self.jb.take_spare();
+        data.clear();
+        data.extend_from_slice(datagram);
+        let asked = self.jb.nack_state(seq).map(|(n, _)| n);
+        let packet = StoredPacket { data, payload_offset: offset, payload_len: len, timestamp: ts, marker, arrival: now, retransmitted: false, fec: false };
+        if self.store(seq, packet, now, true) == PushOutcome::Stored && asked == Some(0) {
+            self.metrics.nacks_avoided.inc();
+        }
     }
 
     fn restart(&mut self) {
@@ -482,7 +666,7 @@ impl Receiver {
         self.jb.reset();
         // The new stream starts afresh: it must begin with a keyframe, and its
         // timestamps have nothing to do with the old ones.
-        self.depay = Depacketizer::new(self.cfg.codec);
+        self.depay = new_depacketizer(&self.cfg);
         self.timestamps_restarted = true;
         // Feedback goes to the new sender: until its first sender report,
         // to its RTP address's RTCP neighbour; its RTT is measured anew.
@@ -521,6 +705,7 @@ impl Receiver {
         let mut outputs = std::mem::take(&mut self.outputs);
         for o in outputs.drain(..) {
             match o {
+                Output::Packet { packet, .. } if packet.fec => self.jb.recycle(packet.data),
                 Output::Packet { packet, .. } => {
                     self.depay.push_packet(packet.payload(), packet.timestamp, packet.marker, packet.arrival, &mut self.events);
                     self.jb.recycle(packet.data);
@@ -739,6 +924,17 @@ impl Receiver {
         if let Some(log) = &mut self.au_log {
             let _ = log.flush();
         }
+        if let Some(log) = &mut self.recovered_log {
+            let _ = log.flush();
+        }
+        if let Some(fec) = &self.fec {
+            let c = fec.counters();
+            tracing::info!(
+                stream = %self.cfg.id(), received = c.fec_received, malformed = c.fec_malformed, unusable = c.fec_unusable,
+                expired = c.fec_expired, recovered = c.recovered, row = c.recovered_row, column = c.recovered_column,
+                media_ignored = c.media_ignored, "FEC decoder"
+            );
+        }
         Finishing { decoder: self.decoder.take(), receiver: self }
     }
 
@@ -756,11 +952,15 @@ impl Receiver {
             packets_received: m.packets_received.get(),
             packets_lost: m.packets_lost.get(),
             packets_recovered_nack: m.recovered_nack.get(),
+            packets_recovered_fec: m.recovered_fec.get(),
             packets_recovered_reorder: m.recovered_reorder.get(),
             packets_unrecovered: m.packets_unrecovered.get(),
             packets_discarded: m.discarded_total(),
             nacks_sent: m.nacks_sent.get(),
             retransmissions_received: m.retransmissions_received.get(),
+            fec_packets_received: m.fec_packets_received.get(),
+            nacks_avoided: m.nacks_avoided.get(),
+            nacks_refused: m.nacks_refused.get(),
             keyframe_requests: m.keyframe_requests.get(),
             kernel_udp_drops: m.kernel_drops_total.get(),
             receive_buffer_bytes: m.receive_buffer.get(),

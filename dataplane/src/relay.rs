@@ -18,6 +18,15 @@
 //! retransmissions a receiver provokes. Without it, one model decides for
 //! every RTP datagram, so the RTX a receiver asks for shifts later media drops.
 //!
+//! FEC: with `fec_forward` set, the relay also listens on one ephemeral port
+//! per FEC stream (ST 2022-1 column and row) and forwards each to its
+//! address; with `fec_payload_type`, in-band FEC (ULPFEC) draws from a model
+//! of its own like RTX. Either way FEC loss comes from models seeded apart
+//! from the media's, so the same media packets are lost whatever FEC (and how
+//! much of it) a sender adds. `drop_log` writes one line per media packet the
+//! relay dropped (`seq xxh3-digest-of-datagram`), to check what a receiver
+//! rebuilt against the original, byte for byte.
+//!
 //! RTCP from the receiver is recognised by where it comes from: anything that
 //! reaches the relay's downstream sockets (the addresses the receiver sees the
 //! media come from, so a symmetric receiver answers there), and anything on the
@@ -30,7 +39,7 @@
 //! This file also holds the small UDP helpers the test sender shares with the
 //! relay: binding an RTP/RTCP port pair, polling sockets, and the stop signal.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -87,6 +96,16 @@ pub struct RelayArgs {
     /// Write the final counters as JSON to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
+    /// Forward an FEC stream (ST 2022-1: column, then row) to this address;
+    /// the relay listens for it on an ephemeral port it logs. Repeatable.
+    #[arg(long)]
+    pub fec_forward: Vec<SocketAddr>,
+    /// Payload type of in-band FEC (ULPFEC): drawn from its own loss model.
+    #[arg(long = "fec-pt")]
+    pub fec_payload_type: Option<u8>,
+    /// Log each dropped media packet here: `seq xxh3-digest`.
+    #[arg(long)]
+    pub drop_log: Option<PathBuf>,
 }
 
 /// Configuration of an in-process relay.
@@ -104,7 +123,15 @@ pub struct RelayConfig {
     pub rtcp_mux: bool,
     pub sender_rtcp: Option<SocketAddr>,
     pub downstream_bind: Option<SocketAddr>,
+    /// Where each FEC stream goes (listened for on ephemeral ports).
+    pub fec_forward: Vec<SocketAddr>,
+    /// In-band FEC payload type, drawing from its own loss model.
+    pub fec_payload_type: Option<u8>,
+    pub drop_log: Option<PathBuf>,
 }
+
+/// Salt of the FEC loss models' seeds (in-band, and per FEC port).
+const FEC_SEED_SALT: u64 = 0x0fec_0fec_5a17_0001;
 
 impl RelayConfig {
     /// A lossless relay from `listen` to `forward` with RTCP on port + 1.
@@ -119,6 +146,9 @@ impl RelayConfig {
             rtcp_mux: false,
             sender_rtcp: None,
             downstream_bind: None,
+            fec_forward: Vec::new(),
+            fec_payload_type: None,
+            drop_log: None,
         }
     }
 
@@ -139,6 +169,9 @@ impl From<&RelayArgs> for RelayConfig {
             rtcp_mux: a.rtcp_mux,
             sender_rtcp: a.sender_rtcp,
             downstream_bind: a.downstream_bind,
+            fec_forward: a.fec_forward.clone(),
+            fec_payload_type: a.fec_payload_type,
+            drop_log: a.drop_log.clone(),
         }
     }
 }
@@ -160,6 +193,9 @@ pub struct RelayCounters {
     pub ignored: AtomicU64,
     /// Datagrams the kernel refused to send.
     pub send_errors: AtomicU64,
+    /// FEC datagrams on FEC ports forwarded / dropped by their loss models.
+    pub fec_forwarded: AtomicU64,
+    pub fec_dropped: AtomicU64,
 }
 
 /// A snapshot of [`RelayCounters`].
@@ -172,6 +208,8 @@ pub struct RelayStats {
     pub rtcp_unroutable: u64,
     pub ignored: u64,
     pub send_errors: u64,
+    pub fec_forwarded: u64,
+    pub fec_dropped: u64,
 }
 
 impl RelayCounters {
@@ -185,12 +223,14 @@ impl RelayCounters {
             rtcp_unroutable: g(&self.rtcp_unroutable),
             ignored: g(&self.ignored),
             send_errors: g(&self.send_errors),
+            fec_forwarded: g(&self.fec_forwarded),
+            fec_dropped: g(&self.fec_dropped),
         }
     }
 }
 
 /// The local addresses of a running relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayAddrs {
     /// Where the sender sends RTP.
     pub rtp: SocketAddr,
@@ -200,6 +240,8 @@ pub struct RelayAddrs {
     pub downstream_rtp: SocketAddr,
     /// Where the receiver sees RTCP come from, and may send its RTCP.
     pub downstream_rtcp: SocketAddr,
+    /// Where the sender sends each FEC stream (in `fec_forward` order).
+    pub fec: Vec<SocketAddr>,
 }
 
 /// The seeded lossy relay.
@@ -212,9 +254,20 @@ impl Relay {
         let addrs = sockets.addrs()?;
         let counters = Arc::new(RelayCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let drop_log = match &config.drop_log {
+            Some(path) => Some(io::BufWriter::new(
+                std::fs::File::create(path).with_context(|| format!("creating the drop log {}", path.display()))?,
+            )),
+            None => None,
+        };
         let worker = RelayWorker {
             model: config.loss.model(config.seed),
             rtx_model: config.rtx_payload_type.map(|_| config.loss.model(config.seed ^ RTX_SEED_SALT)),
+            fec_model: config.fec_payload_type.map(|_| config.loss.model(config.seed ^ FEC_SEED_SALT)),
+            fec_port_models: (0..config.fec_forward.len() as u64)
+                .map(|i| config.loss.model(config.seed ^ FEC_SEED_SALT.wrapping_mul(i + 2)))
+                .collect(),
+            drop_log,
             forward_rtcp: config.forward_rtcp(),
             config,
             sockets,
@@ -241,7 +294,7 @@ pub struct RelayHandle {
 
 impl RelayHandle {
     pub fn addrs(&self) -> RelayAddrs {
-        self.addrs
+        self.addrs.clone()
     }
 
     pub fn counters(&self) -> &RelayCounters {
@@ -326,6 +379,8 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
 }
 
 struct RelaySockets {
+    /// One per FEC stream, listening on an ephemeral port.
+    fec: Vec<UdpSocket>,
     up_rtp: UdpSocket,
     /// `None` with rtcp-mux: `up_rtp` carries both.
     up_rtcp: Option<UdpSocket>,
@@ -336,16 +391,20 @@ struct RelaySockets {
 impl RelaySockets {
     fn bind(config: &RelayConfig) -> anyhow::Result<Self> {
         let down_bind = config.downstream_bind.unwrap_or_else(|| SocketAddr::new(unspecified(config.forward.ip()), 0));
+        let fec = (0..config.fec_forward.len())
+            .map(|_| bind_udp(SocketAddr::new(config.listen.ip(), 0)))
+            .collect::<io::Result<Vec<_>>>()
+            .context("binding the FEC listen ports")?;
         if config.rtcp_mux {
             let up = bind_udp(config.listen).with_context(|| format!("binding the listen address {}", config.listen))?;
             let down = bind_udp(down_bind).with_context(|| format!("binding the downstream address {down_bind}"))?;
-            Ok(Self { up_rtp: up, up_rtcp: None, down_rtp: down, down_rtcp: None })
+            Ok(Self { fec, up_rtp: up, up_rtcp: None, down_rtp: down, down_rtcp: None })
         } else {
             let (up_rtp, up_rtcp) = bind_rtp_rtcp_pair(config.listen, config.rtcp_offset)
                 .with_context(|| format!("binding the listen RTP/RTCP pair at {}", config.listen))?;
             let (down_rtp, down_rtcp) = bind_rtp_rtcp_pair(down_bind, config.rtcp_offset)
                 .with_context(|| format!("binding the downstream RTP/RTCP pair at {down_bind}"))?;
-            Ok(Self { up_rtp, up_rtcp: Some(up_rtcp), down_rtp, down_rtcp: Some(down_rtcp) })
+            Ok(Self { fec, up_rtp, up_rtcp: Some(up_rtcp), down_rtp, down_rtcp: Some(down_rtcp) })
         }
     }
 
@@ -357,6 +416,7 @@ impl RelaySockets {
             rtcp: self.up_rtcp.as_ref().map_or(Ok(rtp), UdpSocket::local_addr)?,
             downstream_rtp,
             downstream_rtcp: self.down_rtcp.as_ref().map_or(Ok(downstream_rtp), UdpSocket::local_addr)?,
+            fec: self.fec.iter().map(UdpSocket::local_addr).collect::<io::Result<_>>()?,
         })
     }
 
@@ -374,6 +434,8 @@ enum Ingress {
     UpRtp,
     UpRtcp,
     Down,
+    /// The n-th FEC stream.
+    Fec(usize),
 }
 
 struct RelayWorker {
@@ -383,6 +445,11 @@ struct RelayWorker {
     model: LossModel,
     /// Loss model of RTX packets when `config.rtx_payload_type` is set.
     rtx_model: Option<LossModel>,
+    /// Loss model of in-band FEC when `config.fec_payload_type` is set.
+    fec_model: Option<LossModel>,
+    /// Loss models of the FEC streams on ports of their own.
+    fec_port_models: Vec<LossModel>,
+    drop_log: Option<io::BufWriter<std::fs::File>>,
     counters: Arc<RelayCounters>,
     stop: Arc<AtomicBool>,
     sender_rtp_src: Option<SocketAddr>,
@@ -399,13 +466,17 @@ impl RelayWorker {
             ingress.push((Ingress::UpRtcp, 1));
             ingress.push((Ingress::Down, 3));
         }
+        for i in 0..self.sockets.fec.len() {
+            ingress.push((Ingress::Fec(i), 4 + i));
+        }
         while !self.stop.load(Ordering::Relaxed) {
-            let sockets = [
+            let mut sockets = vec![
                 Some(&self.sockets.up_rtp),
                 self.sockets.up_rtcp.as_ref(),
                 Some(&self.sockets.down_rtp),
                 self.sockets.down_rtcp.as_ref(),
             ];
+            sockets.extend(self.sockets.fec.iter().map(Some));
             let socks: Vec<&UdpSocket> = ingress.iter().filter_map(|&(_, i)| sockets[i]).collect();
             let ready = udp::wait_readable(&socks, Duration::from_millis(50))?;
             let ready_ingress: Vec<(Ingress, usize)> =
@@ -417,7 +488,8 @@ impl RelayWorker {
                         0 => &self.sockets.up_rtp,
                         1 => self.sockets.up_rtcp(),
                         2 => &self.sockets.down_rtp,
-                        _ => self.sockets.down_rtcp(),
+                        3 => self.sockets.down_rtcp(),
+                        n => &self.sockets.fec[n - 4],
                     };
                     match sock.recv_from(&mut buf) {
                         Ok((n, src)) => self.handle(kind, &buf[..n], src),
@@ -426,6 +498,9 @@ impl RelayWorker {
                     }
                 }
             }
+        }
+        if let Some(log) = &mut self.drop_log {
+            io::Write::flush(log)?;
         }
         Ok(())
     }
@@ -446,6 +521,14 @@ impl RelayWorker {
 
     fn handle(&mut self, kind: Ingress, data: &[u8], src: SocketAddr) {
         match kind {
+            Ingress::Fec(i) => {
+                if self.fec_port_models[i].should_drop() {
+                    self.counters.fec_dropped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let sent = send_to_waiting(&self.sockets.down_rtp, data, self.config.fec_forward[i]);
+                    self.count_send(sent, &self.counters.fec_forwarded);
+                }
+            }
             Ingress::Down => {
                 if rtp::is_rtcp(data) {
                     self.pass_up(data);
@@ -463,6 +546,12 @@ impl RelayWorker {
                 self.sender_rtp_src = Some(src);
                 if self.loss_model_for(data).should_drop() {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    let pt = data.get(1).map(|b| b & 0x7f);
+                    let media = pt.is_some() && pt != self.config.rtx_payload_type && pt != self.config.fec_payload_type;
+                    if media && let (Some(log), Some(seq)) = (&mut self.drop_log, data.get(2..4)) {
+                        let seq = u16::from_be_bytes([seq[0], seq[1]]);
+                        let _ = writeln!(log, "{seq} {:016x}", xxhash_rust::xxh3::xxh3_64(data));
+                    }
                 } else {
                     let sent = send_to_waiting(&self.sockets.down_rtp, data, self.config.forward);
                     self.count_send(sent, &self.counters.forwarded);
@@ -478,12 +567,12 @@ impl RelayWorker {
     /// RTX draws from its own model when configured; anything else (media,
     /// or a datagram too short to carry a payload type) from the media model.
     fn loss_model_for(&mut self, rtp: &[u8]) -> &mut LossModel {
-        let is_rtx = match (self.config.rtx_payload_type, rtp.get(1)) {
-            (Some(pt), Some(b)) => b & 0x7f == pt,
-            _ => false,
-        };
+        let pt = rtp.get(1).map(|b| b & 0x7f);
+        if pt.is_some() && pt == self.config.fec_payload_type && let Some(m) = &mut self.fec_model {
+            return m;
+        }
         match &mut self.rtx_model {
-            Some(m) if is_rtx => m,
+            Some(m) if pt.is_some() && pt == self.config.rtx_payload_type => m,
             _ => &mut self.model,
         }
     }

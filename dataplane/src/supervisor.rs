@@ -157,6 +157,9 @@ impl Supervisor {
         let metrics = self.metrics.stream(&cfg.pipeline, &cfg.name);
         let options = ReceiverOptions {
             au_log: self.options.au_log_dir.as_ref().map(|d| d.join(format!("{}.{}.au", cfg.pipeline, cfg.name))),
+            recovered_log: self.options.au_log_dir.as_ref().and_then(|d| {
+                cfg.fec.is_some().then(|| d.join(format!("{}.{}.recovered", cfg.pipeline, cfg.name)))
+            }),
             no_decode: self.options.no_decode,
             readiness: Some(self.readiness.clone()),
         };

@@ -40,8 +40,23 @@ pub struct Worker {
     events: Vec<libc::epoll_event>,
 }
 
+/// epoll user data: the slot, and the socket's role in the low 8 bits.
 fn token(slot: usize, role: SocketRole) -> u64 {
-    (slot as u64) << 1 | matches!(role, SocketRole::Rtcp) as u64
+    let role = match role {
+        SocketRole::Rtp => 0,
+        SocketRole::Rtcp => 1,
+        SocketRole::Fec(i) => 2 + i as u64,
+    };
+    (slot as u64) << 8 | role
+}
+
+fn untoken(t: u64) -> (usize, SocketRole) {
+    let role = match t & 0xff {
+        0 => SocketRole::Rtp,
+        1 => SocketRole::Rtcp,
+        r => SocketRole::Fec((r - 2) as u8),
+    };
+    ((t >> 8) as usize, role)
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -145,7 +160,7 @@ impl Worker {
                 woken = true;
                 continue;
             }
-            let (index, role) = ((t >> 1) as usize, if t & 1 == 1 { SocketRole::Rtcp } else { SocketRole::Rtp });
+            let (index, role) = untoken(t);
             let Some(Some(slot)) = self.slots.get_mut(index) else { continue };
             if let Err(e) = slot.receiver.on_readable(role, &mut self.batch, BATCHES_PER_TURN) {
                 // A socket error (ICMP unreachable reported late, ...) must
@@ -167,6 +182,7 @@ impl Worker {
 }
 
 /// What a worker thread is told to do.
+#[allow(clippy::large_enum_variant, reason = "a few per source lifetime, not per packet")]
 enum Command {
     Start { cfg: Box<SourceConfig>, metrics: StreamMetrics, options: ReceiverOptions, generation: u64 },
     Stop { id: String, generation: u64 },

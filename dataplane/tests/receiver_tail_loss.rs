@@ -68,6 +68,7 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
         receive_buffer: 1 << 20,
         jitter: JitterSettings { latency: Duration::from_millis(500), ..Default::default() },
         decoder: DecoderChoice::Software,
+        fec: None,
     };
     let metrics = Metrics::new();
     let stream = metrics.stream("t", "tail");

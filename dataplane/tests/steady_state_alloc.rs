@@ -123,6 +123,7 @@ fn the_receive_thread_allocates_nothing_per_packet_in_steady_state() {
         receive_buffer: 8 << 20,
         jitter: JitterSettings { latency: Duration::from_millis(200), ..JitterSettings::default() },
         decoder: DecoderChoice::Software,
+        fec: None,
     };
     let options = ReceiverOptions { no_decode: true, ..ReceiverOptions::default() };
     let receiver = Receiver::open(cfg, stream.clone(), &options).unwrap();

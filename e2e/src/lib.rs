@@ -5,6 +5,7 @@
 //! `zerodrop run` process.
 
 pub mod cluster;
+pub mod gst_fec_sender;
 pub mod gst_receiver;
 pub mod gst_sender;
 pub mod runner;

@@ -46,6 +46,11 @@ impl RunnerOutcome {
     pub fn au_log(&self, pipeline: &str, stream: &str) -> PathBuf {
         self.dir.path().join("au").join(format!("{pipeline}.{stream}.au"))
     }
+
+    /// Packets FEC rebuilt (`seq digest` lines), when the source has FEC.
+    pub fn recovered_log(&self, pipeline: &str, stream: &str) -> PathBuf {
+        self.dir.path().join("au").join(format!("{pipeline}.{stream}.recovered"))
+    }
 }
 
 impl RunnerProcess {

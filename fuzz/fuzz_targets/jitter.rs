@@ -103,6 +103,7 @@ fuzz_target!(|input: Input| {
                     marker: false,
                     arrival: now,
                     retransmitted,
+                    fec: false,
                 };
                 jb.push(seq, packet, now);
             }

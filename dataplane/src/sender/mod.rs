@@ -33,6 +33,8 @@ use serde::Serialize;
 pub use pipeline::AuRecord;
 pub use repair::PacketHistory;
 
+use crate::fec::st2022_1::{Direction, St2022Encoder};
+use crate::fec::ulpfec::{UlpfecEncoder, UlpfecOutput, UlpfecSettings};
 use crate::loss::{LossModel, LossSpec};
 use crate::udp::{
     bind_rtp_rtcp_pair, bind_udp, send_to_waiting, unspecified, with_port_offset,
@@ -59,6 +61,41 @@ pub enum AggregateMode {
     None,
     ZeroLatency,
     MaxStap,
+}
+
+/// FEC the test sender adds (`--fec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FecArg {
+    St2022_1 { columns: u8, rows: u8 },
+    Ulpfec { percentage: u8 },
+}
+
+impl std::fmt::Display for FecArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FecArg::St2022_1 { columns, rows } => write!(f, "st2022-1:{columns}x{rows}"),
+            FecArg::Ulpfec { percentage } => write!(f, "ulpfec:{percentage}"),
+        }
+    }
+}
+
+fn parse_fec(s: &str) -> Result<FecArg, String> {
+    let bad = || format!("--fec: expected `st2022-1:LxD` (L, D in 1..=255) or `ulpfec:PERCENT` (1..=100), got {s:?}");
+    match s.split_once(':') {
+        Some(("st2022-1", shape)) => {
+            let (l, d) = shape.split_once('x').ok_or_else(bad)?;
+            let (columns, rows): (u8, u8) = (l.parse().map_err(|_| bad())?, d.parse().map_err(|_| bad())?);
+            if columns == 0 || rows == 0 {
+                return Err(bad());
+            }
+            Ok(FecArg::St2022_1 { columns, rows })
+        }
+        Some(("ulpfec", pct)) => match pct.parse::<u8>() {
+            Ok(percentage @ 1..=100) => Ok(FecArg::Ulpfec { percentage }),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -149,6 +186,18 @@ pub struct SendArgs {
     /// Sent packets kept for retransmission.
     #[arg(long, default_value_t = 4096)]
     pub history: usize,
+    /// FEC to add, as GStreamer's encoders write it: `st2022-1:LxD` (column
+    /// FEC over D rows and row FEC over L columns, each to a port of its own,
+    /// media at SSRC 0 as rtpst2022-1-fecenc expects) or `ulpfec:PERCENT`
+    /// (RFC 5109, in-band under --fec-pt, one frame's packets together).
+    #[arg(long, value_parser = parse_fec)]
+    pub fec: Option<FecArg>,
+    /// Payload type of the FEC packets.
+    #[arg(long, default_value_t = 122)]
+    pub fec_pt: u8,
+    /// ST 2022-1: where column and row FEC go (default: --dest port + 2, + 4).
+    #[arg(long, num_args = 2, value_delimiter = ',')]
+    pub fec_dest: Option<Vec<SocketAddr>>,
     /// After the last frame, keep answering NACKs this long.
     #[arg(long, default_value_t = 1000)]
     pub linger_ms: u64,
@@ -189,6 +238,9 @@ pub struct SendCounters {
     pub rtcp_received: AtomicU64,
     pub rtcp_malformed: AtomicU64,
     pub datagrams_ignored: AtomicU64,
+    /// FEC packets produced / dropped by their loss models.
+    pub fec_sent: AtomicU64,
+    pub fec_dropped: AtomicU64,
     pub send_errors: AtomicU64,
     pub last_fraction_lost: AtomicU64,
     /// RTT from the receiver's report blocks, microseconds; u64::MAX = unknown.
@@ -220,6 +272,8 @@ pub struct SendStats {
     pub rtcp_received: u64,
     pub rtcp_malformed: u64,
     pub datagrams_ignored: u64,
+    pub fec_sent: u64,
+    pub fec_dropped: u64,
     pub send_errors: u64,
     pub rtt_us: Option<u64>,
     pub eos: bool,
@@ -255,6 +309,8 @@ impl SendCounters {
             rtcp_received: g(&self.rtcp_received),
             rtcp_malformed: g(&self.rtcp_malformed),
             datagrams_ignored: g(&self.datagrams_ignored),
+            fec_sent: g(&self.fec_sent),
+            fec_dropped: g(&self.fec_dropped),
             send_errors: g(&self.send_errors),
             rtt_us: (rtt != u64::MAX).then_some(rtt),
             eos: self.eos.load(Ordering::Relaxed),
@@ -296,7 +352,10 @@ pub struct Sender;
 impl Sender {
     /// Binds the sockets, builds the pipeline and starts sending on a thread.
     pub fn start(args: SendArgs) -> anyhow::Result<SenderHandle> {
-        let ssrc = args.ssrc.unwrap_or_else(rand::random);
+        // rtpst2022-1-fecenc's FEC packets carry SSRC 0 and GStreamer's
+        // decoder pairs them with media at SSRC 0.
+        let st2022 = matches!(args.fec, Some(FecArg::St2022_1 { .. }));
+        let ssrc = args.ssrc.unwrap_or_else(|| if st2022 { 0 } else { rand::random() });
         let rtx_ssrc = args.rtx_ssrc.unwrap_or_else(|| loop {
             let s: u32 = rand::random();
             if s != ssrc {
@@ -354,7 +413,26 @@ impl Sender {
             counters: counters.clone(),
             stop: Arc::new(AtomicBool::new(false)),
         };
+        let fec = match args.fec {
+            None => None,
+            Some(FecArg::St2022_1 { columns, rows }) => {
+                let dests = match &args.fec_dest {
+                    Some(d) => [d[0], d[1]],
+                    None => [with_port_offset(args.dest, 2), with_port_offset(args.dest, 4)],
+                };
+                Some(FecSend::St2022_1 {
+                    encoder: St2022Encoder::new(columns, rows, args.fec_pt),
+                    dests,
+                    loss: [args.loss.model(args.seed ^ FEC_SEED_SALT), args.loss.model(args.seed ^ FEC_SEED_SALT.rotate_left(17))],
+                })
+            }
+            Some(FecArg::Ulpfec { percentage }) => Some(FecSend::Ulpfec {
+                encoder: UlpfecEncoder::new(UlpfecSettings { payload_type: args.fec_pt, percentage, multipacket: true }),
+                loss: args.loss.model(args.seed ^ FEC_SEED_SALT),
+            }),
+        };
         let worker = SendWorker {
+            fec,
             loss: args.loss.model(args.seed),
             args,
             pipeline,
@@ -473,7 +551,19 @@ fn bind_sockets(args: &SendArgs) -> anyhow::Result<(UdpSocket, UdpSocket)> {
     bind_rtp_rtcp_pair(rtp_bind, 1).with_context(|| format!("binding the RTP/RTCP socket pair for {rtcp_bind}"))
 }
 
+/// XORed into `--seed` for the FEC loss models: FEC loss never shifts which
+/// media packets are lost.
+pub const FEC_SEED_SALT: u64 = 0x0fec_5eed_0fec_5eed;
+
+/// The FEC encoder of a running sender, with its loss models.
+#[allow(clippy::large_enum_variant, reason = "one per sender, never moved on a hot path")]
+enum FecSend {
+    St2022_1 { encoder: St2022Encoder, dests: [SocketAddr; 2], loss: [LossModel; 2] },
+    Ulpfec { encoder: UlpfecEncoder, loss: LossModel },
+}
+
 struct SendWorker {
+    fec: Option<FecSend>,
     args: SendArgs,
     pipeline: pipeline::EncoderPipeline,
     rtp: UdpSocket,
@@ -587,11 +677,48 @@ impl SendWorker {
             self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let (seq, ts, payload_len) = (packet.sequence_number(), packet.timestamp(), packet.payload().len());
+        let ts = packet.timestamp();
         if self.last_ts != Some(ts) {
             self.last_ts = Some(ts);
             self.start_frame(ts, buffer.pts());
         }
+        match self.fec.take() {
+            None => self.send_media(data),
+            Some(FecSend::St2022_1 { mut encoder, dests, mut loss }) => {
+                // GStreamer sends the FEC that falls due just before the media packet.
+                let result = encoder.push(data, &mut |direction, fec| {
+                    let i = match direction {
+                        Direction::Column => 0,
+                        Direction::Row => 1,
+                    };
+                    self.send_fec(fec, dests[i], &mut loss[i]);
+                });
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "ST 2022-1 encoder refused a packet");
+                }
+                self.send_media(data);
+                self.fec = Some(FecSend::St2022_1 { encoder, dests, loss });
+            }
+            Some(FecSend::Ulpfec { mut encoder, mut loss }) => {
+                let dest = self.args.dest;
+                let result = encoder.push(data, &mut |kind, out| match kind {
+                    // Renumbered to make room for the FEC packets.
+                    UlpfecOutput::Media => self.send_media(out),
+                    UlpfecOutput::Fec => self.send_fec(out, dest, &mut loss),
+                });
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "ULPFEC encoder refused a packet");
+                }
+                self.fec = Some(FecSend::Ulpfec { encoder, loss });
+            }
+        }
+    }
+
+    /// A media packet: kept for retransmission, counted, and sent unless
+    /// the loss model drops it.
+    fn send_media(&mut self, data: &[u8]) {
+        let Ok(packet) = RtpPacket::parse(data) else { return };
+        let (seq, ts, payload_len) = (packet.sequence_number(), packet.timestamp(), packet.payload().len());
         {
             let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             shared.history.insert(seq, data);
@@ -607,6 +734,16 @@ impl SendWorker {
         if self.loss.should_drop() {
             c.packets_dropped.fetch_add(1, Ordering::Relaxed);
         } else if send_to_waiting(&self.rtp, data, self.args.dest).is_err() {
+            c.send_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn send_fec(&self, data: &[u8], dest: SocketAddr, loss: &mut LossModel) {
+        let c = &self.counters;
+        c.fec_sent.fetch_add(1, Ordering::Relaxed);
+        if loss.should_drop() {
+            c.fec_dropped.fetch_add(1, Ordering::Relaxed);
+        } else if send_to_waiting(&self.rtp, data, dest).is_err() {
             c.send_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
