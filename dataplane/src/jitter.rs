@@ -98,6 +98,7 @@ struct Gap {
     nacks_sent: u32,
     /// When to ask (again); later than now while FEC may still recover it.
     next_nack: Instant,
+    first_nack: Option<Instant>,
     last_nack: Option<Instant>,
     /// Asked for on suspicion (a tail or head probe), not proven to exist;
     /// one that never arrives is passed over silently.
@@ -108,8 +109,16 @@ struct Gap {
 
 impl Gap {
     fn new(now: Instant, latency: Duration, speculative: bool) -> Self {
-        Gap { deadline: now + latency, nacks_sent: 0, next_nack: now, last_nack: None, speculative, refused: false }
+        Gap { deadline: now + latency, nacks_sent: 0, next_nack: now, first_nack: None, last_nack: None, speculative, refused: false }
     }
+}
+
+/// The requests made for a missing packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NackState {
+    pub sent: u32,
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
 }
 
 /// Bounds retransmission requests, and with them the retransmission
@@ -485,6 +494,7 @@ impl JitterBuffer {
                 gap.nacks_sent += 1;
                 gap.next_nack = now + base * (1u32 << (gap.nacks_sent - 1).min(10));
                 gap.last_nack = Some(now);
+                gap.first_nack.get_or_insert(now);
                 out.push(seq);
             }
             if gap.nacks_sent >= max && !gap.speculative {
@@ -503,15 +513,18 @@ impl JitterBuffer {
             }
     }
 
-    /// Asks for a missing packet at the next `due_nacks` (FEC cannot
-    /// recover it). Without NACK it waits for its deadline all the same:
+    /// Asks for a missing packet at the next `due_nacks` if it was not asked
+    /// for yet (FEC cannot recover it). Without NACK it waits for its deadline all the same:
     /// FEC's verdict may come before all of its FEC has (a frame's FEC
     /// follows its marker packet), and a late original still counts.
     pub fn nack_now(&mut self, seq: u64, now: Instant) {
         if !self.settings.nack {
             return;
         }
-        if let Some(Slot::Missing(gap)) = self.missing_slot(seq) {
+        // Only the first request: retries keep their own schedule.
+        if let Some(Slot::Missing(gap)) = self.missing_slot(seq)
+            && gap.nacks_sent == 0
+        {
             gap.next_nack = gap.next_nack.min(now);
         }
     }
@@ -551,16 +564,15 @@ impl JitterBuffer {
         self.next_out.map_or(0, |n| self.end - n)
     }
 
-    /// For a missing packet: how many NACKs asked for it, and when the last
-    /// one went out. A retransmission answering the only NACK gives a clean
-    /// RTT sample (Karn's rule: ambiguous samples are not used).
-    pub fn nack_state(&self, seq: u64) -> Option<(u32, Option<Instant>)> {
+    /// For a missing packet: how many NACKs asked for it, and when the first
+    /// and the last went out (the receiver times the round trip from them).
+    pub fn nack_state(&self, seq: u64) -> Option<NackState> {
         let start = self.next_out?;
         if seq < start || seq >= self.end {
             return None;
         }
         match &self.slots[(seq & self.mask) as usize] {
-            Slot::Missing(gap) => Some((gap.nacks_sent, gap.last_nack)),
+            Slot::Missing(gap) => Some(NackState { sent: gap.nacks_sent, first: gap.first_nack, last: gap.last_nack }),
             _ => None,
         }
     }

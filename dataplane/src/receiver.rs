@@ -34,6 +34,8 @@ const TAIL_PROBE_MIN: Duration = Duration::from_millis(40);
 /// Packets asked for before a stream's first packet when that packet does not
 /// begin an access unit (its parameter sets were lost).
 const HEAD_PROBE_PACKETS: u64 = 4;
+/// The round trip assumed before the first retransmission measures it.
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Media packets the FEC decoder keeps: room for a 2-D ST 2022-1 matrix of
 /// 20×20 with column FEC arriving after the next matrix (2·L·D + L).
 const FEC_WINDOW: usize = 1024;
@@ -114,6 +116,23 @@ impl LatencySummary {
     }
 }
 
+/// A round-trip sample from a retransmission that arrived for a packet
+/// asked for `state.sent` times. Answering a single request, it is exact.
+/// After several (Karn's ambiguity), an answer that comes sooner after the
+/// last request than half the current estimate answers an earlier one: the
+/// retries fired before any answer could come, the estimate is too low, and
+/// the time since the first request is taken (an upper bound, which only
+/// slows retries). Otherwise no sample.
+fn rtt_sample(state: crate::jitter::NackState, now: Instant, estimate: Duration) -> Option<Duration> {
+    let (first, last) = (state.first?, state.last?);
+    match state.sent {
+        0 => None,
+        1 => Some(now - last),
+        _ if now - last < estimate / 2 => Some(now - first),
+        _ => None,
+    }
+}
+
 /// RFC 3550 §6.4.1 / A.8 interarrival jitter, in RTP clock units.
 #[derive(Debug, Default)]
 struct JitterEstimate {
@@ -191,6 +210,9 @@ pub struct Receiver {
     fec_payload_type: Option<u8>,
     /// Recovered datagrams (`seq digest` lines), for checking them.
     recovered_log: Option<BufWriter<File>>,
+    /// The last XR reference times sent (middle 32 bits of NTP, when).
+    rrtr_sent: [Option<(u32, Instant)>; 4],
+    rrtr_next: usize,
 }
 
 fn new_depacketizer(cfg: &SourceConfig) -> Depacketizer {
@@ -323,6 +345,8 @@ impl Receiver {
             fec_sockets,
             fec_payload_type: cfg.fec.as_ref().and_then(|f| (f.scheme == FecScheme::Ulpfec).then_some(f.payload_type).flatten()),
             recovered_log,
+            rrtr_sent: [None; 4],
+            rrtr_next: 0,
             metrics,
             cfg,
         })
@@ -523,15 +547,10 @@ impl Receiver {
         let ext = self.seq.extend(seq);
         self.base_seq = Some(self.base_seq.map_or(ext, |b| b.min(ext)));
         if retransmitted {
-            // Karn: only a retransmission answering a single NACK times the RTT.
-            if let Some((1, Some(sent))) = self.jb.nack_state(ext) {
-                let sample = now - sent;
-                let rtt = match self.rtt {
-                    Some(old) => old.mul_f64(0.875) + sample.mul_f64(0.125),
-                    None => sample,
-                };
-                self.rtt = Some(rtt);
-                self.metrics.rtt.set(rtt.as_secs_f64());
+            if let Some(state) = self.jb.nack_state(ext)
+                && let Some(sample) = rtt_sample(state, now, self.rtt.unwrap_or(DEFAULT_RTT))
+            {
+                self.observe_rtt(sample);
             }
         }
         // The first packet of a stream that does not begin an access unit
@@ -610,7 +629,7 @@ impl Receiver {
             let highest = self.seq.highest().unwrap_or(0);
             // Time per media packet, to turn "due after packet N" into a time.
             let per_packet = Duration::from_secs_f64(1.0 / self.packet_rate.max(100.0));
-            let grace = crate::fec::REORDER_GRACE as u32;
+            let rtt = self.rtt.unwrap_or(DEFAULT_RTT);
             let missing_now = std::mem::take(&mut self.nacks);
             let mut missing = missing_now;
             missing.clear();
@@ -621,8 +640,19 @@ impl Receiver {
                 match outlook {
                     Outlook::Present | Outlook::Recoverable => {}
                     Outlook::Waiting { fec_due_after } => {
-                        let packets = fec_due_after.saturating_sub(highest).min(u32::MAX as u64) as u32 + grace;
-                        self.jb.defer_nack(seq, now + per_packet * packets + Duration::from_millis(2));
+                        // FEC "in time" is FEC no later than a retransmission:
+                        // hold the request only while the FEC is due sooner
+                        // than an answer to a NACK sent now could come.
+                        // Due with media packet `fec_due_after`; a little
+                        // slack for pacing, none for the reordering grace
+                        // (that is for calling it lost, later).
+                        let packets = fec_due_after.saturating_sub(highest).min(u32::MAX as u64) as u32 + 1;
+                        let fec_eta = per_packet * packets + Duration::from_millis(2);
+                        if fec_eta <= rtt {
+                            self.jb.defer_nack(seq, now + fec_eta);
+                        } else {
+                            self.jb.nack_now(seq, now);
+                        }
                     }
                     Outlook::Hopeless => self.jb.nack_now(seq, now),
                 }
@@ -643,17 +673,29 @@ impl Receiver {
             return;
         };
         let (offset, len, ts, marker) = (p.payload_offset(), p.payload_len(), p.timestamp(), p.marker_bit());
+        // Only what is missing: row FEC can come just before its row's last
+        // packet, which is late, not lost.
+        let Some(asked) = self.jb.nack_state(seq).map(|n| n.sent) else { return };
         if let Some(log) = &mut self.recovered_log {
             let _ = writeln!(log, "{} {:016x}", seq as u16, xxhash_rust::xxh3::xxh3_64(datagram));
         }
         let mut data = self.jb.take_spare();
         data.clear();
         data.extend_from_slice(datagram);
-        let asked = self.jb.nack_state(seq).map(|(n, _)| n);
         let packet = StoredPacket { data, payload_offset: offset, payload_len: len, timestamp: ts, marker, arrival: now, retransmitted: false, fec: false };
-        if self.store(seq, packet, now, true) == PushOutcome::Stored && asked == Some(0) {
+        if self.store(seq, packet, now, true) == PushOutcome::Stored && asked == 0 {
             self.metrics.nacks_avoided.inc();
         }
+    }
+
+    /// Folds a round-trip sample into the smoothed estimate (RFC 6298 gain).
+    fn observe_rtt(&mut self, sample: Duration) {
+        let rtt = match self.rtt {
+            Some(old) => old.mul_f64(0.875) + sample.mul_f64(0.125),
+            None => sample,
+        };
+        self.rtt = Some(rtt);
+        self.metrics.rtt.set(rtt.as_secs_f64());
     }
 
     fn restart(&mut self) {
@@ -687,10 +729,21 @@ impl Receiver {
             self.metrics.discarded("rtcp");
             return;
         }
-        for e in &self.rtcp_events {
-            if let RtcpEvent::SenderReport { ntp_middle, .. } = e {
-                self.last_sr = Some((*ntp_middle, now));
-                self.rtcp_peer = from;
+        for i in 0..self.rtcp_events.len() {
+            match self.rtcp_events[i] {
+                RtcpEvent::SenderReport { ntp_middle, .. } => {
+                    self.last_sr = Some((ntp_middle, now));
+                    self.rtcp_peer = from;
+                }
+                // The sender's echo of our reference time: RTT = now - sent - held.
+                RtcpEvent::Dlrr { ssrc, lrr, dlrr } if ssrc == self.our_ssrc => {
+                    let sent = self.rrtr_sent.iter().flatten().find(|(mid, _)| *mid == lrr).map(|(_, at)| *at);
+                    let held = Duration::from_secs_f64(dlrr as f64 / 65_536.0);
+                    if let Some(sample) = sent.and_then(|at| (now - at).checked_sub(held)) {
+                        self.observe_rtt(sample);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -811,7 +864,7 @@ impl Receiver {
         let Some(last) = self.last_packet else { return };
         let (probed_unit, probes, last_probe) = self.tail_probe.unwrap_or((unit, 0, last));
         let (probes, last_probe) = if probed_unit == unit { (probes, last_probe.max(last)) } else { (0, last) };
-        let wait = self.rtt.unwrap_or(Duration::from_millis(30)).mul_f32(2.0).max(TAIL_PROBE_MIN);
+        let wait = self.rtt.unwrap_or(DEFAULT_RTT).mul_f32(2.0).max(TAIL_PROBE_MIN);
         if probes < MAX_TAIL_PROBES && now - last_probe >= wait
             && let Some(seq) = self.jb.expect_next(now) {
                 self.metrics.packets_lost.inc();
@@ -823,11 +876,12 @@ impl Receiver {
     /// NACKs due now, keyframe requests, and the regular receiver report.
     fn feedback(&mut self, now: Instant) {
         self.nacks.clear();
-        let rtt = self.rtt.unwrap_or(Duration::from_millis(30));
+        let rtt = self.rtt.unwrap_or(DEFAULT_RTT);
         let window = now - self.rate_window.0;
         if window >= Duration::from_millis(250) {
             let received = self.jb.counters().received;
-            self.nack_budget.set_packet_rate((received - self.rate_window.1) as f64 / window.as_secs_f64());
+            self.packet_rate = (received - self.rate_window.1) as f64 / window.as_secs_f64();
+            self.nack_budget.set_packet_rate(self.packet_rate);
             self.rate_window = (now, received);
         }
         let refused = self.nack_budget.refused;
@@ -851,7 +905,16 @@ impl Receiver {
         self.nack_seqs.clear();
         self.nack_seqs.extend(self.nacks.iter().map(|&s| s as u16));
         let report = if report_due { self.reception_report(now, media_ssrc) } else { None };
-        let fb = rtp::ReceiverFeedback { report, nacks: &self.nack_seqs, pli, media_ssrc };
+        // A reference time with every regular report: a sender that answers
+        // with DLRR (ours does; GStreamer's does not) times the round trip
+        // without waiting for a loss.
+        let rrtr_ntp = report_due.then(|| {
+            let ntp = rtp::ntp_timestamp(std::time::SystemTime::now());
+            self.rrtr_sent[self.rrtr_next % self.rrtr_sent.len()] = Some(((ntp >> 16) as u32, now));
+            self.rrtr_next += 1;
+            ntp
+        });
+        let fb = rtp::ReceiverFeedback { report, nacks: &self.nack_seqs, pli, media_ssrc, rrtr_ntp };
         if rtp::write_receiver_rtcp(self.our_ssrc, &self.cname, &fb, &mut self.rtcp_buf).is_ok() {
             let socket = self.rtcp_socket.as_ref().unwrap_or(&self.rtp_socket);
             if let Err(e) = socket.send_to(&self.rtcp_buf, peer) {

@@ -106,6 +106,10 @@ pub struct RelayArgs {
     /// Log each dropped media packet here: `seq xxh3-digest`.
     #[arg(long)]
     pub drop_log: Option<PathBuf>,
+    /// Hold the receiver's RTCP (NACKs, reports) this many milliseconds on
+    /// its way up: a long round trip for repair, on loopback.
+    #[arg(long, default_value_t = 0)]
+    pub feedback_delay_ms: u64,
 }
 
 /// Configuration of an in-process relay.
@@ -128,6 +132,8 @@ pub struct RelayConfig {
     /// In-band FEC payload type, drawing from its own loss model.
     pub fec_payload_type: Option<u8>,
     pub drop_log: Option<PathBuf>,
+    /// Receiver RTCP is held this long before it goes up to the sender.
+    pub feedback_delay: Duration,
 }
 
 /// Salt of the FEC loss models' seeds (in-band, and per FEC port).
@@ -149,6 +155,7 @@ impl RelayConfig {
             fec_forward: Vec::new(),
             fec_payload_type: None,
             drop_log: None,
+            feedback_delay: Duration::ZERO,
         }
     }
 
@@ -172,6 +179,7 @@ impl From<&RelayArgs> for RelayConfig {
             fec_forward: a.fec_forward.clone(),
             fec_payload_type: a.fec_payload_type,
             drop_log: a.drop_log.clone(),
+            feedback_delay: Duration::from_millis(a.feedback_delay_ms),
         }
     }
 }
@@ -268,6 +276,7 @@ impl Relay {
                 .map(|i| config.loss.model(config.seed ^ FEC_SEED_SALT.wrapping_mul(i + 2)))
                 .collect(),
             drop_log,
+            delayed_up: std::collections::VecDeque::new(),
             forward_rtcp: config.forward_rtcp(),
             config,
             sockets,
@@ -450,6 +459,8 @@ struct RelayWorker {
     /// Loss models of the FEC streams on ports of their own.
     fec_port_models: Vec<LossModel>,
     drop_log: Option<io::BufWriter<std::fs::File>>,
+    /// Receiver RTCP held for `feedback_delay`, oldest first.
+    delayed_up: std::collections::VecDeque<(Instant, Vec<u8>)>,
     counters: Arc<RelayCounters>,
     stop: Arc<AtomicBool>,
     sender_rtp_src: Option<SocketAddr>,
@@ -478,7 +489,16 @@ impl RelayWorker {
             ];
             sockets.extend(self.sockets.fec.iter().map(Some));
             let socks: Vec<&UdpSocket> = ingress.iter().filter_map(|&(_, i)| sockets[i]).collect();
-            let ready = udp::wait_readable(&socks, Duration::from_millis(50))?;
+            let now = Instant::now();
+            while self.delayed_up.front().is_some_and(|(due, _)| *due <= now) {
+                if let Some((_, data)) = self.delayed_up.pop_front() {
+                    self.send_up(&data);
+                }
+            }
+            let wait = self.delayed_up.front().map_or(Duration::from_millis(50), |(due, _)| {
+                due.saturating_duration_since(now).min(Duration::from_millis(50))
+            });
+            let ready = udp::wait_readable(&socks, wait)?;
             let ready_ingress: Vec<(Ingress, usize)> =
                 ingress.iter().zip(&ready).filter(|(_, r)| **r).map(|(x, _)| *x).collect();
             for (kind, idx) in ready_ingress {
@@ -577,7 +597,15 @@ impl RelayWorker {
         }
     }
 
-    fn pass_up(&self, data: &[u8]) {
+    fn pass_up(&mut self, data: &[u8]) {
+        if self.config.feedback_delay.is_zero() {
+            self.send_up(data);
+        } else {
+            self.delayed_up.push_back((Instant::now() + self.config.feedback_delay, data.to_vec()));
+        }
+    }
+
+    fn send_up(&self, data: &[u8]) {
         let dest = self.config.sender_rtcp.or(self.sender_rtcp_src).or_else(|| {
             self.sender_rtp_src
                 .map(|a| if self.config.rtcp_mux { a } else { with_port_offset(a, self.config.rtcp_offset) })

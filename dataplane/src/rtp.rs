@@ -76,6 +76,12 @@ pub enum RtcpEvent {
     /// Full intra request (RFC 5104 §4.3.1).
     Fir { media_ssrc: u32 },
     Bye { ssrcs: Vec<u32> },
+    /// XR receiver reference time (RFC 3611 §4.4): a receiver's NTP clock,
+    /// for the sender to echo in a DLRR.
+    ReceiverReferenceTime { ssrc: u32, ntp: u64 },
+    /// XR DLRR sub-block (RFC 3611 §4.5): the echo of receiver `ssrc`'s
+    /// reference time (middle 32 bits) and how long it was held (1/65536 s).
+    Dlrr { ssrc: u32, lrr: u32, dlrr: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +128,21 @@ pub fn parse_rtcp(datagram: &[u8], events: &mut Vec<RtcpEvent>) -> Result<(), Rt
                 }
             }
             RtcpPacket::Bye(bye) => events.push(RtcpEvent::Bye { ssrcs: bye.ssrcs().collect() }),
+            RtcpPacket::Xr(xr) => {
+                for block in xr.block_iter() {
+                    if let Ok(rrtr) = block.parse_into::<rtcp_types::ReceiverReferenceTime>() {
+                        events.push(RtcpEvent::ReceiverReferenceTime { ssrc: xr.sender_ssrc(), ntp: rrtr.ntp_timestamp() });
+                    } else if let Ok(dlrr) = block.parse_into::<rtcp_types::DelaySinceLastReceiverReport>() {
+                        for b in dlrr.block_iter() {
+                            events.push(RtcpEvent::Dlrr {
+                                ssrc: b.ssrc(),
+                                lrr: b.last_receiver_report(),
+                                dlrr: b.delay_since_last_receiver_report_timestamp(),
+                            });
+                        }
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -161,6 +182,9 @@ pub struct ReceiverFeedback<'a> {
     pub nacks: &'a [u16],
     pub pli: bool,
     pub media_ssrc: u32,
+    /// An XR receiver reference time block (RFC 3611 §4.4) with this NTP
+    /// timestamp: a sender that answers with DLRR lets us time the round trip.
+    pub rrtr_ntp: Option<u64>,
 }
 
 /// Most NACK FCI entries in one compound: keeps it within one datagram
@@ -244,6 +268,14 @@ pub fn write_receiver_rtcp(
         out.extend_from_slice(&feedback.media_ssrc.to_be_bytes());
         end_rtcp(out, start);
     }
+    if let Some(ntp) = feedback.rrtr_ntp {
+        let start = begin_rtcp(out, 0, 207);
+        out.extend_from_slice(&sender_ssrc.to_be_bytes());
+        // Block type 4, reserved, block length 2 (words after the header).
+        out.extend_from_slice(&[4, 0, 0, 2]);
+        out.extend_from_slice(&ntp.to_be_bytes());
+        end_rtcp(out, start);
+    }
     Ok(out.len())
 }
 
@@ -268,6 +300,7 @@ pub fn write_sender_rtcp(
     rtp_timestamp: u32,
     packet_count: u32,
     octet_count: u32,
+    dlrr: Option<(u32, u32, u32)>,
     out: &mut Vec<u8>,
 ) -> Result<usize, RtcpError> {
     let sr = rtcp_types::SenderReport::builder(ssrc)
@@ -276,7 +309,20 @@ pub fn write_sender_rtcp(
         .packet_count(packet_count)
         .octet_count(octet_count);
     let sdes = Sdes::builder().add_chunk(SdesChunk::builder(ssrc).add_item(SdesItem::builder(SdesItem::CNAME, cname)));
-    write_compound(CompoundBuilder::default().add_packet(sr).add_packet(sdes), out)
+    let mut compound = CompoundBuilder::default().add_packet(sr).add_packet(sdes);
+    // DLRR (RFC 3611 §4.5): the receiver's last reference time, and how long
+    // ago it came, so the receiver can time the round trip.
+    if let Some((receiver, lrr, delay)) = dlrr {
+        compound = compound.add_packet(rtcp_types::Xr::builder().sender_ssrc(ssrc).add_block(
+            rtcp_types::DelaySinceLastReceiverReport::builder().add_block(
+                rtcp_types::DelaySinceLastReceiverReportBlock::builder()
+                    .ssrc(receiver)
+                    .last_receiver_report(lrr)
+                    .delay_since_last_receiver_report_timestamp(delay),
+            ),
+        ));
+    }
+    write_compound(compound, out)
 }
 
 fn write_compound(compound: CompoundBuilder<'_>, out: &mut Vec<u8>) -> Result<usize, RtcpError> {
@@ -370,6 +416,7 @@ mod tests {
             nacks: &nacks,
             pli: true,
             media_ssrc: 5,
+            rrtr_ntp: Some(0x0102_0304_0506_0708),
         };
         write_receiver_rtcp(1, "zerodrop@test", &fb, &mut out).unwrap();
         assert!(is_rtcp(&out));
@@ -387,13 +434,14 @@ mod tests {
         want.sort_unstable();
         assert_eq!(seqs, want);
         assert!(events.contains(&RtcpEvent::Pli { media_ssrc: 5 }));
+        assert!(events.contains(&RtcpEvent::ReceiverReferenceTime { ssrc: 1, ntp: 0x0102_0304_0506_0708 }));
         assert!(events.iter().any(|e| matches!(e, RtcpEvent::ReportBlock { media_ssrc: 5, jitter: 3, .. })));
     }
 
     #[test]
     fn sender_report_exposes_lsr_middle_bits() {
         let mut out = Vec::new();
-        write_sender_rtcp(9, "s", 0x0123_4567_89ab_cdef, 90_000, 10, 1000, &mut out).unwrap();
+        write_sender_rtcp(9, "s", 0x0123_4567_89ab_cdef, 90_000, 10, 1000, Some((5, 0x1234_5678, 65536)), &mut out).unwrap();
         let mut events = Vec::new();
         parse_rtcp(&out, &mut events).unwrap();
         assert!(events.contains(&RtcpEvent::SenderReport {
@@ -402,6 +450,7 @@ mod tests {
             rtp_timestamp: 90_000,
             packet_count: 10
         }));
+        assert!(events.contains(&RtcpEvent::Dlrr { ssrc: 5, lrr: 0x1234_5678, dlrr: 65536 }));
     }
 
     #[test]
@@ -440,7 +489,7 @@ mod tests {
         #[test]
         fn rtcp_with_random_nack_lists_round_trips(seqs in proptest::collection::vec(proptest::prelude::any::<u16>(), 1..200)) {
             let mut out = Vec::new();
-            let fb = ReceiverFeedback { report: None, nacks: &seqs, pli: false, media_ssrc: 3 };
+            let fb = ReceiverFeedback { report: None, nacks: &seqs, pli: false, media_ssrc: 3, rrtr_ntp: None };
             write_receiver_rtcp(1, "c", &fb, &mut out).unwrap();
             let mut events = Vec::new();
             parse_rtcp(&out, &mut events).unwrap();

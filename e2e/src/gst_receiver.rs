@@ -63,6 +63,11 @@ pub struct GstReceiverConfig {
     /// reordering (see [`GstReceiver::start`]); false leaves GStreamer's
     /// adaptive defaults.
     pub rtx_tuned_for_loopback: bool,
+    /// Ask for retransmissions (rtpbin `do-retransmission`).
+    pub nack: bool,
+    /// ST 2022-1 FEC: the column and row ports, decoded by rtpbin's
+    /// `rtpst2022-1-fecdec` (after the jitterbuffer, as GStreamer places it).
+    pub fec_ports: Vec<u16>,
 }
 
 impl GstReceiverConfig {
@@ -75,6 +80,8 @@ impl GstReceiverConfig {
             format!("--rtx-pt={}", self.rtx_payload_type),
             format!("--receive-buffer={}", self.receive_buffer),
             format!("--rtx-tuned={}", self.rtx_tuned_for_loopback),
+            format!("--nack={}", self.nack),
+            format!("--fec-ports={}", self.fec_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")),
         ]
     }
 
@@ -97,6 +104,12 @@ impl GstReceiverConfig {
             rtx_payload_type: get("rtx-pt")?.parse().context("--rtx-pt")?,
             receive_buffer: get("receive-buffer")?.parse().context("--receive-buffer")?,
             rtx_tuned_for_loopback: get("rtx-tuned")?.parse().context("--rtx-tuned")?,
+            nack: get("nack")?.parse().context("--nack")?,
+            fec_ports: get("fec-ports")?
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.parse().context("--fec-ports"))
+                .collect::<anyhow::Result<_>>()?,
         })
     }
 }
@@ -107,9 +120,16 @@ pub struct GstAu {
     pub rtp_timestamp: u32,
     pub digest: u64,
     /// From the arrival of its first packet in sequence order (as ours counts).
+    #[serde(deserialize_with = "null_as_nan")]
     pub latency_ms: f64,
     /// From the earliest arrival of any of its packets.
+    #[serde(deserialize_with = "null_as_nan")]
     pub frame_latency_ms: f64,
+}
+
+/// JSON has no NaN (serde_json writes it as null): read null back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Final figures of one run.
@@ -129,6 +149,12 @@ pub struct GstReceiverReport {
     pub jitterbuffer: serde_json::Value,
     /// The internal RTP session's `stats` (NACKs sent and dropped), as JSON.
     pub session: serde_json::Value,
+    /// Distinct media sequence numbers that reached the depayloader.
+    #[serde(default)]
+    pub depay_packets: u64,
+    /// Of those, ones that never arrived (original or RTX): FEC rebuilt them.
+    #[serde(default)]
+    pub fec_recovered: u64,
 }
 
 #[derive(Default)]
@@ -143,6 +169,8 @@ struct Probes {
     /// sequence order.
     au_first_arrival: HashMap<u32, Instant>,
     last_depay_ts: Option<u32>,
+    depay_seqs: std::collections::HashSet<u16>,
+    fec_recovered: u64,
     aus: Vec<GstAu>,
     aus_unmapped: u64,
     packets: u64,
@@ -179,12 +207,25 @@ impl Probes {
     fn on_depay_in(&mut self, data: &[u8], pts: Option<gst::ClockTime>) {
         let Ok(p) = RtpPacket::parse(data) else { return };
         let ts = p.timestamp();
+        let seq = p.sequence_number();
         if let Some(pts) = pts {
             self.pts_ts.insert(pts.nseconds(), ts);
         }
+        // Never seen on the wire: rebuilt by FEC. It "arrived" when the gap
+        // showed, with the next packet (as our receiver counts it).
+        let arrival = match self.seq_arrival.get(&seq) {
+            Some(&t) => Some(t),
+            None => {
+                if self.depay_seqs.insert(seq) {
+                    self.fec_recovered += 1;
+                }
+                self.seq_arrival.get(&seq.wrapping_add(1)).or_else(|| self.ts_arrival.get(&ts)).copied()
+            }
+        };
+        self.depay_seqs.insert(seq);
         if self.last_depay_ts != Some(ts) {
             self.last_depay_ts = Some(ts);
-            if let Some(&t) = self.seq_arrival.get(&p.sequence_number()) {
+            if let Some(t) = arrival {
                 self.au_first_arrival.insert(ts, t);
             }
         }
@@ -262,7 +303,12 @@ impl GstReceiver {
         // The repair budget our receiver gets as repair.latencyMs.
         rtpbin.set_property("latency", cfg.latency_ms);
         // Jitterbuffer requests retransmissions for gaps (NACK via the session).
-        rtpbin.set_property("do-retransmission", true);
+        rtpbin.set_property("do-retransmission", cfg.nack);
+        if !cfg.fec_ports.is_empty() {
+            // GStreamer's documented ST 2022-1 receive setup: rtpbin puts the
+            // decoder after the jitterbuffer; it keeps one second of media.
+            rtpbin.set_property_from_str("fec-decoders", r#"fec,0="rtpst2022-1-fecdec\ size-time\=1000000000";"#);
+        }
         // Declare lost packets downstream so the depayloader knows of the gap
         // instead of gluing across it.
         rtpbin.set_property("do-lost", true);
@@ -343,6 +389,17 @@ impl GstReceiver {
         rtp_src.static_pad("src").context("udpsrc src")?.link(
             &rtpbin.request_pad_simple("recv_rtp_sink_0").context("recv_rtp_sink_0")?,
         )?;
+        for (i, port) in cfg.fec_ports.iter().enumerate() {
+            let fec_src = gst::ElementFactory::make("udpsrc")
+                .property("address", "127.0.0.1")
+                .property("port", *port as i32)
+                .property("buffer-size", cfg.receive_buffer as i32)
+                .property("caps", gst::Caps::builder("application/x-rtp").field("payload", 122i32).build())
+                .build()?;
+            pipeline.add(&fec_src)?;
+            let sink = rtpbin.request_pad_simple(&format!("recv_fec_sink_0_{i}")).context("recv_fec_sink_0_N")?;
+            fec_src.static_pad("src").context("udpsrc src")?.link(&sink)?;
+        }
         // One socket for RTCP both ways, so the relay sees our RTCP come from
         // the port its RTCP goes to.
         crate::gst_sender::symmetric_rtcp(&pipeline, &rtpbin, cfg.rtp_port + 1, cfg.rtcp_dest)?;
@@ -479,6 +536,8 @@ impl GstReceiver {
             rtx_requests,
             jitterbuffer,
             session,
+            depay_packets: p.depay_seqs.len() as u64,
+            fec_recovered: p.fec_recovered,
         })
     }
 }

@@ -21,7 +21,9 @@
 //! packet once a buffer has seen the largest datagram. Malformed or absurd FEC
 //! packets are errors that name the field; nothing panics on wire input.
 //!
-//! What the receive loop must do per scheme:
+//! What the receive loop must do per scheme (for both: extended sequence
+//! numbers as [`SeqExtender`](crate::rtp::SeqExtender) makes them, whose low
+//! 16 bits are the RTP sequence number, because FEC names packets by those):
 //!
 //! - **ST 2022-1:** media and the two FEC streams arrive on three ports (media,
 //!   column FEC on +2, row FEC on +4 in the usual layout). FEC packets carry
@@ -352,6 +354,7 @@ impl FecDecoder {
         }
         self.media_ssrc = Some(packet.ssrc());
         let pt = packet.payload_type();
+        // Keep the most recent distinct payload types, newest first.
         if self.media_pts[0] != Some(pt) {
             let keep = self.media_pts.iter().position(|p| *p == Some(pt)).unwrap_or(self.media_pts.len() - 1);
             self.media_pts[..=keep].rotate_right(1);

@@ -408,7 +408,8 @@ impl UlpfecEncoder {
             received: 0,
             seq_offset: 0,
             frame: std::collections::VecDeque::with_capacity(MAX_PROTECTED),
-            spare: (0..MAX_PROTECTED).map(|_| Vec::with_capacity(MTU)).collect(),
+            // The frame's 48 packets plus the one arriving.
+            spare: (0..=MAX_PROTECTED).map(|_| Vec::with_capacity(MTU)).collect(),
             parity: Parity::with_capacity(MTU),
             scratch: Vec::with_capacity(MTU + 32),
         }

@@ -196,7 +196,7 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 122)]
     pub fec_pt: u8,
     /// ST 2022-1: where column and row FEC go (default: --dest port + 2, + 4).
-    #[arg(long, num_args = 2, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',')]
     pub fec_dest: Option<Vec<SocketAddr>>,
     /// After the last frame, keep answering NACKs this long.
     #[arg(long, default_value_t = 1000)]
@@ -412,12 +412,14 @@ impl Sender {
             shared: shared.clone(),
             counters: counters.clone(),
             stop: Arc::new(AtomicBool::new(false)),
+            last_rrtr: None,
         };
         let fec = match args.fec {
             None => None,
             Some(FecArg::St2022_1 { columns, rows }) => {
-                let dests = match &args.fec_dest {
-                    Some(d) => [d[0], d[1]],
+                let dests = match args.fec_dest.as_deref() {
+                    Some(&[column, row]) => [column, row],
+                    Some(other) => anyhow::bail!("--fec-dest: expected two addresses (column, row), got {}", other.len()),
                     None => [with_port_offset(args.dest, 2), with_port_offset(args.dest, 4)],
                 };
                 Some(FecSend::St2022_1 {

@@ -77,6 +77,9 @@ pub(super) struct RtcpResponder {
     pub shared: Arc<Mutex<SendShared>>,
     pub counters: Arc<SendCounters>,
     pub stop: Arc<AtomicBool>,
+    /// The last XR receiver reference time: (receiver SSRC, middle 32 bits
+    /// of its NTP timestamp, when it came), echoed as DLRR in sender reports.
+    pub last_rrtr: Option<(u32, u32, Instant)>,
 }
 
 impl RtcpResponder {
@@ -161,6 +164,9 @@ impl RtcpResponder {
                         }
                     }
                 }
+                RtcpEvent::ReceiverReferenceTime { ssrc, ntp } => {
+                    self.last_rrtr = Some((ssrc, (ntp >> 16) as u32, Instant::now()));
+                }
                 RtcpEvent::Nack { .. } | RtcpEvent::Pli { .. } | RtcpEvent::Fir { .. } => {
                     c.feedback_other_ssrc.fetch_add(1, Ordering::Relaxed);
                 }
@@ -212,8 +218,17 @@ impl RtcpResponder {
             let elapsed = at.elapsed().as_secs_f64();
             (ts.wrapping_add((elapsed * self.clock_rate as f64) as u32), shared.packet_count, shared.octet_count)
         };
-        let written =
-            rtp::write_sender_rtcp(self.ssrc, &self.cname, rtp::ntp_timestamp(now), rtp_ts, packets, octets, out);
+        let dlrr = self.last_rrtr.map(|(receiver, lrr, at)| (receiver, lrr, (at.elapsed().as_secs_f64() * 65_536.0) as u32));
+        let written = rtp::write_sender_rtcp(
+            self.ssrc,
+            &self.cname,
+            rtp::ntp_timestamp(now),
+            rtp_ts,
+            packets,
+            octets,
+            dlrr,
+            out,
+        );
         let sock = if self.rtcp_mux { &self.rtp } else { &self.rtcp };
         match written.map(|_| send_to_waiting(sock, out, self.rtcp_dest)) {
             Ok(Ok(_)) => {
