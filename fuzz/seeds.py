@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes the small seed corpora the fuzz targets start from: a few real RTP,
-RTCP and H.264/H.265 packets, and the repository's example manifests.
+RTCP and H.264/H.265 packets, ST 2022-1 and ULPFEC streams, and the
+repository's example manifests.
 
 Run from anywhere: `python3 fuzz/seeds.py`. Seeds are named `seed-*` and
 committed; everything else the fuzzer adds to fuzz/corpus is ignored.
@@ -95,6 +96,71 @@ def depay_input(first_ts, packets):
     return out
 
 
+def xor(a, b):
+    n = max(len(a), len(b))
+    return bytes(x ^ y for x, y in zip(a.ljust(n, b"\0"), b.ljust(n, b"\0")))
+
+
+def st2022_fec(media, row, columns, rows, seq, pt=97):
+    """An ST 2022-1 FEC packet over `media` as GStreamer's rtpst2022-1-fecenc
+    writes it: payloads (after the 12-byte header here) XORed and
+    zero-padded, lengths, PT, timestamp and M XORed, SSRC 0."""
+    payload, length, ptx, ts, m = b"", 0, 0, 0, 0
+    for p in media:
+        payload = xor(payload, p[12:])
+        length ^= len(p) - 12
+        ptx ^= p[1] & 0x7F
+        ts ^= struct.unpack("!I", p[4:8])[0]
+        m ^= p[1] >> 7
+    sn_base = struct.unpack("!H", media[0][2:4])[0]
+    last_ts = struct.unpack("!I", media[-1][4:8])[0]
+    head = struct.pack("!BBHII", 0x80, (m << 7) | pt, seq, last_ts, 0)
+    offset, na = (1, columns) if row else (columns, rows)
+    fec = struct.pack("!HHB3sIBBBB", sn_base, length, 0x80 | ptx, b"\0\0\0", ts, 0x40 if row else 0, offset, na, 0)
+    return head + fec + payload
+
+
+def ulpfec(media, seq, pt=122):
+    """A ULPFEC packet protecting `media` (consecutive, at most 16) as
+    rtpulpfecenc writes it: in the media's SSRC and sequence space, the RFC
+    5109 bit string over everything after the 12-byte header."""
+    head, length, body, mask = bytes(8), 0, b"", 0
+    sn_base = struct.unpack("!H", media[0][2:4])[0]
+    for p in media:
+        head = xor(head, p[:8])
+        length ^= len(p) - 12
+        body = xor(body, p[12:])
+        mask |= 1 << (15 - (struct.unpack("!H", p[2:4])[0] - sn_base))
+    ts, ssrc = media[-1][4:8], media[-1][8:12]
+    fec = bytes([head[0] & 0x3F, head[1]]) + struct.pack("!H4sHHH", sn_base, head[4:8], length, len(body), mask)
+    return struct.pack("!BBH", 0x80, pt, seq) + ts + ssrc + fec + body
+
+
+def fec_op(kind, marker=False, lost=False):
+    """The smallest op byte of the FEC targets' layout with `op % 5 == kind`
+    and the checked run's marker (bit 5) and loss (bit 6) flags."""
+    return next(op for op in range(256)
+                if op % 5 == kind and bool(op & 0x20) == marker and bool(op & 0x40) == lost)
+
+
+def fec_record(op, data=b""):
+    """One record of the FEC targets' layout: op byte, then for ops 0, 1 and 4
+    the length and the bytes."""
+    return bytes([op]) + (struct.pack("!H", len(data)) + data if op % 5 in (0, 1, 4) else b"")
+
+
+def fec_checked(header, frames, lost):
+    """Header bytes, then checked payloads: `frames` packets per frame, the
+    packets at the indices in `lost` lost."""
+    out, i = bytes(header), 0
+    for n in frames:
+        for k in range(n):
+            payload = bytes((i * 7 + j) & 0xFF for j in range(20 + (i * 13) % 90))
+            out += fec_record(fec_op(4, marker=k == n - 1, lost=i in lost), payload)
+            i += 1
+    return out
+
+
 def main():
     # rtp: plain packets, one with CSRCs, a header extension and padding, and an RTX.
     write("rtp", "idr", rtp(4242, 90000, IDR, marker=True))
@@ -132,6 +198,26 @@ def main():
     clean5 += [(TRAIL5, 2, True, False)]
     write("depay_h265", "keyframe-then-trail", depay_input(1000, clean5))
     write("depay_h265", "missing-frame", depay_input(1000, clean5 + [(TRAIL5, 4, True, True)]))
+
+
+    # fec_st2022_1: the checked run with a 4x3 matrix and an L-shaped loss,
+    # then a raw row FEC packet that recovers one lost packet.
+    # Header: L = 1 + 3 % 8, D = 3 % 9, raw window 16 << (5 % 6).
+    write("fec_st2022_1", "checked-4x3-l-shape", fec_checked([3, 3, 5], [5, 3, 6, 4, 7, 5, 6, 4], {17, 21, 22}))
+    write("fec_st2022_1", "checked-row-only", fec_checked([5, 0, 4], [3, 8, 2, 9], {4, 11}))
+    row = [rtp(100 + i, 3000 * (1 + i // 3), bytes(range(i, 30 + 11 * i)), ssrc=0, marker=i % 3 == 2) for i in range(4)]
+    raw = bytes([3, 3, 5]) + b"".join(fec_record(fec_op(0), p) for i, p in enumerate(row) if i != 2)
+    raw += fec_record(fec_op(1), st2022_fec(row, True, 4, 3, 0)) + fec_record(fec_op(2)) + fec_record(fec_op(3))
+    write("fec_st2022_1", "raw-row-recovers", raw)
+
+    # fec_ulpfec: the checked run at 30 % (multipacket) and 50 % (every second
+    # packet), then a raw FEC packet that recovers one lost packet.
+    write("fec_ulpfec", "checked-30pct-multipacket", fec_checked([30, 1, 5], [6, 2, 1, 5, 9, 3, 1, 4], {3, 8, 14, 20}))
+    write("fec_ulpfec", "checked-50pct-single", fec_checked([50, 0, 4], [4, 4, 4], {1, 5}))
+    frame = [rtp(200 + i, 6000, bytes(range(i, 25 + 17 * i)), ssrc=0x1234, marker=i == 3) for i in range(4)]
+    raw = bytes([30, 1, 5]) + b"".join(fec_record(fec_op(0), p) for i, p in enumerate(frame) if i != 1)
+    raw += fec_record(fec_op(1), ulpfec(frame, 204)) + fec_record(fec_op(2)) + fec_record(fec_op(3))
+    write("fec_ulpfec", "raw-fec-recovers", raw)
 
     # manifest: the repository's examples.
     for path in sorted((ROOT / "examples").glob("*.yaml")):

@@ -471,6 +471,9 @@ impl JitterBuffer {
         let base = rtt.mul_f32(1.25).max(Duration::from_millis(5));
         let overdue = (rtt * 2).max(Duration::from_millis(10));
         for seq in start..self.end {
+            if out.len() >= crate::rtp::MAX_NACKS_PER_COMPOUND {
+                break; // the rest stay due: next round
+            }
             let idx = (seq & self.mask) as usize;
             let Slot::Missing(gap) = &mut self.slots[idx] else { continue };
             if gap.nacks_sent >= max || now < gap.next_nack {
@@ -671,6 +674,20 @@ mod tests {
         // Requests at 0 and 25 ms; the second's answer is overdue at 65 ms.
         assert_eq!(lost_at, Some(65), "{:?}", released(&out));
         assert_eq!(released(&out), vec![1, -2, 3]);
+    }
+
+    #[test]
+    fn one_round_asks_for_no_more_than_one_compound_holds_and_the_rest_next_round() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings::default());
+        jb.push(0, pkt(t0, 0), t0);
+        jb.push(1000, pkt(t0, 0), t0);
+        let mut budget = NackBudget::unlimited();
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        jb.due_nacks(t0, Duration::from_millis(20), &mut budget, &mut first);
+        jb.due_nacks(t0, Duration::from_millis(20), &mut budget, &mut second);
+        assert_eq!(first, (1..=300).collect::<Vec<u64>>());
+        assert_eq!(second, (301..=600).collect::<Vec<u64>>());
     }
 
     #[test]

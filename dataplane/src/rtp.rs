@@ -187,9 +187,10 @@ pub struct ReceiverFeedback<'a> {
     pub rrtr_ntp: Option<u64>,
 }
 
-/// Most NACK FCI entries in one compound: keeps it within one datagram
-/// (4 bytes each); a longer list is sent in part, the rest asked again later.
-const MAX_NACK_FCI: usize = 300;
+/// Most sequence numbers one receiver compound asks for: at most that many
+/// NACK FCI entries (4 bytes each) keep it within one datagram. The jitter
+/// buffer hands out no more per round; the writer stops there too.
+pub const MAX_NACKS_PER_COMPOUND: usize = 300;
 
 /// Writes a receiver RTCP compound into `out` and returns its length: RR
 /// (RFC 3550 §6.4.2), SDES CNAME (§6.5), Generic NACK (RFC 4585 §6.2.1), PLI
@@ -249,7 +250,7 @@ pub fn write_receiver_rtcp(
                 out.extend_from_slice(&pid.to_be_bytes());
                 out.extend_from_slice(&blp.to_be_bytes());
                 entries += 1;
-                if entries == MAX_NACK_FCI {
+                if entries == MAX_NACKS_PER_COMPOUND {
                     fci = None;
                     break;
                 }

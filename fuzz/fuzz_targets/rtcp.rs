@@ -4,7 +4,9 @@
 //! the same set of sequence numbers.
 
 use libfuzzer_sys::fuzz_target;
-use zerodrop_dataplane::rtp::{ReceiverFeedback, ReceptionReport, RtcpEvent, parse_rtcp, write_receiver_rtcp};
+use zerodrop_dataplane::rtp::{
+    MAX_NACKS_PER_COMPOUND, ReceiverFeedback, ReceptionReport, RtcpEvent, parse_rtcp, write_receiver_rtcp,
+};
 
 const MEDIA_SSRC: u32 = 0x1234_5678;
 
@@ -12,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
     let mut events = Vec::new();
     let _ = parse_rtcp(data, &mut events);
 
-    let nacks: Vec<u16> = data.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+    // The jitter buffer never asks for more than this in one compound.
+    let nacks: Vec<u16> =
+        data.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).take(MAX_NACKS_PER_COMPOUND).collect();
     let report = data.first().map(|&b| ReceptionReport {
         media_ssrc: MEDIA_SSRC,
         fraction_lost: b,
@@ -21,7 +25,8 @@ fuzz_target!(|data: &[u8]| {
         ..Default::default()
     });
     let pli = data.len() % 3 == 0;
-    let feedback = ReceiverFeedback { report, nacks: &nacks, pli, media_ssrc: MEDIA_SSRC };
+    let rrtr_ntp = (data.len() % 5 == 0).then_some(u64::from(data.len() as u32) << 32);
+    let feedback = ReceiverFeedback { report, nacks: &nacks, pli, media_ssrc: MEDIA_SSRC, rrtr_ntp };
     let mut out = Vec::new();
     write_receiver_rtcp(0xfeed, "zerodrop@fuzz", &feedback, &mut out).expect("receiver RTCP can be written");
 
@@ -41,4 +46,7 @@ fuzz_target!(|data: &[u8]| {
     want.dedup();
     assert_eq!(got, want, "NACKed sequence numbers changed in the round trip");
     assert_eq!(events.contains(&RtcpEvent::Pli { media_ssrc: MEDIA_SSRC }), pli);
+    if let Some(ntp) = rrtr_ntp {
+        assert!(events.contains(&RtcpEvent::ReceiverReferenceTime { ssrc: 0xfeed, ntp }));
+    }
 });
