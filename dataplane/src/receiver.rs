@@ -546,12 +546,11 @@ impl Receiver {
         }
         let ext = self.seq.extend(seq);
         self.base_seq = Some(self.base_seq.map_or(ext, |b| b.min(ext)));
-        if retransmitted {
-            if let Some(state) = self.jb.nack_state(ext)
-                && let Some(sample) = rtt_sample(state, now, self.rtt.unwrap_or(DEFAULT_RTT))
-            {
-                self.observe_rtt(sample);
-            }
+        if retransmitted
+            && let Some(state) = self.jb.nack_state(ext)
+            && let Some(sample) = rtt_sample(state, now, self.rtt.unwrap_or(DEFAULT_RTT))
+        {
+            self.observe_rtt(sample);
         }
         // The first packet of a stream that does not begin an access unit
         // means its head was lost, and nothing earlier will reveal the gap.

@@ -293,17 +293,22 @@ fn end_rtcp(out: &mut [u8], start: usize) {
     out[start + 2..start + 4].copy_from_slice(&words.to_be_bytes());
 }
 
-/// Writes a sender report (with SDES CNAME) into `out`; used by the test sender.
-pub fn write_sender_rtcp(
-    ssrc: u32,
-    cname: &str,
-    ntp_timestamp: u64,
-    rtp_timestamp: u32,
-    packet_count: u32,
-    octet_count: u32,
-    dlrr: Option<(u32, u32, u32)>,
-    out: &mut Vec<u8>,
-) -> Result<usize, RtcpError> {
+/// What a sender report says besides who sends it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SenderReportInfo {
+    pub ntp_timestamp: u64,
+    pub rtp_timestamp: u32,
+    pub packet_count: u32,
+    pub octet_count: u32,
+    /// An XR DLRR sub-block: (receiver SSRC, its last reference time's middle
+    /// 32 bits, delay since it came in 1/65536 s).
+    pub dlrr: Option<(u32, u32, u32)>,
+}
+
+/// Writes a sender report (with SDES CNAME, and XR DLRR when given) into
+/// `out`; used by the test sender.
+pub fn write_sender_rtcp(ssrc: u32, cname: &str, info: &SenderReportInfo, out: &mut Vec<u8>) -> Result<usize, RtcpError> {
+    let SenderReportInfo { ntp_timestamp, rtp_timestamp, packet_count, octet_count, dlrr } = *info;
     let sr = rtcp_types::SenderReport::builder(ssrc)
         .ntp_timestamp(ntp_timestamp)
         .rtp_timestamp(rtp_timestamp)
@@ -442,7 +447,18 @@ mod tests {
     #[test]
     fn sender_report_exposes_lsr_middle_bits() {
         let mut out = Vec::new();
-        write_sender_rtcp(9, "s", 0x0123_4567_89ab_cdef, 90_000, 10, 1000, Some((5, 0x1234_5678, 65536)), &mut out).unwrap();
+        write_sender_rtcp(
+            9,
+            "s",
+            &SenderReportInfo {
+                ntp_timestamp: 0x0123_4567_89ab_cdef,
+                rtp_timestamp: 90_000,
+                packet_count: 10,
+                octet_count: 1000,
+                dlrr: Some((5, 0x1234_5678, 65536)),
+            },
+            &mut out,
+        ).unwrap();
         let mut events = Vec::new();
         parse_rtcp(&out, &mut events).unwrap();
         assert!(events.contains(&RtcpEvent::SenderReport {

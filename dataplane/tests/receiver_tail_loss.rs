@@ -93,7 +93,12 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
     let to_rtp: SocketAddr = format!("127.0.0.1:{rtp_port}").parse().unwrap();
     let to_rtcp: SocketAddr = format!("127.0.0.1:{}", rtp_port + 1).parse().unwrap();
     let mut sr = Vec::new();
-    rtp::write_sender_rtcp(SSRC, "peer", rtp::ntp_timestamp(std::time::SystemTime::now()), 0, 0, 0, &mut sr).unwrap();
+    rtp::write_sender_rtcp(
+        SSRC,
+        "peer",
+        &rtp::SenderReportInfo { ntp_timestamp: rtp::ntp_timestamp(std::time::SystemTime::now()), ..Default::default() },
+        &mut sr,
+    ).unwrap();
     peer_rtcp.send_to(&sr, to_rtcp).unwrap();
 
     let packets = keyframe_packets(1000, 9000);

@@ -196,7 +196,18 @@ fn start_lossless(receiver_rtp: SocketAddr) -> RelayHandle {
 
 fn sender_report() -> Vec<u8> {
     let mut out = Vec::new();
-    rtp::write_sender_rtcp(0x1234, "sender", 0x0102_0304_0506_0708, 9000, 10, 1000, &mut out).unwrap();
+    rtp::write_sender_rtcp(
+        0x1234,
+        "sender",
+        &rtp::SenderReportInfo {
+            ntp_timestamp: 0x0102_0304_0506_0708,
+            rtp_timestamp: 9000,
+            packet_count: 10,
+            octet_count: 1000,
+            dlrr: None,
+        },
+        &mut out,
+    ).unwrap();
     out
 }
 

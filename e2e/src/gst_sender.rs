@@ -156,10 +156,10 @@ pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
         let enc = source.by_name("enc").context("enc")?;
         let digests = digests.clone();
         enc.static_pad("src").context("enc src")?.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
-            if let Some(buffer) = info.buffer() {
-                if let Ok(map) = buffer.map_readable() {
-                    digests.lock().expect("lock").push(zerodrop_dataplane::au::annexb_digest(&map));
-                }
+            if let Some(buffer) = info.buffer()
+                && let Ok(map) = buffer.map_readable()
+            {
+                digests.lock().expect("lock").push(zerodrop_dataplane::au::annexb_digest(&map));
             }
             gst::PadProbeReturn::Ok
         });
@@ -171,11 +171,11 @@ pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
         let pay_src = source.static_pad("src").context("source bin has no src ghost pad")?;
         let eos_tx = Mutex::new(eos_tx);
         pay_src.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
-            if let Some(gst::PadProbeData::Event(e)) = &info.data {
-                if e.type_() == gst::EventType::Eos {
-                    let _ = eos_tx.lock().expect("lock").send(());
-                    return gst::PadProbeReturn::Drop;
-                }
+            if let Some(gst::PadProbeData::Event(e)) = &info.data
+                && e.type_() == gst::EventType::Eos
+            {
+                let _ = eos_tx.lock().expect("lock").send(());
+                return gst::PadProbeReturn::Drop;
             }
             gst::PadProbeReturn::Ok
         });
@@ -202,11 +202,11 @@ pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
     let budget = Duration::from_secs_f64(cfg.frames as f64 / cfg.fps as f64 * 3.0 + 30.0);
     let mut source_done: Option<Instant> = None;
     loop {
-        if let Some(msg) = bus.timed_pop_filtered(gst::ClockTime::from_mseconds(50), &[gst::MessageType::Error]) {
-            if let gst::MessageView::Error(e) = msg.view() {
-                let _ = pipeline.set_state(gst::State::Null);
-                bail!("GStreamer sender error: {} ({:?})", e.error(), e.debug());
-            }
+        if let Some(msg) = bus.timed_pop_filtered(gst::ClockTime::from_mseconds(50), &[gst::MessageType::Error])
+            && let gst::MessageView::Error(e) = msg.view()
+        {
+            let _ = pipeline.set_state(gst::State::Null);
+            bail!("GStreamer sender error: {} ({:?})", e.error(), e.debug());
         }
         if source_done.is_none() && eos_rx.try_recv().is_ok() {
             source_done = Some(Instant::now());

@@ -219,16 +219,14 @@ impl RtcpResponder {
             (ts.wrapping_add((elapsed * self.clock_rate as f64) as u32), shared.packet_count, shared.octet_count)
         };
         let dlrr = self.last_rrtr.map(|(receiver, lrr, at)| (receiver, lrr, (at.elapsed().as_secs_f64() * 65_536.0) as u32));
-        let written = rtp::write_sender_rtcp(
-            self.ssrc,
-            &self.cname,
-            rtp::ntp_timestamp(now),
-            rtp_ts,
-            packets,
-            octets,
+        let info = rtp::SenderReportInfo {
+            ntp_timestamp: rtp::ntp_timestamp(now),
+            rtp_timestamp: rtp_ts,
+            packet_count: packets,
+            octet_count: octets,
             dlrr,
-            out,
-        );
+        };
+        let written = rtp::write_sender_rtcp(self.ssrc, &self.cname, &info, out);
         let sock = if self.rtcp_mux { &self.rtp } else { &self.rtcp };
         match written.map(|_| send_to_waiting(sock, out, self.rtcp_dest)) {
             Ok(Ok(_)) => {

@@ -469,7 +469,7 @@ fn run_once(side: Side, loss: &str, mode: Mode, seed: u64, args: &Args) -> anyho
     let cpu_before = process_cpu(pid)?;
     let t0 = Instant::now();
 
-    let fec = mode.fec().then(|| (args.fec.as_str(), addrs.fec.as_slice()));
+    let fec = mode.fec().then_some((args.fec.as_str(), addrs.fec.as_slice()));
     let sent = run_sender(addrs.rtp, addrs.rtcp, args.frames, fec, work.path())?;
     let cpu_after = process_cpu(pid)?;
     let (cpu_stat_s, cpu_s) = (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1);
