@@ -624,6 +624,31 @@ mod tests {
     }
 
     #[test]
+    fn with_in_band_fec_a_loss_between_frames_before_an_inter_picture_is_benign() {
+        let t = Instant::now();
+        let run = |tolerate: bool| {
+            let mut d = Depacketizer::new(Codec::H264);
+            d.tolerate_loss_between_units(tolerate);
+            let mut out = Vec::new();
+            d.push_packet(IDR, 0, true, t, &mut out);
+            d.push_loss(1); // after a marker: an FEC packet, most likely
+            d.push_packet(P, 3000, true, t, &mut out);
+            d.push_packet(P, 6000, true, t, &mut out);
+            // Inside a frame it is damage all the same.
+            let parts = fu_a(&[0x41, 0x9a, 1, 2, 3, 4, 5, 6], 3);
+            d.push_packet(&parts[0], 9000, false, t, &mut out);
+            d.push_loss(1);
+            d.push_packet(&parts[2], 9000, true, t, &mut out);
+            d.push_packet(IDR, 12000, true, t, &mut out);
+            (frames(&out), dropped(&out))
+        };
+        assert_eq!(run(true), (vec![(0, true), (3000, false), (6000, false), (12000, true)], 1));
+        // Without in-band FEC the same loss may have been a slice or SEI of
+        // the next picture: it and what depends on it are dropped.
+        assert_eq!(run(false), (vec![(0, true), (12000, true)], 3));
+    }
+
+    #[test]
     fn whole_missing_frames_are_counted_from_the_timestamp_step() {
         let t = Instant::now();
         let mut d = Depacketizer::new(Codec::H264);
