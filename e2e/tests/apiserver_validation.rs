@@ -132,7 +132,7 @@ fn real_apiserver_validates_and_serves_streampipelines() {
     );
 
     // The examples apply as they are.
-    for example in ["examples/local-demo.yaml", "examples/camera-fleet.yaml"] {
+    for example in ["examples/local-demo.yaml", "examples/camera-fleet.yaml", "examples/contribution-fec.yaml"] {
         let out = cluster.kubectl(["apply", "-f", &repo(example)]);
         assert!(
             out.status.success(),
