@@ -230,7 +230,7 @@ impl JitterBuffer {
             counters: JitterCounters::default(),
             spare: {
                 let mut spare = Vec::with_capacity(MAX_SPARE_BUFFERS);
-                spare.extend((0..PREALLOCATED_BUFFERS).map(|_| Vec::with_capacity(crate::udp::MAX_DATAGRAM)));
+                spare.extend((0..PREALLOCATED_BUFFERS).map(|_| vec![0; crate::udp::MAX_DATAGRAM]));
                 spare
             },
             resync_loss: None,
@@ -252,10 +252,10 @@ impl JitterBuffer {
         self.spare.pop().unwrap_or_default()
     }
 
-    /// Gives a released packet's buffer back for reuse.
-    pub fn recycle(&mut self, mut data: Vec<u8>) {
+    /// Gives a released packet's buffer back for reuse, as it is: whoever
+    /// takes it overwrites what it needs.
+    pub fn recycle(&mut self, data: Vec<u8>) {
         if self.spare.len() < MAX_SPARE_BUFFERS {
-            data.clear();
             self.spare.push(data);
         }
     }

@@ -798,7 +798,7 @@ impl Receiver {
                         let _ = writeln!(
                             log,
                             "{} {} {:016x} {}",
-                            self.au_index, au.rtp_timestamp, au.content_digest, au.keyframe as u8
+                            self.au_index, au.rtp_timestamp, au.content_digest(), au.keyframe as u8
                         );
                     }
                     self.au_index += 1;

@@ -127,12 +127,14 @@ impl RecvBatch {
         Ok(got)
     }
 
-    /// Takes buffer `i`'s datagram, leaving `replacement` in its place.
+    /// Takes buffer `i` (its datagram is the first `lens[i]` bytes; the
+    /// buffer keeps its full length, so handing it back costs no zero-fill),
+    /// leaving `replacement` in its place.
     pub fn take(&mut self, i: usize, mut replacement: Vec<u8>) -> Vec<u8> {
-        replacement.resize(MAX_DATAGRAM, 0);
-        let mut data = std::mem::replace(&mut self.bufs[i], replacement);
-        data.truncate(self.lens[i]);
-        data
+        if replacement.len() < MAX_DATAGRAM {
+            replacement.resize(MAX_DATAGRAM, 0);
+        }
+        std::mem::replace(&mut self.bufs[i], replacement)
     }
 
     pub fn datagram(&self, i: usize) -> &[u8] {
@@ -278,6 +280,6 @@ mod tests {
         }
         assert_eq!(got, 5);
         let kept = batch.take(0, Vec::new());
-        assert_eq!(kept.len(), 10);
+        assert_eq!(&kept[..batch.lens[0]], &[0u8; 10]);
     }
 }

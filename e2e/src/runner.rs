@@ -54,8 +54,15 @@ impl RunnerOutcome {
 }
 
 impl RunnerProcess {
-    /// Starts `zerodrop run` on `manifest` and waits until it is ready.
+    /// Starts `zerodrop run` on `manifest`, logging every access unit, and
+    /// waits until it is ready.
     pub fn start(manifest: &str, metrics_port: u16, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(manifest, metrics_port, extra_args, true)
+    }
+
+    /// The same; `au_log` false spares the receiver the per-frame digests
+    /// (throughput measurements).
+    pub fn start_with(manifest: &str, metrics_port: u16, extra_args: &[&str], au_log: bool) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("pipeline.yaml");
         std::fs::write(&file, manifest)?;
@@ -67,8 +74,7 @@ impl RunnerProcess {
             .args(["--metrics-addr", &metrics_addr.to_string(), "--table", "never"])
             .arg("--report")
             .arg(dir.path().join("report.json"))
-            .arg("--au-log-dir")
-            .arg(dir.path().join("au"))
+            .args(au_log.then(|| ["--au-log-dir".into(), dir.path().join("au").into_os_string()]).into_iter().flatten())
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
