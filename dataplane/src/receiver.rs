@@ -210,6 +210,8 @@ pub struct Receiver {
     fec_payload_type: Option<u8>,
     /// Recovered datagrams (`seq digest` lines), for checking them.
     recovered_log: Option<BufWriter<File>>,
+    /// Bytes of the batch being read, added to the metric once per batch.
+    batch_bytes: u64,
     /// The last XR reference times sent (middle 32 bits of NTP, when).
     rrtr_sent: [Option<(u32, Instant)>; 4],
     rrtr_next: usize,
@@ -345,6 +347,7 @@ impl Receiver {
             fec_sockets,
             fec_payload_type: cfg.fec.as_ref().and_then(|f| (f.scheme == FecScheme::Ulpfec).then_some(f.payload_type).flatten()),
             recovered_log,
+            batch_bytes: 0,
             rrtr_sent: [None; 4],
             rrtr_next: 0,
             metrics,
@@ -380,6 +383,7 @@ impl Receiver {
                     for i in 0..n {
                         self.on_datagram(batch, i, now);
                     }
+                    self.metrics.bytes_received.inc_by(std::mem::take(&mut self.batch_bytes));
                     self.coordinate_fec(now);
                     self.release(now);
                     if n < batch.capacity() {
@@ -443,6 +447,7 @@ impl Receiver {
     /// Timers: release packets whose deadline passed, probe for a lost tail,
     /// send due feedback, notice silence.
     pub fn on_timers(&mut self, now: Instant) {
+        self.metrics.jitter.set(self.jitter.jitter / self.cfg.clock_rate as f64);
         self.release(now);
         self.probe_tail_loss(now);
         self.feedback(now);
@@ -460,7 +465,8 @@ impl Receiver {
 
     fn on_datagram(&mut self, batch: &mut RecvBatch, i: usize, now: Instant) {
         let datagram = batch.datagram(i);
-        self.metrics.bytes_received.inc_by(datagram.len() as u64);
+        // Counted per batch (see `on_readable`): an atomic add per packet shows.
+        self.batch_bytes += datagram.len() as u64;
         if batch.truncated[i] {
             self.metrics.discarded("rtp_header");
             return;
@@ -541,8 +547,8 @@ impl Receiver {
         }
         if !retransmitted {
             let ticks = (now - self.epoch).as_nanos() as i64 * self.cfg.clock_rate as i64 / 1_000_000_000;
-            let j = self.jitter.update(ticks, ts);
-            self.metrics.jitter.set(j / self.cfg.clock_rate as f64);
+            // Exported with the timers, not per packet.
+            self.jitter.update(ticks, ts);
         }
         let ext = self.seq.extend(seq);
         self.base_seq = Some(self.base_seq.map_or(ext, |b| b.min(ext)));
@@ -590,14 +596,24 @@ impl Receiver {
             PushOutcome::Stored | PushOutcome::Resynced { .. } => self.metrics.packets_received.inc(),
         };
         let after = self.jb.counters();
-        self.metrics.packets_lost.inc_by(after.went_missing - before.went_missing);
+        if after == before {
+            return outcome; // the common case: no atomic adds of zero
+        }
+        let missing = after.went_missing - before.went_missing;
+        if missing > 0 {
+            self.metrics.packets_lost.inc_by(missing);
+        }
         let recovered = after.recovered - before.recovered;
         if by_fec {
             self.metrics.recovered_fec.inc_by(recovered);
-        } else {
+        } else if recovered > 0 {
             let by_nack = after.recovered_by_nack - before.recovered_by_nack;
-            self.metrics.recovered_nack.inc_by(by_nack);
-            self.metrics.recovered_reorder.inc_by(recovered - by_nack);
+            if by_nack > 0 {
+                self.metrics.recovered_nack.inc_by(by_nack);
+            }
+            if recovered > by_nack {
+                self.metrics.recovered_reorder.inc_by(recovered - by_nack);
+            }
         }
         outcome
     }
