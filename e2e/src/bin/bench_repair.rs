@@ -188,6 +188,9 @@ struct RunResult {
     frames_dropped: u64,
     /// Handed on, but the content differs from what was sent.
     frames_damaged: u64,
+    /// Handed on intact after a dropped or damaged frame, before the next
+    /// intact keyframe: shown wrong by a decoder.
+    frames_reference_lost: u64,
     /// Handed on with an RTP timestamp the sender never used, or twice.
     frames_unexpected: u64,
     /// Media packets the sender sent (first transmissions).
@@ -226,6 +229,7 @@ struct RunResult {
 struct Sent {
     /// RTP timestamp → digest, in sending order.
     frames: Vec<(u32, u64)>,
+    keyframes: std::collections::HashSet<u32>,
     summary: serde_json::Value,
 }
 
@@ -506,7 +510,7 @@ fn run_once(side: Side, loss: &str, mode: Mode, seed: u64, args: &Args) -> anyho
     };
     let relay_stats = relay.stop()?;
 
-    let (dropped, damaged, unexpected) = compare(&sent.frames, &received);
+    let fates = compare(&sent.frames, &sent.keyframes, &received);
     let media_packets_sent = sent.summary["packets_sent"].as_u64().unwrap_or(0);
     let mut model = spec.model(seed);
     let media_packets_dropped = (0..media_packets_sent).filter(|_| model.should_drop()).count() as u64;
@@ -524,9 +528,10 @@ fn run_once(side: Side, loss: &str, mode: Mode, seed: u64, args: &Args) -> anyho
         rtx_overhead: per_media(sent.summary["rtx_sent"].as_u64().unwrap_or(0)),
         fec_overhead: per_media(sent.summary["fec_sent"].as_u64().unwrap_or(0)),
         frames_sent: sent.frames.len() as u64,
-        frames_dropped: dropped,
-        frames_damaged: damaged,
-        frames_unexpected: unexpected,
+        frames_dropped: fates.dropped,
+        frames_damaged: fates.damaged,
+        frames_reference_lost: fates.reference_lost,
+        frames_unexpected: fates.unexpected,
         media_packets_sent,
         media_packets_dropped,
         relay_dropped: relay_stats.dropped,
@@ -593,9 +598,10 @@ fn run_sender(rtp: SocketAddr, rtcp: SocketAddr, frames: u64, fec: Option<(&str,
         bail!("zerodrop send failed ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
     }
     let frames = read_au_log(&hashes)?;
+    let keyframes = read_keyframes(&hashes)?;
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&summary).context("reading the sender summary")?)?;
-    Ok(Sent { frames, summary })
+    Ok(Sent { frames, keyframes, summary })
 }
 
 /// `index rtp_ts digest_hex keyframe` lines → (rtp_ts, digest).
@@ -611,33 +617,73 @@ fn read_au_log(path: &Path) -> anyhow::Result<Vec<(u32, u64)>> {
         .collect()
 }
 
-/// (dropped, damaged, unexpected), matching frames by RTP timestamp.
-fn compare(sent: &[(u32, u64)], received: &[(u32, u64)]) -> (u64, u64, u64) {
+/// What became of the sent frames.
+#[derive(Debug, Default, Clone, Copy)]
+struct FrameFates {
+    /// Never handed on.
+    dropped: u64,
+    /// Handed on with content other than the encoder's.
+    damaged: u64,
+    /// Handed on intact, but after a dropped or damaged frame and before the
+    /// next intact keyframe: a decoder shows it wrong (its references are
+    /// gone). Ours drops such frames itself (they count as dropped);
+    /// GStreamer's depayloader hands them on.
+    reference_lost: u64,
+    /// Handed on with an RTP timestamp the sender never used, or twice.
+    unexpected: u64,
+}
+
+/// Matches frames by RTP timestamp; `sent` in sending order, with keyframes.
+fn compare(sent: &[(u32, u64)], keyframes: &std::collections::HashSet<u32>, received: &[(u32, u64)]) -> FrameFates {
     let sent_map: HashMap<u32, u64> = sent.iter().copied().collect();
     let mut seen: HashMap<u32, u64> = HashMap::new();
-    let mut unexpected = 0;
+    let mut fates = FrameFates::default();
     for &(ts, digest) in received {
         if !sent_map.contains_key(&ts) || seen.contains_key(&ts) {
-            unexpected += 1;
+            fates.unexpected += 1;
         } else {
             seen.insert(ts, digest);
         }
     }
-    let mut dropped = 0;
-    let mut damaged = 0;
+    let mut broken = false;
     for (ts, digest) in sent {
-        match seen.get(ts) {
-            None => dropped += 1,
-            Some(d) if d != digest => damaged += 1,
-            Some(_) => {}
+        let intact = match seen.get(ts) {
+            None => {
+                fates.dropped += 1;
+                false
+            }
+            Some(d) if d != digest => {
+                fates.damaged += 1;
+                false
+            }
+            Some(_) => true,
+        };
+        if intact && keyframes.contains(ts) {
+            broken = false;
+        } else if intact && broken {
+            fates.reference_lost += 1;
+        } else if !intact {
+            broken = true;
         }
     }
-    (dropped, damaged, unexpected)
+    fates
+}
+
+/// The RTP timestamps of the keyframes in a sender's AU log.
+fn read_keyframes(path: &Path) -> anyhow::Result<std::collections::HashSet<u32>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && f[3] == "1").then(|| f[1].parse().ok()).flatten()
+        })
+        .collect())
 }
 
 fn progress_line(r: &RunResult) -> String {
     format!(
-        "{:<20} {:<8} seed {} {:<18}: sent {} dropped {} damaged {} | media lost {} recovered {} residual {:.2}% rtx {:.1}% fec {:.0}% | latency p50 {:.1} p99 {:.1} max {:.1} ms | cpu {:.2} s",
+        "{:<20} {:<8} seed {} {:<18}: sent {} dropped {} damaged {} refs lost {} | media lost {} recovered {} residual {:.2}% rtx {:.1}% fec {:.0}% | latency p50 {:.1} p99 {:.1} max {:.1} ms | cpu {:.2} s",
         r.loss,
         r.mode.name(),
         r.seed,
@@ -645,6 +691,7 @@ fn progress_line(r: &RunResult) -> String {
         r.frames_sent,
         r.frames_dropped,
         r.frames_damaged,
+        r.frames_reference_lost,
         r.media_packets_dropped,
         r.packets_recovered,
         r.residual_loss * 100.0,
@@ -677,7 +724,7 @@ fn totals(results: &[RunResult], side: Side, loss: &str, mode: Mode) -> Totals {
     for r in results.iter().filter(|r| r.receiver == side && r.loss == loss && r.mode == mode) {
         t.runs += 1;
         t.sent += r.frames_sent;
-        t.bad += r.frames_dropped + r.frames_damaged;
+        t.bad += r.frames_dropped + r.frames_damaged + r.frames_reference_lost;
         t.media_lost += r.media_packets_dropped;
         t.residual.push(r.residual_loss);
         t.rtx.push(r.rtx_overhead);
@@ -709,7 +756,8 @@ fn markdown_table(results: &[RunResult], args: &Args) -> String {
         s,
         "Each cell: {} seed(s) × {} frames of 720p30 x264, the same seeded loss for every receiver (media, RTX and \
          each FEC stream drawing from models of their own). FEC: `{}` (ST 2022-1, sender at SSRC 0 like \
-         rtpst2022-1-fecenc). Frames bad = dropped + damaged (content differs from the encoder's), summed over seeds; \
+         rtpst2022-1-fecenc). Frames bad = dropped + damaged (content differs from the encoder's) + handed on intact \
+         after a bad frame and before the next intact keyframe (a decoder shows those wrong), summed over seeds; \
          residual loss = media packets never handed to the depacketiser / sent; RTX = retransmissions / media packets; \
          latency = first packet's arrival → access unit out of the depacketiser, mean over seeds of each run's \
          p50/p99; latency budget {} ms for both.\n",
