@@ -151,7 +151,7 @@ fn real_apiserver_validates_and_serves_streampipelines() {
         .unwrap();
     assert_eq!(
         names.split_whitespace().collect::<Vec<_>>(),
-        ["camera-fleet", "demo"]
+        ["camera-fleet", "contribution", "demo"]
     );
 
     // Invalid specs are rejected by the apiserver, naming the field or rule.
