@@ -467,7 +467,11 @@ impl JitterBuffer {
         // The first retry one RTT (plus margin) after the first request, then
         // exponential backoff: a single lost retransmission costs little, and
         // retries still spread out over a burst of loss instead of all
-        // falling into it.
+        // falling into it. The backoff is capped so that the retries left
+        // still fit before the deadline (evenly spread over what remains of
+        // it, leaving the last answer time to come back): an uncapped
+        // doubling spends the budget's second half on one or two requests,
+        // and a long burst that also takes the retransmissions outlasts them.
         let base = rtt.mul_f32(1.25).max(Duration::from_millis(5));
         let overdue = (rtt * 2).max(Duration::from_millis(10));
         for seq in start..self.end {
@@ -495,7 +499,12 @@ impl JitterBuffer {
                 continue;
             } else {
                 gap.nacks_sent += 1;
-                gap.next_nack = now + base * (1u32 << (gap.nacks_sent - 1).min(10));
+                let backoff = base * (1u32 << (gap.nacks_sent - 1).min(10));
+                // Intervals left: one per retry left, and one for the last
+                // answer to come back.
+                let intervals = max.saturating_sub(gap.nacks_sent) + 1;
+                let spread = gap.deadline.saturating_duration_since(now + rtt) / intervals;
+                gap.next_nack = now + backoff.min(spread.max(base));
                 gap.last_nack = Some(now);
                 gap.first_nack.get_or_insert(now);
                 out.push(seq);
@@ -749,6 +758,35 @@ mod tests {
         assert_eq!(sent.len(), 3, "retries capped at max_nack_retries: {sent:?}");
         assert!(sent[1] - sent[0] >= rtt, "retry not before one RTT");
         assert!(sent[2] - sent[1] >= rtt.mul_f32(1.25) * 2, "retries back off exponentially: {sent:?}");
+    }
+
+    #[test]
+    fn retries_back_off_but_all_of_them_fit_before_the_deadline() {
+        // 300 ms budget, 10 retries, a short round trip, nothing answered: a
+        // plain doubling from 5 ms would fit 6 requests (0, 5, 15, 35, 75,
+        // 155 ms); capped, all 10 go out, spaced no closer than the first
+        // interval, the last within the budget.
+        let t0 = Instant::now();
+        let latency = Duration::from_millis(300);
+        let settings = JitterSettings { latency, max_nack_retries: 10, ..Default::default() };
+        let mut jb = JitterBuffer::new(settings);
+        jb.push(1, pkt(t0, 0), t0);
+        jb.push(3, pkt(t0, 0), t0);
+        let rtt = Duration::from_micros(300);
+        let mut sent = Vec::new();
+        let mut t = t0;
+        while t < t0 + latency {
+            let mut n = Vec::new();
+            jb.due_nacks(t, rtt, &mut NackBudget::unlimited(), &mut n);
+            if !n.is_empty() {
+                sent.push(t - t0);
+            }
+            t += Duration::from_millis(1);
+        }
+        assert_eq!(sent.len(), 10, "every retry used before the deadline: {sent:?}");
+        assert!(sent.windows(2).all(|w| w[1] - w[0] >= Duration::from_millis(5)), "{sent:?}");
+        assert!(sent[3] - sent[2] >= Duration::from_millis(20), "early retries still back off: {sent:?}");
+        assert!(*sent.last().unwrap() < latency - rtt / 2, "{sent:?}");
     }
 
     #[test]

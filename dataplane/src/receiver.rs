@@ -678,7 +678,8 @@ impl Receiver {
     }
 
     fn recover_from_fec(&mut self, fec: &mut FecDecoder, now: Instant) {
-        fec.recover(&mut |seq, datagram| self.on_recovered(seq, datagram, now));
+        let Some(limit) = self.jb.end() else { return };
+        fec.recover_below(limit, &mut |seq, datagram| self.on_recovered(seq, datagram, now));
     }
 
     /// A media packet FEC rebuilt: into the jitter buffer like any other.

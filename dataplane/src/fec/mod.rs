@@ -488,6 +488,16 @@ impl FecDecoder {
     /// [`forget_before`](Self::forget_before). The rebuilt RTP header carries
     /// the SSRC of the media pushed (for ULPFEC, failing that, the FEC's).
     pub fn recover(&mut self, out: &mut dyn FnMut(u64, &[u8])) {
+        self.recover_below(u64::MAX, out);
+    }
+
+    /// [`recover`](Self::recover), rebuilding only packets before `limit`
+    /// (the receiver's next expected sequence number). A packet at or past
+    /// it is not known to be lost yet: the row FEC that would rebuild it can
+    /// overtake it between sockets, and a rebuilt packet the jitter buffer
+    /// has no gap for would be thrown away while the decoder took it for
+    /// present. The FEC is kept until the gap shows.
+    pub fn recover_below(&mut self, limit: u64, out: &mut dyn FnMut(u64, &[u8])) {
         loop {
             let mut progress = false;
             let mut kept = 0;
@@ -500,7 +510,9 @@ impl FecDecoder {
                     false
                 } else if lack.missing == 0 {
                     false
-                } else if let (1, Some(seq)) = (lack.missing, lack.some_missing) {
+                } else if let (1, Some(seq)) = (lack.missing, lack.some_missing)
+                    && seq < limit
+                {
                     match self.rebuild(index, seq) {
                         Ok(()) => {
                             self.store_rebuilt(seq, index, out);
@@ -919,6 +931,36 @@ mod tests {
             assert_eq!(recovered.len(), lost.len());
             assert!(lost.iter().all(|s| recovered[s] == sent[s]));
         }
+    }
+
+    #[test]
+    fn a_packet_past_the_receivers_limit_is_not_rebuilt_until_its_gap_shows() {
+        // Row FEC overtakes the row's last packet (another socket, read
+        // first): the packet is not known lost, so nothing is rebuilt and the
+        // row FEC is kept; once later media shows the gap, it is rebuilt.
+        let (l, d) = (4u64, 3u64);
+        let wire = st2022_wire(l as u8, d as u8, &media(4 * 12, SSRC));
+        let sent = media_of(&wire);
+        let first = *sent.keys().next().unwrap();
+        let last_of_row = first + l - 1;
+        let mut dec = FecDecoder::new(FecScheme::St2022_1, 512);
+        for seq in first..last_of_row {
+            dec.push_media(seq, &sent[&seq]);
+        }
+        let row_fec = wire
+            .iter()
+            .find_map(|w| match w {
+                Wire::Fec(f) if FecPacket::parse(f).unwrap().direction() == Direction::Row => Some(f.clone()),
+                _ => None,
+            })
+            .unwrap();
+        dec.push_fec(&row_fec, last_of_row - 1).unwrap();
+        dec.recover_below(last_of_row, &mut |seq, _| panic!("{seq} is not known to be missing"));
+        assert_ne!(dec.outlook(last_of_row, last_of_row - 1), Outlook::Present);
+        dec.push_media(last_of_row + 1, &sent[&(last_of_row + 1)]);
+        let mut got = Vec::new();
+        dec.recover_below(last_of_row + 2, &mut |seq, datagram| got.push((seq, datagram.to_vec())));
+        assert_eq!(got, vec![(last_of_row, sent[&last_of_row].clone())]);
     }
 
     #[test]
