@@ -737,6 +737,22 @@ mod tests {
         assert_eq!((c.went_missing, c.recovered, c.recovered_by_nack, c.lost), (2, 2, 2, 0));
     }
 
+    /// When requests went out (since `t0`), polling every millisecond for
+    /// `span`, nothing answered and no budget.
+    fn request_times(jb: &mut JitterBuffer, t0: Instant, rtt: Duration, span: Duration) -> Vec<Duration> {
+        let mut sent = Vec::new();
+        let mut t = t0;
+        while t < t0 + span {
+            let mut n = Vec::new();
+            jb.due_nacks(t, rtt, &mut NackBudget::unlimited(), &mut n);
+            if !n.is_empty() {
+                sent.push(t - t0);
+            }
+            t += Duration::from_millis(1);
+        }
+        sent
+    }
+
     #[test]
     fn nack_retries_follow_rtt_and_stop_at_limit_or_deadline() {
         let t0 = Instant::now();
@@ -745,16 +761,7 @@ mod tests {
         jb.push(1, pkt(t0, 0), t0);
         jb.push(3, pkt(t0, 0), t0);
         let rtt = Duration::from_millis(10);
-        let mut sent = Vec::new();
-        let mut t = t0;
-        while t < t0 + Duration::from_millis(200) {
-            let mut n = Vec::new();
-            jb.due_nacks(t, rtt, &mut NackBudget::unlimited(), &mut n);
-            if !n.is_empty() {
-                sent.push(t - t0);
-            }
-            t += Duration::from_millis(1);
-        }
+        let sent = request_times(&mut jb, t0, rtt, Duration::from_millis(200));
         assert_eq!(sent.len(), 3, "retries capped at max_nack_retries: {sent:?}");
         assert!(sent[1] - sent[0] >= rtt, "retry not before one RTT");
         assert!(sent[2] - sent[1] >= rtt.mul_f32(1.25) * 2, "retries back off exponentially: {sent:?}");
@@ -773,16 +780,7 @@ mod tests {
         jb.push(1, pkt(t0, 0), t0);
         jb.push(3, pkt(t0, 0), t0);
         let rtt = Duration::from_micros(300);
-        let mut sent = Vec::new();
-        let mut t = t0;
-        while t < t0 + latency {
-            let mut n = Vec::new();
-            jb.due_nacks(t, rtt, &mut NackBudget::unlimited(), &mut n);
-            if !n.is_empty() {
-                sent.push(t - t0);
-            }
-            t += Duration::from_millis(1);
-        }
+        let sent = request_times(&mut jb, t0, rtt, latency);
         assert_eq!(sent.len(), 10, "every retry used before the deadline: {sent:?}");
         assert!(sent.windows(2).all(|w| w[1] - w[0] >= Duration::from_millis(5)), "{sent:?}");
         assert!(sent[3] - sent[2] >= Duration::from_millis(20), "early retries still back off: {sent:?}");
