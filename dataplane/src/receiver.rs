@@ -689,8 +689,8 @@ impl Receiver {
             return;
         };
         let (offset, len, ts, marker) = (p.payload_offset(), p.payload_len(), p.timestamp(), p.marker_bit());
-        // Only what is missing: row FEC can come just before its row's last
-        // packet, which is late, not lost.
+        // Only what is still missing: `recover_below` rebuilds nothing past
+        // the end, but a packet may have been released or given up on since.
         let Some(asked) = self.jb.nack_state(seq).map(|n| n.sent) else { return };
         if let Some(log) = &mut self.recovered_log {
             let _ = writeln!(log, "{} {:016x}", seq as u16, xxhash_rust::xxh3::xxh3_64(datagram));

@@ -31,9 +31,9 @@
 //!   the SSRC of the media it has seen. A row FEC packet may arrive just
 //!   *before* the last media packet of its row, and column FEC arrives up to
 //!   about 2·L·D media packets after the first packet it protects: keep
-//!   `window` ≥ 2·L·D + L and call [`FecDecoder::recover`] when a loss is
-//!   overdue rather than the instant a gap appears, or it will rebuild
-//!   packets that were merely late.
+//!   `window` ≥ 2·L·D + L, and call [`FecDecoder::recover_below`] with the
+//!   next expected sequence number, or it will rebuild packets that are
+//!   merely late and that nothing has shown missing yet.
 //! - **ULPFEC:** FEC shares the media's SSRC *and sequence numbers*,
 //!   distinguished by payload type. Feed the sequence extender with both, give
 //!   the decoder media with [`FecDecoder::push_media`] and FEC with
