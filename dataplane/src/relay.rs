@@ -12,11 +12,15 @@
 //! by arrival index, not by RTP sequence number, so reordering (or kernel drops)
 //! before the relay shifts which packets are dropped.
 //!
-//! With `rtx_payload_type` set, retransmissions (that payload type) draw from
-//! a second model seeded with `seed ^ RTX_SEED_SALT`, as the test sender does
-//! for `--rtx-loss`: the media packets a seed drops are then the same whatever
-//! retransmissions a receiver provokes. Without it, one model decides for
-//! every RTP datagram, so the RTX a receiver asks for shifts later media drops.
+//! With `rtx_payload_type` set, retransmissions (that payload type) never
+//! touch the media model, so the media packets a seed drops are the same
+//! whatever retransmissions a receiver provokes; and whether the n-th
+//! retransmission of media packet `seq` is dropped is a function of
+//! `(seed, seq, n)` alone ([`rtx_fate`]), not of how many retransmissions came
+//! before it or when: every receiver meets the same retransmission loss for
+//! the same repair, however it paces or orders its NACKs. Without it, one model
+//! decides for every RTP datagram, so the RTX a receiver asks for shifts later
+//! media drops.
 //!
 //! FEC: with `fec_forward` set, the relay also listens on one ephemeral port
 //! per FEC stream (ST 2022-1 column and row) and forwards each to its
@@ -39,6 +43,7 @@
 //! This file also holds the small UDP helpers the test sender shares with the
 //! relay: binding an RTP/RTCP port pair, polling sockets, and the stop signal.
 
+use std::collections::HashMap;
 use std::io::{self, Write as _};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -71,8 +76,10 @@ pub struct RelayArgs {
     /// Seed of the loss model: the same seed drops the same packet indices.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// RTX payload type: retransmissions draw from their own loss model
-    /// (seed ^ salt), so they never shift which media packets are dropped.
+    /// RTX payload type: the n-th retransmission of a media packet is dropped
+    /// by a seeded rule of (seed, sequence number, n) alone, so RTX never
+    /// shifts which media packets are dropped and every receiver meets the
+    /// same retransmission loss.
     #[arg(long = "rtx-pt")]
     pub rtx_payload_type: Option<u8>,
     /// Distance of the RTCP port from the RTP port, on both sides.
@@ -120,8 +127,9 @@ pub struct RelayConfig {
     pub forward: SocketAddr,
     pub loss: LossSpec,
     pub seed: u64,
-    /// Payload type of RTX packets, which then draw from a second model of
-    /// `loss` seeded with `seed ^ RTX_SEED_SALT`; `None`: one model for all RTP.
+    /// Payload type of RTX packets, whose fate is then [`rtx_fate`] of their
+    /// original sequence number and retransmission count; `None`: one model
+    /// for all RTP.
     pub rtx_payload_type: Option<u8>,
     pub rtcp_offset: u16,
     pub rtcp_mux: bool,
@@ -270,7 +278,7 @@ impl Relay {
         };
         let worker = RelayWorker {
             model: config.loss.model(config.seed),
-            rtx_model: config.rtx_payload_type.map(|_| config.loss.model(config.seed ^ RTX_SEED_SALT)),
+            rtx_fates: RtxFates::new(&config.loss, config.seed),
             fec_model: config.fec_payload_type.map(|_| config.loss.model(config.seed ^ FEC_SEED_SALT)),
             fec_port_models: (0..config.fec_forward.len() as u64)
                 .map(|i| config.loss.model(config.seed ^ FEC_SEED_SALT.wrapping_mul(i + 2)))
@@ -452,8 +460,8 @@ struct RelayWorker {
     forward_rtcp: SocketAddr,
     sockets: RelaySockets,
     model: LossModel,
-    /// Loss model of RTX packets when `config.rtx_payload_type` is set.
-    rtx_model: Option<LossModel>,
+    /// Fates of RTX packets when `config.rtx_payload_type` is set.
+    rtx_fates: RtxFates,
     /// Loss model of in-band FEC when `config.fec_payload_type` is set.
     fec_model: Option<LossModel>,
     /// Loss models of the FEC streams on ports of their own.
@@ -564,7 +572,7 @@ impl RelayWorker {
             }
             Ingress::UpRtp => {
                 self.sender_rtp_src = Some(src);
-                if self.loss_model_for(data).should_drop() {
+                if self.should_drop(data) {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     let pt = data.get(1).map(|b| b & 0x7f);
                     let media = pt.is_some() && pt != self.config.rtx_payload_type && pt != self.config.fec_payload_type;
@@ -584,17 +592,23 @@ impl RelayWorker {
         }
     }
 
-    /// RTX draws from its own model when configured; anything else (media,
-    /// or a datagram too short to carry a payload type) from the media model.
-    fn loss_model_for(&mut self, rtp: &[u8]) -> &mut LossModel {
+    /// RTX (when its payload type is configured) by [`RtxFates`]; in-band FEC
+    /// from its own model; anything else (media, or a datagram too short to
+    /// carry a payload type) from the media model.
+    fn should_drop(&mut self, rtp: &[u8]) -> bool {
         let pt = rtp.get(1).map(|b| b & 0x7f);
         if pt.is_some() && pt == self.config.fec_payload_type && let Some(m) = &mut self.fec_model {
-            return m;
+            return m.should_drop();
         }
-        match &mut self.rtx_model {
-            Some(m) if pt.is_some() && pt == self.config.rtx_payload_type => m,
-            _ => &mut self.model,
+        if pt.is_some() && pt == self.config.rtx_payload_type {
+            // An RTX packet too short to name its original is not a
+            // retransmission of anything: forwarded, and no model advances.
+            return match rtp::RtpPacket::parse(rtp).ok().and_then(|p| rtp::parse_rtx(p.payload()).ok().map(|r| r.original_seq)) {
+                Some(seq) => self.rtx_fates.should_drop(seq, Instant::now()),
+                None => false,
+            };
         }
+        self.model.should_drop()
     }
 
     fn pass_up(&mut self, data: &[u8]) {
@@ -626,5 +640,166 @@ impl RelayWorker {
             Ok(_) => counter.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.counters.send_errors.fetch_add(1, Ordering::Relaxed),
         };
+    }
+}
+
+/// The rule for retransmissions: whether the `n`-th retransmission (1-based,
+/// counted at the relay) of the media packet with sequence number
+/// `original_seq` is dropped, from `(seed, original_seq, n)` alone.
+///
+/// Each original sequence number gets a loss model of its own, seeded by a
+/// hash of the seed and the sequence number; its n-th decision is the fate of
+/// the n-th retransmission. So the fate does not depend on which receiver asks,
+/// when, in what order, or how many retransmissions of other packets came
+/// before (a single RTX loss stream would hand the same retransmission a
+/// different fate whenever a receiver asked for one more or one fewer packet
+/// earlier: receivers would not be judged on the same loss).
+///
+/// - Uniform loss: independent draws with the configured probability.
+/// - Gilbert–Elliott: the packet's own GE chain, started from the stationary
+///   distribution and stepped once per retransmission. Every retransmission is
+///   lost with the model's mean probability, and the retries of one packet are
+///   correlated the way consecutive packets of the channel are (a
+///   retransmission lost in a bad period makes the next retry likely lost
+///   too), as on a path whose bursts outlast the retry interval. What it does
+///   not model: a retransmission is not more likely lost because its original
+///   was (a real burst longer than the round trip would take the first
+///   retransmission too), and retransmissions of different packets are
+///   independent. Tying a retransmission to the media chain's state at the
+///   time it passes would model that, but would make its fate depend on when
+///   the receiver asked, which is what this rule exists to avoid.
+/// - Trace: a recorded pattern is indexed by media packet; retransmissions are
+///   dropped uniformly at the trace's share of drops.
+/// - Several models joined with `+`: each part by its own rule, dropped when
+///   any part drops it.
+pub fn rtx_fate(loss: &LossSpec, seed: u64, original_seq: u16, n: u32) -> bool {
+    let mut model = rtx_model(loss, seed, original_seq);
+    let mut drop = false;
+    for _ in 0..n.max(1) {
+        drop = model.should_drop();
+    }
+    drop
+}
+
+/// The loss model deciding the retransmissions of one original sequence
+/// number, in order.
+fn rtx_model(loss: &LossSpec, seed: u64, original_seq: u16) -> LossModel {
+    rtx_spec(loss).model(rtx_seed(seed, original_seq))
+}
+
+/// `seed` and `seq` mixed into one seed (splitmix64 finaliser), salted apart
+/// from the media model's seed.
+fn rtx_seed(seed: u64, seq: u16) -> u64 {
+    let mut z = (seed ^ RTX_SEED_SALT).wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(u64::from(seq) + 1));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A trace replays media drops by index: for retransmissions it stands for
+/// its share of drops.
+fn rtx_spec(loss: &LossSpec) -> LossSpec {
+    match loss {
+        LossSpec::Trace(t) => {
+            let p = if t.pattern.is_empty() { 0.0 } else { t.pattern.iter().filter(|&&d| d).count() as f64 / t.pattern.len() as f64 };
+            LossSpec::Uniform { p }
+        }
+        LossSpec::Any(parts) => LossSpec::Any(parts.iter().map(rtx_spec).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The relay's running state of [`rtx_fate`]: per original sequence number,
+/// how many retransmissions of it have passed and the model for the next.
+struct RtxFates {
+    loss: LossSpec,
+    seed: u64,
+    per_seq: HashMap<u16, (Instant, LossModel)>,
+}
+
+impl RtxFates {
+    /// A sequence number not retransmitted for this long starts over: it
+    /// belongs to a later wrap of the 16-bit space (minutes away at video rates).
+    const FORGET_AFTER: Duration = Duration::from_secs(10);
+
+    fn new(loss: &LossSpec, seed: u64) -> Self {
+        Self { loss: rtx_spec(loss), seed, per_seq: HashMap::new() }
+    }
+
+    fn should_drop(&mut self, original_seq: u16, now: Instant) -> bool {
+        let (loss, seed) = (&self.loss, self.seed);
+        let entry = self.per_seq.entry(original_seq).or_insert_with(|| (now, loss.model(rtx_seed(seed, original_seq))));
+        if now.duration_since(entry.0) > Self::FORGET_AFTER {
+            entry.1 = loss.model(rtx_seed(seed, original_seq));
+        }
+        entry.0 = now;
+        entry.1.should_drop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plays a request pattern (original sequence numbers in the order their
+    /// retransmissions reach the relay) and returns each (seq, n) → fate.
+    fn play(fates: &mut RtxFates, pattern: &[u16]) -> HashMap<(u16, u32), bool> {
+        let mut count: HashMap<u16, u32> = HashMap::new();
+        let now = Instant::now();
+        pattern
+            .iter()
+            .map(|&seq| {
+                let n = count.entry(seq).or_default();
+                *n += 1;
+                ((seq, *n), fates.should_drop(seq, now))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn retransmission_fate_depends_on_seq_and_n_only_not_on_the_request_pattern() {
+        for spec in ["uniform:0.3", "ge:loss=0.2,burst=5", "uniform:0.1+ge:loss=0.05,burst=20"] {
+            let loss = LossSpec::parse(spec).unwrap();
+            // A receiver asking early and once per packet, retrying in order…
+            let a: Vec<u16> = (100..200).chain(100..200).chain(100..150).collect();
+            // …and one asking late, in reverse, for extra packets in between,
+            // retrying the same packets a different number of times.
+            let mut b: Vec<u16> = Vec::new();
+            for seq in (100..200).rev() {
+                b.push(seq);
+                b.push(seq + 1000);
+                if seq % 3 == 0 {
+                    b.push(seq);
+                    b.push(seq);
+                }
+            }
+            b.extend((100..200).step_by(2));
+            let fa = play(&mut RtxFates::new(&loss, 7), &a);
+            let fb = play(&mut RtxFates::new(&loss, 7), &b);
+            let mut common = 0;
+            for (key, fate) in &fa {
+                if let Some(other) = fb.get(key) {
+                    assert_eq!(fate, other, "{spec}: (seq, n) = {key:?}");
+                    common += 1;
+                }
+                assert_eq!(*fate, rtx_fate(&loss, 7, key.0, key.1), "{spec}: {key:?} against the pure rule");
+            }
+            assert!(common > 150, "{spec}: only {common} (seq, n) pairs in common");
+            assert!(fa.values().any(|&d| d) && fa.values().any(|&d| !d), "{spec}: fates must vary");
+            // Another seed decides differently.
+            let fc = play(&mut RtxFates::new(&loss, 8), &a);
+            assert_ne!(fa, fc, "{spec}: the seed must matter");
+        }
+    }
+
+    #[test]
+    fn retransmission_loss_rate_is_the_models_mean() {
+        for (spec, want) in [("uniform:0.2", 0.2), ("ge:loss=0.05,burst=20", 0.05)] {
+            let loss = LossSpec::parse(spec).unwrap();
+            let n = 40_000u32;
+            let dropped = (0..n).filter(|&i| rtx_fate(&loss, 3, (i % 65_536) as u16, 1 + i / 65_536)).count();
+            let rate = f64::from(dropped as u32) / f64::from(n);
+            assert!((rate - want).abs() < 0.01, "{spec}: first-retransmission loss {rate}, want {want}");
+        }
     }
 }
