@@ -9,6 +9,7 @@ pub mod gst_fec_sender;
 pub mod gst_receiver;
 pub mod gst_sender;
 pub mod replay;
+pub mod results;
 pub mod runner;
 
 /// A one-source RTP pipeline on loopback (`port`, RTCP on `port + 1`, RTX 97),

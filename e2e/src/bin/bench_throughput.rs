@@ -61,6 +61,7 @@ use zerodrop_e2e::replay::{
     self, Clip, ClipSettings, ClipSummary, GsoSupport, OfferedCounts, PacedSettings, PhaseOffered, RatePhase,
     ReplaySender, monotonic_ns,
 };
+use zerodrop_e2e::results::{self, ResultsMeta};
 use zerodrop_e2e::runner::RunnerProcess;
 
 const SENDER_CORE: usize = 0;
@@ -144,6 +145,10 @@ struct Args {
     /// Do not rewrite the section in BENCHMARKS.md.
     #[arg(long)]
     no_markdown: bool,
+    /// Write results even though the working tree has uncommitted changes
+    /// (the results record what was dirty).
+    #[arg(long)]
+    allow_dirty: bool,
 }
 
 impl Args {
@@ -209,6 +214,13 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
     let root = workspace_root();
+    let out = match (&args.out, args.quick) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => Some(root.join("results/throughput-benchmark.json")),
+        (None, true) => None,
+    };
+    // Refuses a dirty tree before the runs, not after.
+    let meta = ResultsMeta::start("bench-throughput", &root, out.is_some(), args.allow_dirty)?;
     let tmp = tempfile::tempdir()?;
     let work = match &args.log_dir {
         Some(d) => {
@@ -224,8 +236,12 @@ fn main() -> anyhow::Result<()> {
     let pinned = pinned_wrapper(&zerodrop, &work)?;
     // SAFETY: set before any thread is started; RunnerProcess reads it.
     unsafe { std::env::set_var("ZERODROP_BIN", &pinned) };
-    let machine = machine_info(&root);
-    eprintln!("bench-throughput: {}; load average at start {}", machine["summary"].as_str().unwrap_or(""), machine["loadavg_at_start"].as_str().unwrap_or("?"));
+    eprintln!(
+        "bench-throughput: {}; commit {}; load average at start {}",
+        meta.machine_summary(),
+        meta.git().describe(),
+        meta.loadavg_at_start()
+    );
 
     eprintln!("bench-throughput: encoding the clip ({} frames 1280x720@30, x264 4000 kbit/s, rtph264pay mtu 1200) …", args.clip_frames());
     let (clip, encode_s) = Clip::encode(ClipSettings { frames: args.clip_frames(), ..ClipSettings::default() })?;
@@ -257,20 +273,12 @@ fn main() -> anyhow::Result<()> {
         .as_ref()
         .and_then(|t| t.runs.first().map(|r| r.sender.gso.clone()))
         .or_else(|| concurrency.as_ref().and_then(|c| c.trials.first().map(|t| t.sender_gso.clone())));
-    let section = markdown_section(&args, &machine, &clip_summary, gso.as_ref(), throughput.as_ref(), concurrency.as_ref());
+    let section = markdown_section(&args, &meta, &clip_summary, gso.as_ref(), throughput.as_ref(), concurrency.as_ref());
     println!("\n{section}");
     let wall_s = started.elapsed().as_secs_f64();
     eprintln!("bench-throughput: done in {wall_s:.0} s");
 
-    let out = match (&args.out, args.quick) {
-        (Some(p), _) => Some(p.clone()),
-        (None, false) => Some(root.join("results/throughput-benchmark.json")),
-        (None, true) => None,
-    };
     if let Some(out) = out {
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
         let json = serde_json::json!({
             "command": command_line(&args),
             "settings": {
@@ -279,18 +287,17 @@ fn main() -> anyhow::Result<()> {
                 "receiver_core": RECEIVER_CORE, "stream_bitrate_bps": STREAM_BITRATE_BPS, "concurrency_loss": CONCURRENCY_LOSS,
                 "seed": args.seed, "quick": args.quick,
             },
-            "machine": machine,
+            "provenance": meta.to_json(),
             "clip": clip_summary,
             "wall_s": wall_s,
-            "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
             "throughput": throughput,
             "concurrency": concurrency,
         });
-        std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n").with_context(|| format!("writing {}", out.display()))?;
+        results::write_json(&out, &json)?;
         eprintln!("bench-throughput: wrote {}", out.display());
         if !args.no_markdown && args.only.is_none() {
             let md = root.join("BENCHMARKS.md");
-            update_markdown(&md, &section)?;
+            results::update_markdown(&md, MARK_BEGIN, MARK_END, &section)?;
             eprintln!("bench-throughput: updated the section in {}", md.display());
         }
     }
@@ -1525,7 +1532,7 @@ fn ratio(a: f64, b: f64) -> String {
 
 fn markdown_section(
     args: &Args,
-    machine: &serde_json::Value,
+    meta: &ResultsMeta,
     clip: &ClipSummary,
     gso: Option<&GsoSupport>,
     throughput: Option<&ThroughputResult>,
@@ -1545,14 +1552,7 @@ fn markdown_section(
          `drops` column of `/proc/net/udp` for the receiver's socket.\n"
     );
     let _ = writeln!(s, "Command: `{}`  ", command_line(args));
-    let _ = writeln!(s, "Machine: {}  ", machine["summary"].as_str().unwrap_or(""));
-    let _ = writeln!(
-        s,
-        "Commit: `{}`, {}; load average at start {}\n",
-        machine["git_commit"].as_str().unwrap_or("?"),
-        machine["date"].as_str().unwrap_or("?"),
-        machine["loadavg_at_start"].as_str().unwrap_or("?")
-    );
+    let _ = writeln!(s, "{}", meta.markdown_lines());
     let _ = writeln!(
         s,
         "Traffic: x264 1280×720@30 (4000 kbit/s, keyframe every 60, `rtph264pay mtu=1200`), {} frames encoded once: {} RTP packets, {:.1} per frame (max {}), {:.2} Mbit/s at 30 fps; replayed from one thread on core {SENDER_CORE} with sendmmsg{}. Receivers on core {RECEIVER_CORE}, {} MiB receive buffer requested by each.\n",
@@ -1851,7 +1851,7 @@ fn command_line(args: &Args) -> String {
 // Processes, ports, machine
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e lies in the workspace").to_path_buf()
+    results::workspace_root()
 }
 
 /// The `zerodrop` binary of the same profile, built (or found up to date)
@@ -1943,54 +1943,3 @@ fn udp_socket_drops(port: u16) -> Option<u64> {
     })
 }
 
-fn command_output(cmd: &str, args: &[&str], dir: &Path) -> Option<String> {
-    let out = Command::new(cmd).args(args).current_dir(dir).stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn machine_info(root: &Path) -> serde_json::Value {
-    gst::init().ok();
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
-        .unwrap_or_default();
-    let gst_version = gst::version_string().to_string();
-    let date = command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"], root).unwrap_or_default();
-    let commit = command_output("git", &["rev-parse", "HEAD"], root).unwrap_or_default();
-    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"], root).is_some_and(|s| !s.is_empty());
-    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
-    // With autogroup scheduling, nice values only rank tasks within their
-    // session: how this session's group is weighted against others matters.
-    let autogroup = std::fs::read_to_string("/proc/self/autogroup").unwrap_or_default().trim().to_string();
-    let boosted = autogroup.rsplit(' ').next().is_some_and(|n| n != "0");
-    let summary = format!(
-        "{nproc} CPU(s) {cpu}, Linux {kernel}, {gst_version}{}",
-        if boosted { format!(", benchmark's scheduler autogroup at {}", autogroup.split_once(' ').map_or("", |x| x.1)) } else { String::new() }
-    );
-    serde_json::json!({
-        "summary": summary,
-        "nproc": nproc,
-        "cpu": cpu,
-        "kernel": kernel,
-        "gstreamer": gst_version,
-        "date": date,
-        "git_commit": if dirty { format!("{commit} (with uncommitted changes)") } else { commit },
-        "loadavg_at_start": loadavg,
-        "rmem_max": std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default().trim(),
-        "autogroup": autogroup,
-    })
-}
-
-/// Replaces the text between the markers in `path` (appending the markers if
-/// missing), so the hand-written text around them stays.
-fn update_markdown(path: &Path, section: &str) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let block = format!("{MARK_BEGIN}\n{section}{MARK_END}");
-    let new = match (text.find(MARK_BEGIN), text.find(MARK_END)) {
-        (Some(a), Some(b)) if a < b => format!("{}{block}{}", &text[..a], &text[b + MARK_END.len()..]),
-        _ => format!("{text}{}{block}\n", if text.is_empty() { "" } else { "\n" }),
-    };
-    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
-}
