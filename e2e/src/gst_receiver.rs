@@ -5,8 +5,16 @@
 //! udpsrc :P   ─RTP──► rtpbin (avpf, do-retransmission, do-lost, latency L)
 //!                       └ aux receiver: rtprtxreceive (96 → 97)
 //!                       └ rtpjitterbuffer ─► rtph264depay ─► capsfilter (byte-stream, au) ─► fakesink
-//! udpsrc :P+1 ─RTCP─► rtpbin ─RTCP (RR, NACK)─► udpsink (same socket) ─► relay's downstream RTCP
+//! udpsrc :P+1 ─RTCP─► rtpbin ─RTCP (RR, NACK, PLI)─► udpsink (same socket) ─► relay's downstream RTCP
 //! ```
+//!
+//! It asks for keyframes as a real receiver would: the H.264 caps carry
+//! `rtcp-fb-nack=true` and `rtcp-fb-nack-pli=true` (the session may send
+//! generic NACK and PLI for the stream), and `rtph264depay request-keyframe`
+//! turns a loss the jitterbuffer gave up on into an upstream force-key-unit
+//! event, which the session sends as a PLI. With `wait-for-keyframe` the
+//! depayloader drops what follows such a loss until the next keyframe, as our
+//! receiver does, instead of handing on frames whose references are gone.
 //!
 //! Nothing decodes: `bench-repair` runs our receiver with `--no-decode` too.
 //!
@@ -68,6 +76,11 @@ pub struct GstReceiverConfig {
     /// ST 2022-1 FEC: the column and row ports, decoded by rtpbin's
     /// `rtpst2022-1-fecdec` (after the jitterbuffer, as GStreamer places it).
     pub fec_ports: Vec<u16>,
+    /// `rtph264depay request-keyframe`: a PLI after a loss repair gave up on.
+    pub request_keyframe: bool,
+    /// `rtph264depay wait-for-keyframe`: drop frames after such a loss until
+    /// the next keyframe instead of handing them on.
+    pub wait_for_keyframe: bool,
 }
 
 impl GstReceiverConfig {
@@ -82,6 +95,8 @@ impl GstReceiverConfig {
             format!("--rtx-tuned={}", self.rtx_tuned_for_loopback),
             format!("--nack={}", self.nack),
             format!("--fec-ports={}", self.fec_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")),
+            format!("--request-keyframe={}", self.request_keyframe),
+            format!("--wait-for-keyframe={}", self.wait_for_keyframe),
         ]
     }
 
@@ -110,6 +125,8 @@ impl GstReceiverConfig {
                 .filter(|p| !p.is_empty())
                 .map(|p| p.parse().context("--fec-ports"))
                 .collect::<anyhow::Result<_>>()?,
+            request_keyframe: get("request-keyframe")?.parse().context("--request-keyframe")?,
+            wait_for_keyframe: get("wait-for-keyframe")?.parse().context("--wait-for-keyframe")?,
         })
     }
 }
@@ -155,6 +172,12 @@ pub struct GstReceiverReport {
     /// Of those, ones that never arrived (original or RTX): FEC rebuilt them.
     #[serde(default)]
     pub fec_recovered: u64,
+    /// PLIs the session sent (its per-source `sent-pli-count`, summed).
+    #[serde(default)]
+    pub plis_sent: u64,
+    /// Force-key-unit requests the depayloader sent upstream.
+    #[serde(default)]
+    pub keyframe_requests: u64,
 }
 
 #[derive(Default)]
@@ -175,6 +198,7 @@ struct Probes {
     aus_unmapped: u64,
     packets: u64,
     rtx_packets: u64,
+    keyframe_requests: u64,
 }
 
 impl Probes {
@@ -263,8 +287,27 @@ fn rtp_caps(pt: u8, encoding: &str, rtx_apt: Option<u8>) -> gst::Caps {
         .field("payload", pt as i32);
     if let Some(apt) = rtx_apt {
         b = b.field("apt", apt.to_string());
+    } else {
+        // SDP `a=rtcp-fb:96 nack` and `a=rtcp-fb:96 nack pli`: without the
+        // second, the session ignores the depayloader's keyframe requests.
+        b = b.field("rtcp-fb-nack", true).field("rtcp-fb-nack-pli", true);
     }
     b.build()
+}
+
+/// Sums every `sent-pli-count` in a serialized session `stats` structure
+/// (its `source-stats` array only survives as text).
+fn sum_field(serialized: &str, field: &str) -> u64 {
+    let mut total = 0;
+    let mut rest = serialized;
+    while let Some(i) = rest.find(field) {
+        rest = &rest[i + field.len()..];
+        // `\=\(uint\)12` or `=(uint)12`: the first digits after the type.
+        let Some(close) = rest.find(')') else { break };
+        let digits: String = rest[close + 1..].chars().skip_while(|c| !c.is_ascii_digit()).take_while(char::is_ascii_digit).collect();
+        total += digits.parse::<u64>().unwrap_or(0);
+    }
+    total
 }
 
 fn structure_to_json(s: &gst::StructureRef) -> serde_json::Value {
@@ -427,7 +470,10 @@ impl GstReceiver {
         }
 
         // Depayloading branch, linked when the stream's pad appears.
-        let depay = gst::ElementFactory::make("rtph264depay").build()?;
+        let depay = gst::ElementFactory::make("rtph264depay")
+            .property("request-keyframe", cfg.request_keyframe)
+            .property("wait-for-keyframe", cfg.wait_for_keyframe)
+            .build()?;
         let filter = gst::ElementFactory::make("capsfilter")
             .property(
                 "caps",
@@ -456,6 +502,18 @@ impl GstReceiver {
                     if let Ok(map) = b.map_readable() {
                         probes.lock().expect("lock").on_depay_out(&map, b.pts(), now);
                     }
+                }
+                gst::PadProbeReturn::Ok
+            });
+        }
+        {
+            // Keyframe requests leaving the depayloader (towards the session).
+            let probes = probes.clone();
+            depay.static_pad("sink").context("depay sink")?.add_probe(gst::PadProbeType::EVENT_UPSTREAM, move |_, info| {
+                if let Some(gst::PadProbeData::Event(e)) = &info.data
+                    && e.structure().is_some_and(|s| s.name() == "GstForceKeyUnit")
+                {
+                    probes.lock().expect("lock").keyframe_requests += 1;
                 }
                 gst::PadProbeReturn::Ok
             });
@@ -521,7 +579,8 @@ impl GstReceiver {
             .as_ref()
             .map_or(serde_json::Value::Null, |jb| structure_to_json(&jb.property::<gst::Structure>("stats")));
         let mut session = structure_to_json(&self.session.property::<gst::Structure>("stats"));
-        // Per-source details as serialized caps: long and not needed.
+        // Per-source details as serialized caps: long; only the PLI count is kept.
+        let plis_sent = session["source-stats"].as_str().map_or(0, |s| sum_field(s, "sent-pli-count"));
         if let Some(m) = session.as_object_mut() {
             m.remove("source-stats");
         }
@@ -538,6 +597,8 @@ impl GstReceiver {
             session,
             depay_packets: p.depay_seqs.len() as u64,
             fec_recovered: p.fec_recovered,
+            plis_sent,
+            keyframe_requests: p.keyframe_requests,
         })
     }
 }
