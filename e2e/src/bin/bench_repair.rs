@@ -149,6 +149,10 @@ struct Args {
     /// Do not rewrite the table in BENCHMARKS.md.
     #[arg(long)]
     no_markdown: bool,
+    /// Keep each run's sender AU log and what the receiver handed on
+    /// (`rtp_ts digest` lines) here, to look into a run's frames.
+    #[arg(long)]
+    dump_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -610,6 +614,15 @@ fn run_once(side: Side, loss: &str, mode: Mode, seed: u64, latency_ms: u32, args
     let relay_stats = relay.stop()?;
 
     let fates = compare(&sent.frames, &sent.keyframes, &received);
+    if let Some(dir) = &args.dump_dir {
+        std::fs::create_dir_all(dir)?;
+        let name = format!("{}-{}-{}-{budget_ms}ms-seed{seed}", side.name(), loss.replace([':', ',', '=', '/'], "_"), mode.name());
+        let _ = std::fs::copy(work.path().join("sent.au"), dir.join(format!("{name}.sent.au")));
+        let text: String = received.iter().map(|(ts, d)| format!("{ts} {d:016x}\n")).collect();
+        std::fs::write(dir.join(format!("{name}.received")), text)?;
+        let _ = std::fs::copy(work.path().join("sender.log"), dir.join(format!("{name}.sender.log")));
+        let _ = std::fs::copy(work.path().join("gst-receiver.log"), dir.join(format!("{name}.gst-receiver.log")));
+    }
     let media_packets_sent = sent.summary["packets_sent"].as_u64().unwrap_or(0);
     let mut model = spec.model(seed);
     let media_packets_dropped = (0..media_packets_sent).filter(|_| model.should_drop()).count() as u64;
@@ -732,7 +745,11 @@ struct FrameFates {
     /// gone). Ours drops such frames itself (they count as dropped);
     /// GStreamer's depayloader hands them on.
     reference_lost: u64,
-    /// Handed on with an RTP timestamp the sender never used, or twice.
+    /// Handed on with an RTP timestamp the sender never used, or once more
+    /// (a frame handed on twice is judged by its last copy: what a decoder
+    /// holds as reference afterwards; rtph264depay splits a keyframe whose
+    /// SPS/PPS come ahead of its access unit delimiter into a parameter-set
+    /// AU and the frame, both with the frame's timestamp).
     unexpected: u64,
 }
 
@@ -742,10 +759,10 @@ fn compare(sent: &[(u32, u64)], keyframes: &std::collections::HashSet<u32>, rece
     let mut seen: HashMap<u32, u64> = HashMap::new();
     let mut fates = FrameFates::default();
     for &(ts, digest) in received {
-        if !sent_map.contains_key(&ts) || seen.contains_key(&ts) {
+        if !sent_map.contains_key(&ts) {
             fates.unexpected += 1;
-        } else {
-            seen.insert(ts, digest);
+        } else if seen.insert(ts, digest).is_some() {
+            fates.unexpected += 1;
         }
     }
     let mut broken = false;
@@ -1314,4 +1331,30 @@ fn run_envelope(args: &Args, sides: &[Side], meta: &ResultsMeta, out: Option<&Pa
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_counted_dropped_damaged_and_shown_wrong_apart() {
+        let sent: Vec<(u32, u64)> = (0..6).map(|i| (i * 3000, 100 + i as u64)).collect();
+        let keyframes = [0u32, 4 * 3000].into_iter().collect();
+        // Frame 1 dropped, frame 2 damaged, frame 3 intact but after them,
+        // frame 4 an intact keyframe, frame 5 intact.
+        let received = vec![(0, 100), (6000, 999), (9000, 103), (12000, 104), (15000, 105)];
+        let f = compare(&sent, &keyframes, &received);
+        assert_eq!((f.dropped, f.damaged, f.reference_lost, f.unexpected), (1, 1, 1, 0));
+    }
+
+    #[test]
+    fn a_frame_handed_on_twice_is_judged_by_its_last_copy() {
+        let sent: Vec<(u32, u64)> = (0..3).map(|i| (i * 3000, 100 + i as u64)).collect();
+        let keyframes = [0u32, 3000].into_iter().collect();
+        // A parameter-set AU split off keyframe 1, then the keyframe itself.
+        let received = vec![(0, 100), (3000, 7), (3000, 101), (6000, 102)];
+        let f = compare(&sent, &keyframes, &received);
+        assert_eq!((f.dropped, f.damaged, f.reference_lost, f.unexpected), (0, 0, 0, 1));
+    }
 }
