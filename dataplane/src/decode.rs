@@ -71,14 +71,24 @@ pub struct Decoder {
 const MAX_QUEUED_FRAMES: u64 = 300;
 
 impl Decoder {
-    pub fn start(codec: Codec, choice: DecoderChoice, metrics: StreamMetrics) -> anyhow::Result<Self> {
+    pub fn start(
+        codec: Codec,
+        choice: DecoderChoice,
+        metrics: StreamMetrics,
+    ) -> anyhow::Result<Self> {
         let decoder = choose_decoder(codec, choice)?;
-        let name = decoder.factory().map(|f| f.name().to_string()).unwrap_or_else(|| "unknown".into());
+        let name = decoder
+            .factory()
+            .map(|f| f.name().to_string())
+            .unwrap_or_else(|| "unknown".into());
         let caps_name = match codec {
             Codec::H264 => "video/x-h264",
             Codec::H265 => "video/x-h265",
         };
-        let caps = gst::Caps::builder(caps_name).field("stream-format", "byte-stream").field("alignment", "au").build();
+        let caps = gst::Caps::builder(caps_name)
+            .field("stream-format", "byte-stream")
+            .field("alignment", "au")
+            .build();
         let appsrc = gst_app::AppSrc::builder()
             .caps(&caps)
             .format(gst::Format::Time)
@@ -92,11 +102,20 @@ impl Decoder {
         })
         .build()
         .context("h264parse/h265parse missing: install gstreamer1.0-plugins-bad")?;
-        let appsink = gst_app::AppSink::builder().sync(false).max_buffers(64).drop(false).build();
-        let pipeline = gst::Pipeline::with_name(&format!("decode-{}-{}", metrics.labels.pipeline, metrics.labels.stream));
+        let appsink = gst_app::AppSink::builder()
+            .sync(false)
+            .max_buffers(64)
+            .drop(false)
+            .build();
+        let pipeline = gst::Pipeline::with_name(&format!(
+            "decode-{}-{}",
+            metrics.labels.pipeline, metrics.labels.stream
+        ));
         pipeline.add_many([appsrc.upcast_ref(), &parse, &decoder, appsink.upcast_ref()])?;
         gst::Element::link_many([appsrc.upcast_ref(), &parse, &decoder, appsink.upcast_ref()])?;
-        pipeline.set_state(gst::State::Playing).context("decode pipeline failed to start")?;
+        pipeline
+            .set_state(gst::State::Playing)
+            .context("decode pipeline failed to start")?;
         metrics.set_decoder(&name);
 
         let pending: Arc<Mutex<VecDeque<(u64, Instant)>>> = Arc::default();
@@ -105,11 +124,21 @@ impl Decoder {
             let metrics = metrics.clone();
             let bus = pipeline.bus().context("pipeline has no bus")?;
             let stream = format!("{}/{}", metrics.labels.pipeline, metrics.labels.stream);
-            std::thread::Builder::new().name(format!("decode-{}", metrics.labels.stream)).spawn(move || {
-                pull_decoded(appsink, bus, pending, metrics, stream);
-            })?
+            std::thread::Builder::new()
+                .name(format!("decode-{}", metrics.labels.stream))
+                .spawn(move || {
+                    pull_decoded(appsink, bus, pending, metrics, stream);
+                })?
         };
-        Ok(Decoder { pipeline, appsrc, pending, sink_thread: Some(sink_thread), name, metrics, first_pts: None })
+        Ok(Decoder {
+            pipeline,
+            appsrc,
+            pending,
+            sink_thread: Some(sink_thread),
+            name,
+            metrics,
+            first_pts: None,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -119,7 +148,13 @@ impl Decoder {
     /// Hands one access unit to the decoder, without copying its bytes.
     /// Returns false when the decoder is too far behind and the frame was not
     /// queued (the caller counts it as dropped).
-    pub fn push(&mut self, data: Vec<u8>, pts_ns: u64, first_arrival: Instant, keyframe: bool) -> bool {
+    pub fn push(
+        &mut self,
+        data: Vec<u8>,
+        pts_ns: u64,
+        first_arrival: Instant,
+        keyframe: bool,
+    ) -> bool {
         if self.appsrc.current_level_buffers() >= MAX_QUEUED_FRAMES {
             return false;
         }
@@ -133,7 +168,10 @@ impl Decoder {
                 b.set_flags(gst::BufferFlags::DELTA_UNIT);
             }
         }
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).push_back((pts, first_arrival));
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((pts, first_arrival));
         self.appsrc.push_buffer(buffer).is_ok()
     }
 
@@ -172,25 +210,53 @@ fn pull_decoded(
         match appsink.try_pull_sample(gst::ClockTime::from_mseconds(100)) {
             Some(sample) => {
                 let now = Instant::now();
-                metrics.frames_decoded.inc();
                 let pts = sample.buffer().and_then(|b| b.pts()).map(|p| p.nseconds());
                 let mut q = pending.lock().unwrap_or_else(|e| e.into_inner());
                 // Frames come out in presentation order; everything at or
-                // before this PTS has been accounted for.
-                while let Some(&(p, arrival)) = q.front() {
-                    if pts.is_some_and(|pts| p > pts) {
+                // before this PTS has been accounted for. A frame counts as
+                // decoded only if it answers an access unit handed in: a
+                // decoder that makes two pictures of one unit (or repeats one)
+                // must not make the books show more frames than were sent.
+                let mut matched = pts.is_none() && q.pop_front().is_some();
+                while let Some(pts) = pts
+                    && let Some(&(p, arrival)) = q.front()
+                {
+                    if p > pts {
                         break;
                     }
                     q.pop_front();
-                    if Some(p) == pts {
+                    if p == pts {
                         StreamMetrics::observe(&metrics.decode_latency, now - arrival);
+                        matched = true;
+                    } else {
+                        // Handed in, passed over: the decoder gave no picture for it.
+                        metrics.frames_dropped_by_decoder(1);
                     }
                 }
+                if matched {
+                    metrics.frames_decoded.inc();
+                } else {
+                    tracing::debug!(%stream, ?pts, "decoder output answers no access unit handed in; not counted");
+                }
             }
-            None if appsink.is_eos() => break,
+            None if appsink.is_eos() => {
+                // Drained: whatever is still awaited never came out.
+                let left = pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drain(..)
+                    .count();
+                if left > 0 {
+                    metrics.frames_dropped_by_decoder(left as u64);
+                    tracing::warn!(%stream, frames = left, "the decoder gave no picture for access units handed to it");
+                }
+                break;
+            }
             None => {}
         }
-        while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error, gst::MessageType::Warning]) {
+        while let Some(msg) =
+            bus.pop_filtered(&[gst::MessageType::Error, gst::MessageType::Warning])
+        {
             match msg.view() {
                 gst::MessageView::Error(e) => {
                     tracing::error!(%stream, error = %e.error(), debug = ?e.debug(), "decoder error");

@@ -68,10 +68,16 @@ impl DropReason {
 #[derive(Debug)]
 pub enum DepayEvent {
     Frame(AccessUnit),
-    Dropped { reason: DropReason, frames: u64, rtp_timestamp: Option<u32> },
+    Dropped {
+        reason: DropReason,
+        frames: u64,
+        rtp_timestamp: Option<u32>,
+    },
     /// Frames before the first keyframe of the stream: not decodable, not
     /// counted as dropped (they were sent before we could have them).
-    SkippedBeforeKeyframe { rtp_timestamp: u32 },
+    SkippedBeforeKeyframe {
+        rtp_timestamp: u32,
+    },
     /// Ask the sender for a keyframe (PLI).
     KeyframeNeeded,
 }
@@ -80,7 +86,13 @@ pub enum DepayEvent {
 pub struct DepayCounters {
     pub malformed_packets: u64,
     pub unsupported_packets: u64,
+    /// Parameter sets left out of an access unit because an identical one
+    /// was already in it (see `Building::push_nal`).
+    pub repeated_parameter_sets: u64,
 }
+
+/// Distinct parameter sets an access unit remembers to spot repeats.
+const PARAMETER_SETS_KEPT: usize = 8;
 
 struct Building {
     data: Vec<u8>,
@@ -91,6 +103,39 @@ struct Building {
     keyframe: bool,
     /// Inside an FU: the reconstructed NAL's start offset in `data`.
     in_fu: bool,
+    /// Where the parameter sets already in `data` lie (offset, length).
+    parameter_sets: [(u32, u32); PARAMETER_SETS_KEPT],
+    parameter_set_count: usize,
+}
+
+impl Building {
+    /// Appends one whole NAL unit, leaving out a parameter set identical to
+    /// one already in this access unit. Payloaders that repeat parameter
+    /// sets before every IDR slice (`rtph264pay config-interval=-1` with a
+    /// multi-slice encoder) put SPS/PPS between the slices of one picture;
+    /// H.264 §7.4.1.2.3 (and H.265 §7.4.2.4.4) read a parameter set after a
+    /// slice as the start of a new access unit, so every decoder would split
+    /// the picture in two and show one frame too many per keyframe. Without
+    /// the repeats the unit is the encoder's own again. Returns whether the
+    /// unit was left out.
+    fn push_nal(&mut self, nal: &[u8], parameter_set: bool) -> bool {
+        if parameter_set {
+            let data = &self.data;
+            let seen = self.parameter_sets[..self.parameter_set_count]
+                .iter()
+                .any(|&(at, len)| data.get(at as usize..(at + len) as usize) == Some(nal));
+            if seen {
+                return true;
+            }
+            if self.parameter_set_count < PARAMETER_SETS_KEPT {
+                let at = self.data.len() + START_CODE.len();
+                self.parameter_sets[self.parameter_set_count] = (at as u32, nal.len() as u32);
+                self.parameter_set_count += 1;
+            }
+        }
+        push_nal(&mut self.data, nal);
+        false
+    }
 }
 
 pub struct Depacketizer {
@@ -160,12 +205,26 @@ impl Depacketizer {
 
     /// Packets `count` in sequence were lost.
     pub fn push_loss(&mut self, _count: u64) {
-        self.loss_between_units = if self.loss_pending { self.loss_between_units } else { true } && self.building.is_none();
+        self.loss_between_units = if self.loss_pending {
+            self.loss_between_units
+        } else {
+            true
+        } && self.building.is_none();
         self.loss_pending = true;
     }
 
-    pub fn push_packet(&mut self, payload: &[u8], timestamp: u32, marker: bool, arrival: Instant, out: &mut Vec<DepayEvent>) {
-        let new_au = self.building.as_ref().is_none_or(|b| b.timestamp != timestamp);
+    pub fn push_packet(
+        &mut self,
+        payload: &[u8],
+        timestamp: u32,
+        marker: bool,
+        arrival: Instant,
+        out: &mut Vec<DepayEvent>,
+    ) {
+        let new_au = self
+            .building
+            .as_ref()
+            .is_none_or(|b| b.timestamp != timestamp);
         if new_au {
             if let Some(mut b) = self.building.take() {
                 // It never saw its marker: lost packets may have been its tail.
@@ -187,7 +246,9 @@ impl Depacketizer {
                 // loss there, before a picture that starts with its first
                 // inter slice, is most likely FEC, and nothing the picture
                 // needs (parameter sets come with IDR pictures) lies there.
-                let benign = self.tolerate_loss_between_units && self.loss_between_units && self.starts_inter_picture(payload);
+                let benign = self.tolerate_loss_between_units
+                    && self.loss_between_units
+                    && self.starts_inter_picture(payload);
                 !(benign || self.leads_access_unit(payload))
             } else {
                 !self.starts_access_unit(payload)
@@ -202,11 +263,14 @@ impl Depacketizer {
                 malformed: false,
                 keyframe: false,
                 in_fu: false,
+                parameter_sets: [(0, 0); PARAMETER_SETS_KEPT],
+                parameter_set_count: 0,
             });
         } else if self.loss_pending
-            && let Some(b) = self.building.as_mut() {
-                b.damaged = true;
-            }
+            && let Some(b) = self.building.as_mut()
+        {
+            b.damaged = true;
+        }
         self.loss_pending = false;
         if let Some(mut b) = self.building.take() {
             self.append(&mut b, payload);
@@ -229,7 +293,9 @@ impl Depacketizer {
     }
 
     fn count_missing_frames(&mut self, timestamp: u32, out: &mut Vec<DepayEvent>) {
-        let (Some(last), Some(step)) = (self.last_timestamp, self.frame_step) else { return };
+        let (Some(last), Some(step)) = (self.last_timestamp, self.frame_step) else {
+            return;
+        };
         let delta = timestamp.wrapping_sub(last);
         if delta == 0 || delta > step.saturating_mul(1000) {
             return;
@@ -237,7 +303,11 @@ impl Depacketizer {
         // Round to whole frames; a step of 2.4 frames means 1 frame missing.
         let frames = ((delta as u64 + step as u64 / 2) / step as u64).saturating_sub(1);
         if frames > 0 {
-            out.push(DepayEvent::Dropped { reason: DropReason::Missing, frames, rtp_timestamp: None });
+            out.push(DepayEvent::Dropped {
+                reason: DropReason::Missing,
+                frames,
+                rtp_timestamp: None,
+            });
             self.enter_keyframe_wait(out);
         }
     }
@@ -259,26 +329,42 @@ impl Depacketizer {
         self.last_timestamp = Some(b.timestamp);
         let ts = Some(b.timestamp);
         if b.damaged || b.malformed || b.in_fu || b.data.is_empty() {
-            let reason = if b.malformed { DropReason::Malformed } else { DropReason::Incomplete };
+            let reason = if b.malformed {
+                DropReason::Malformed
+            } else {
+                DropReason::Incomplete
+            };
             self.recycle(b.data);
             if self.started {
-                out.push(DepayEvent::Dropped { reason, frames: 1, rtp_timestamp: ts });
+                out.push(DepayEvent::Dropped {
+                    reason,
+                    frames: 1,
+                    rtp_timestamp: ts,
+                });
                 self.enter_keyframe_wait(out);
             } else {
-                out.push(DepayEvent::SkippedBeforeKeyframe { rtp_timestamp: b.timestamp });
+                out.push(DepayEvent::SkippedBeforeKeyframe {
+                    rtp_timestamp: b.timestamp,
+                });
             }
             return;
         }
         if self.waiting_for_keyframe && !b.keyframe {
             self.recycle(b.data);
             if self.started {
-                out.push(DepayEvent::Dropped { reason: DropReason::ReferenceLost, frames: 1, rtp_timestamp: ts });
+                out.push(DepayEvent::Dropped {
+                    reason: DropReason::ReferenceLost,
+                    frames: 1,
+                    rtp_timestamp: ts,
+                });
             } else {
                 if !self.initial_keyframe_requested {
                     self.initial_keyframe_requested = true;
                     out.push(DepayEvent::KeyframeNeeded);
                 }
-                out.push(DepayEvent::SkippedBeforeKeyframe { rtp_timestamp: b.timestamp });
+                out.push(DepayEvent::SkippedBeforeKeyframe {
+                    rtp_timestamp: b.timestamp,
+                });
             }
             return;
         }
@@ -299,7 +385,10 @@ impl Depacketizer {
             Codec::H264 => {
                 let first = match payload.first().map(|h| h & 0x1f) {
                     Some(24) => payload.get(3).map(|h| h & 0x1f),
-                    Some(28) => payload.get(1).filter(|fu| *fu & 0x80 != 0).map(|fu| fu & 0x1f),
+                    Some(28) => payload
+                        .get(1)
+                        .filter(|fu| *fu & 0x80 != 0)
+                        .map(|fu| fu & 0x1f),
                     t => t,
                 };
                 matches!(first, Some(7 | 9))
@@ -307,7 +396,10 @@ impl Depacketizer {
             Codec::H265 => {
                 let first = match payload.first().map(|h| (h >> 1) & 0x3f) {
                     Some(48) => payload.get(4).map(|h| (h >> 1) & 0x3f),
-                    Some(49) => payload.get(2).filter(|fu| *fu & 0x80 != 0).map(|fu| fu & 0x3f),
+                    Some(49) => payload
+                        .get(2)
+                        .filter(|fu| *fu & 0x80 != 0)
+                        .map(|fu| fu & 0x3f),
                     t => t,
                 };
                 matches!(first, Some(32 | 35))
@@ -333,12 +425,22 @@ impl Depacketizer {
         match self.codec {
             Codec::H264 => match payload.first().map(|h| h & 0x1f) {
                 Some(1) => first_slice(payload.get(1), 0x80),
-                Some(28) => payload.get(1).is_some_and(|fu| fu & 0x80 != 0 && fu & 0x1f == 1) && first_slice(payload.get(2), 0x80),
+                Some(28) => {
+                    payload
+                        .get(1)
+                        .is_some_and(|fu| fu & 0x80 != 0 && fu & 0x1f == 1)
+                        && first_slice(payload.get(2), 0x80)
+                }
                 _ => false,
             },
             Codec::H265 => match payload.first().map(|h| (h >> 1) & 0x3f) {
                 Some(0..=9) => first_slice(payload.get(2), 0x80),
-                Some(49) => payload.get(2).is_some_and(|fu| fu & 0x80 != 0 && fu & 0x3f <= 9) && first_slice(payload.get(3), 0x80),
+                Some(49) => {
+                    payload
+                        .get(2)
+                        .is_some_and(|fu| fu & 0x80 != 0 && fu & 0x3f <= 9)
+                        && first_slice(payload.get(3), 0x80)
+                }
                 _ => false,
             },
         }
@@ -347,11 +449,15 @@ impl Depacketizer {
     fn starts_access_unit(&self, payload: &[u8]) -> bool {
         match self.codec {
             Codec::H264 => {
-                let Some(&h) = payload.first() else { return false };
+                let Some(&h) = payload.first() else {
+                    return false;
+                };
                 let (nal_type, slice_byte) = match h & 0x1f {
                     24 => (payload.get(3).map_or(0, |b| b & 0x1f), payload.get(4)),
                     28 => {
-                        let Some(&fu) = payload.get(1) else { return false };
+                        let Some(&fu) = payload.get(1) else {
+                            return false;
+                        };
                         if fu & 0x80 == 0 {
                             return false;
                         }
@@ -370,9 +476,14 @@ impl Depacketizer {
                     return false;
                 }
                 let (nal_type, slice_byte) = match (payload[0] >> 1) & 0x3f {
-                    48 => (payload.get(4).map_or(0, |b| (b >> 1) & 0x3f), payload.get(6)),
+                    48 => (
+                        payload.get(4).map_or(0, |b| (b >> 1) & 0x3f),
+                        payload.get(6),
+                    ),
                     49 => {
-                        let Some(&fu) = payload.get(2) else { return false };
+                        let Some(&fu) = payload.get(2) else {
+                            return false;
+                        };
                         if fu & 0x80 == 0 {
                             return false;
                         }
@@ -415,7 +526,8 @@ impl Depacketizer {
                     return Err(PacketError::Malformed);
                 }
                 b.keyframe |= t == 5;
-                push_nal(&mut b.data, payload);
+                self.counters.repeated_parameter_sets +=
+                    b.push_nal(payload, matches!(t, 7 | 8)) as u64;
                 Ok(())
             }
             24 => {
@@ -425,7 +537,8 @@ impl Depacketizer {
                 for nal in aggregation_units(&payload[1..])? {
                     let t = nal.first().ok_or(PacketError::Malformed)? & 0x1f;
                     b.keyframe |= t == 5;
-                    push_nal(&mut b.data, nal);
+                    self.counters.repeated_parameter_sets +=
+                        b.push_nal(nal, matches!(t, 7 | 8)) as u64;
                 }
                 Ok(())
             }
@@ -465,7 +578,8 @@ impl Depacketizer {
                     return Err(PacketError::Malformed);
                 }
                 b.keyframe |= is_irap(t);
-                push_nal(&mut b.data, payload);
+                self.counters.repeated_parameter_sets +=
+                    b.push_nal(payload, matches!(t, 32..=34)) as u64;
                 Ok(())
             }
             48 => {
@@ -476,8 +590,10 @@ impl Depacketizer {
                     if nal.len() < 2 {
                         return Err(PacketError::Malformed);
                     }
-                    b.keyframe |= is_irap((nal[0] >> 1) & 0x3f);
-                    push_nal(&mut b.data, nal);
+                    let t = (nal[0] >> 1) & 0x3f;
+                    b.keyframe |= is_irap(t);
+                    self.counters.repeated_parameter_sets +=
+                        b.push_nal(nal, matches!(t, 32..=34)) as u64;
                 }
                 Ok(())
             }
@@ -556,7 +672,15 @@ mod tests {
     }
 
     fn dropped(out: &[DepayEvent]) -> u64 {
-        out.iter().map(|e| if let DepayEvent::Dropped { frames, .. } = e { *frames } else { 0 }).sum()
+        out.iter()
+            .map(|e| {
+                if let DepayEvent::Dropped { frames, .. } = e {
+                    *frames
+                } else {
+                    0
+                }
+            })
+            .sum()
     }
 
     fn fu_a(nal: &[u8], chunk: usize) -> Vec<Vec<u8>> {
@@ -593,16 +717,59 @@ mod tests {
         let mut d = Depacketizer::new(Codec::H264);
         let mut out = Vec::new();
         d.push_packet(&stap_a(&[SPS, PPS]), 0, false, t, &mut out);
-        let big_idr: Vec<u8> = [0x65u8, 0x88].iter().copied().chain((0..3000).map(|i| (i % 251) as u8)).collect();
+        let big_idr: Vec<u8> = [0x65u8, 0x88]
+            .iter()
+            .copied()
+            .chain((0..3000).map(|i| (i % 251) as u8))
+            .collect();
         let parts = fu_a(&big_idr, 1000);
         for (i, p) in parts.iter().enumerate() {
             d.push_packet(p, 0, i == parts.len() - 1, t, &mut out);
         }
         assert_eq!(frames(&out), vec![(0, true)]);
-        let DepayEvent::Frame(au) = &out[0] else { panic!() };
+        let DepayEvent::Frame(au) = &out[0] else {
+            panic!()
+        };
         let nals: Vec<&[u8]> = au.nal_units().collect();
         assert_eq!(nals, vec![SPS, PPS, &big_idr[..]]);
         assert_eq!(au.content_digest(), au_digest([SPS, PPS, &big_idr[..]]));
+    }
+
+    #[test]
+    fn parameter_sets_repeated_between_slices_are_left_out_of_the_access_unit() {
+        // What rtph264pay config-interval=-1 sends for a two-slice IDR picture
+        // from x264enc: AUD, SPS, PPS, SEI, then SPS/PPS again before each slice.
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        let (aud, sei): (&[u8], &[u8]) = (&[0x09, 0x10], &[0x06, 0x05, 0x01, 0x80]);
+        let (idr1, idr2): (&[u8], &[u8]) = (&[0x65, 0x88, 1, 2], &[0x65, 0x01, 3, 4]);
+        for p in [aud, SPS, PPS, sei, SPS, PPS, idr1, SPS] {
+            d.push_packet(p, 0, false, t, &mut out);
+        }
+        d.push_packet(&stap_a(&[PPS, idr2]), 0, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(0, true)]);
+        let DepayEvent::Frame(au) = &out[0] else {
+            panic!()
+        };
+        assert_eq!(
+            au.nal_units().collect::<Vec<_>>(),
+            vec![aud, SPS, PPS, sei, idr1, idr2]
+        );
+        assert_eq!(d.counters().repeated_parameter_sets, 4);
+        // A parameter set that changed is not a repeat.
+        let sps2: &[u8] = &[0x67, 0x42, 0, 0x20];
+        for p in [SPS, PPS, idr1, sps2] {
+            d.push_packet(p, 3000, false, t, &mut out);
+        }
+        d.push_packet(idr2, 3000, true, t, &mut out);
+        let DepayEvent::Frame(au) = out.last().unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            au.nal_units().collect::<Vec<_>>(),
+            vec![SPS, PPS, idr1, sps2, idr2]
+        );
     }
 
     #[test]
@@ -623,7 +790,12 @@ mod tests {
         d.push_packet(IDR, 12000, true, t, &mut out);
         assert_eq!(frames(&out), vec![(0, true), (3000, false), (12000, true)]);
         assert_eq!(dropped(&out), 2);
-        assert_eq!(out.iter().filter(|e| matches!(e, DepayEvent::KeyframeNeeded)).count(), 1);
+        assert_eq!(
+            out.iter()
+                .filter(|e| matches!(e, DepayEvent::KeyframeNeeded))
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -645,7 +817,13 @@ mod tests {
             d.push_packet(IDR, 12000, true, t, &mut out);
             (frames(&out), dropped(&out))
         };
-        assert_eq!(run(true), (vec![(0, true), (3000, false), (6000, false), (12000, true)], 1));
+        assert_eq!(
+            run(true),
+            (
+                vec![(0, true), (3000, false), (6000, false), (12000, true)],
+                1
+            )
+        );
         // Without in-band FEC the same loss may have been a slice or SEI of
         // the next picture: it and what depends on it are dropped.
         assert_eq!(run(false), (vec![(0, true), (12000, true)], 3));
@@ -702,7 +880,12 @@ mod tests {
         d.push_packet(IDR, 6000, true, t, &mut out);
         assert_eq!(frames(&out), vec![(6000, true)]);
         assert_eq!(dropped(&out), 0);
-        assert_eq!(out.iter().filter(|e| matches!(e, DepayEvent::SkippedBeforeKeyframe { .. })).count(), 2);
+        assert_eq!(
+            out.iter()
+                .filter(|e| matches!(e, DepayEvent::SkippedBeforeKeyframe { .. }))
+                .count(),
+            2
+        );
         assert!(out.iter().any(|e| matches!(e, DepayEvent::KeyframeNeeded)));
     }
 
@@ -747,7 +930,9 @@ mod tests {
         d.push_packet(&p1, 0, false, t, &mut out);
         d.push_packet(&p2, 0, true, t, &mut out);
         assert_eq!(frames(&out), vec![(0, true)]);
-        let DepayEvent::Frame(au) = &out[0] else { panic!() };
+        let DepayEvent::Frame(au) = &out[0] else {
+            panic!()
+        };
         let nals: Vec<&[u8]> = au.nal_units().collect();
         assert_eq!(nals, vec![vps, sps, &idr[..]]);
     }

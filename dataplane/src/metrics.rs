@@ -62,7 +62,9 @@ type F64Gauge = Gauge<f64, AtomicU64>;
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~8 s
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 14,
+    ))
 }
 
 /// Every metric family the data plane exports.
@@ -147,17 +149,62 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("rtp_packets_received", "Media packets accepted, originals and repairs", m.packets_received.clone());
-        r.register("rtp_packets_lost", "Media packets that went missing on the network (gaps seen)", m.packets_lost.clone());
-        r.register("rtp_packets_recovered", "Missing media packets that arrived in time, by method", m.packets_recovered.clone());
-        r.register("rtp_packets_unrecovered", "Media packets declared lost at their deadline", m.packets_unrecovered.clone());
-        r.register("rtp_packets_duplicate", "Media packets received twice", m.packets_duplicate.clone());
-        r.register("rtp_packets_late", "Media packets that arrived after being declared lost", m.packets_late.clone());
-        r.register("rtp_packets_discarded", "Datagrams discarded unparsed or unusable, by reason", m.packets_discarded.clone());
-        r.register_with_unit("rtp_received", "Datagram bytes received on the RTP socket", Unit::Bytes, m.bytes_received.clone());
-        r.register("nacks_sent", "Sequence numbers requested by generic NACK (RFC 4585)", m.nacks_sent.clone());
-        r.register("retransmissions_received", "RTX packets received (RFC 4588)", m.retransmissions_received.clone());
-        r.register("fec_packets_received", "FEC packets received (ST 2022-1 or ULPFEC)", m.fec_packets_received.clone());
+        r.register(
+            "rtp_packets_received",
+            "Media packets accepted, originals and repairs",
+            m.packets_received.clone(),
+        );
+        r.register(
+            "rtp_packets_lost",
+            "Media packets that went missing on the network (gaps seen)",
+            m.packets_lost.clone(),
+        );
+        r.register(
+            "rtp_packets_recovered",
+            "Missing media packets that arrived in time, by method",
+            m.packets_recovered.clone(),
+        );
+        r.register(
+            "rtp_packets_unrecovered",
+            "Media packets declared lost at their deadline",
+            m.packets_unrecovered.clone(),
+        );
+        r.register(
+            "rtp_packets_duplicate",
+            "Media packets received twice",
+            m.packets_duplicate.clone(),
+        );
+        r.register(
+            "rtp_packets_late",
+            "Media packets that arrived after being declared lost",
+            m.packets_late.clone(),
+        );
+        r.register(
+            "rtp_packets_discarded",
+            "Datagrams discarded unparsed or unusable, by reason",
+            m.packets_discarded.clone(),
+        );
+        r.register_with_unit(
+            "rtp_received",
+            "Datagram bytes received on the RTP socket",
+            Unit::Bytes,
+            m.bytes_received.clone(),
+        );
+        r.register(
+            "nacks_sent",
+            "Sequence numbers requested by generic NACK (RFC 4585)",
+            m.nacks_sent.clone(),
+        );
+        r.register(
+            "retransmissions_received",
+            "RTX packets received (RFC 4588)",
+            m.retransmissions_received.clone(),
+        );
+        r.register(
+            "fec_packets_received",
+            "FEC packets received (ST 2022-1 or ULPFEC)",
+            m.fec_packets_received.clone(),
+        );
         r.register(
             "nacks_refused",
             "Retransmission requests withheld by the retransmission budget (a share of the received packet rate)",
@@ -168,15 +215,54 @@ impl Metrics {
             "Missing packets FEC recovered before any retransmission was requested",
             m.nacks_avoided.clone(),
         );
-        r.register("keyframe_requests", "Picture loss indications sent", m.keyframe_requests.clone());
-        r.register("frames_expected", "Frames the source sent, as far as the receiver can tell", m.frames_expected.clone());
-        r.register("frames_assembled", "Whole access units handed to the decoder", m.frames_assembled.clone());
-        r.register("frames_decoded", "Frames the decoder produced", m.frames_decoded.clone());
-        r.register("frames_dropped", "Frames not delivered whole, by reason", m.frames_dropped.clone());
-        r.register("frames_skipped_before_keyframe", "Frames before the stream's first keyframe", m.frames_skipped.clone());
-        r.register_with_unit("gop_interval", "Time between the last two keyframes", Unit::Seconds, m.gop_interval.clone());
-        r.register_with_unit("interarrival_jitter", "RFC 3550 inter-arrival jitter", Unit::Seconds, m.jitter.clone());
-        r.register_with_unit("round_trip_time", "Smoothed NACK-to-retransmission round trip", Unit::Seconds, m.rtt.clone());
+        r.register(
+            "keyframe_requests",
+            "Picture loss indications sent",
+            m.keyframe_requests.clone(),
+        );
+        r.register(
+            "frames_expected",
+            "Frames the source sent, as far as the receiver can tell",
+            m.frames_expected.clone(),
+        );
+        r.register(
+            "frames_assembled",
+            "Whole access units handed to the decoder",
+            m.frames_assembled.clone(),
+        );
+        r.register(
+            "frames_decoded",
+            "Frames the decoder produced",
+            m.frames_decoded.clone(),
+        );
+        r.register(
+            "frames_dropped",
+            "Frames not delivered whole, by reason",
+            m.frames_dropped.clone(),
+        );
+        r.register(
+            "frames_skipped_before_keyframe",
+            "Frames before the stream's first keyframe",
+            m.frames_skipped.clone(),
+        );
+        r.register_with_unit(
+            "gop_interval",
+            "Time between the last two keyframes",
+            Unit::Seconds,
+            m.gop_interval.clone(),
+        );
+        r.register_with_unit(
+            "interarrival_jitter",
+            "RFC 3550 inter-arrival jitter",
+            Unit::Seconds,
+            m.jitter.clone(),
+        );
+        r.register_with_unit(
+            "round_trip_time",
+            "Smoothed NACK-to-retransmission round trip",
+            Unit::Seconds,
+            m.rtt.clone(),
+        );
         r.register_with_unit(
             "assembly_latency",
             "Time from a frame's first packet arriving to its access unit leaving the jitter buffer",
@@ -189,21 +275,41 @@ impl Metrics {
             Unit::Seconds,
             m.decode_latency.clone(),
         );
-        r.register("decoder_info", "Decoder element in use (value 1)", m.decoder_info.clone());
-        r.register("stream_up", "1 while packets arrive, 0 when the source went silent", m.stream_up.clone());
+        r.register(
+            "decoder_info",
+            "Decoder element in use (value 1)",
+            m.decoder_info.clone(),
+        );
+        r.register(
+            "stream_up",
+            "1 while packets arrive, 0 when the source went silent",
+            m.stream_up.clone(),
+        );
         r.register(
             "kernel_udp_drops",
             "UDP packets for the stream's sockets the kernel dropped, by drop reason and counter source",
             m.kernel_drops.clone(),
         );
-        r.register_with_unit("socket_receive_buffer", "Receive buffer the kernel granted the RTP socket", Unit::Bytes, m.receive_buffer.clone());
+        r.register_with_unit(
+            "socket_receive_buffer",
+            "Receive buffer the kernel granted the RTP socket",
+            Unit::Bytes,
+            m.receive_buffer.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Handles for one stream; cheap clones of the shared atomics.
     pub fn stream(&self, pipeline: &str, stream: &str) -> StreamMetrics {
-        let l = StreamLabels { pipeline: pipeline.into(), stream: stream.into() };
-        let method = |method| RecoveredLabels { pipeline: pipeline.into(), stream: stream.into(), method };
+        let l = StreamLabels {
+            pipeline: pipeline.into(),
+            stream: stream.into(),
+        };
+        let method = |method| RecoveredLabels {
+            pipeline: pipeline.into(),
+            stream: stream.into(),
+            method,
+        };
         StreamMetrics {
             labels: l.clone(),
             packets_received: handle(&self.packets_received, &l),
@@ -304,24 +410,53 @@ pub struct StreamMetrics {
 
 impl StreamMetrics {
     fn reason(&self, reason: &str) -> ReasonLabels {
-        ReasonLabels { pipeline: self.labels.pipeline.clone(), stream: self.labels.stream.clone(), reason: reason.into() }
+        ReasonLabels {
+            pipeline: self.labels.pipeline.clone(),
+            stream: self.labels.stream.clone(),
+            reason: reason.into(),
+        }
     }
 
     pub fn discarded(&self, reason: &str) {
-        self.packets_discarded.get_or_create(&self.reason(reason)).inc();
+        self.packets_discarded
+            .get_or_create(&self.reason(reason))
+            .inc();
     }
 
     pub fn discarded_total(&self) -> u64 {
-        ["rtp_header", "rtx_header", "payload_type", "ssrc", "rtcp", "depacketize", "unsupported"]
-            .iter()
-            .map(|r| self.packets_discarded.get(&self.reason(r)).map_or(0, |c| c.get()))
-            .sum()
+        [
+            "rtp_header",
+            "rtx_header",
+            "payload_type",
+            "ssrc",
+            "rtcp",
+            "depacketize",
+            "unsupported",
+        ]
+        .iter()
+        .map(|r| {
+            self.packets_discarded
+                .get(&self.reason(r))
+                .map_or(0, |c| c.get())
+        })
+        .sum()
     }
 
     pub fn frames_dropped(&self, reason: &str, n: u64) {
-        self.frames_dropped.get_or_create(&self.reason(reason)).inc_by(n);
+        self.frames_dropped
+            .get_or_create(&self.reason(reason))
+            .inc_by(n);
         self.frames_dropped_total.inc_by(n);
         self.frames_expected.inc_by(n);
+    }
+
+    /// Frames handed to the decoder (so already expected) that it gave no
+    /// picture for: reason `decode_error`.
+    pub fn frames_dropped_by_decoder(&self, n: u64) {
+        self.frames_dropped
+            .get_or_create(&self.reason("decode_error"))
+            .inc_by(n);
+        self.frames_dropped_total.inc_by(n);
     }
 
     pub fn kernel_drops(&self, reason: &str, source: &str, n: u64) {
@@ -343,14 +478,20 @@ impl StreamMetrics {
             decoder: d.into(),
         };
         if let Some(old) = names.insert(self.labels.clone(), name.to_string())
-            && old != name {
-                self.decoder_info.get_or_create(&labels(&old)).set(0);
-            }
+            && old != name
+        {
+            self.decoder_info.get_or_create(&labels(&old)).set(0);
+        }
         self.decoder_info.get_or_create(&labels(name)).set(1);
     }
 
     pub fn decoder(&self) -> String {
-        self.decoder_names.lock().unwrap_or_else(|e| e.into_inner()).get(&self.labels).cloned().unwrap_or_default()
+        self.decoder_names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&self.labels)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn observe(h: &Histogram, d: Duration) {
@@ -362,7 +503,10 @@ impl StreamMetrics {
 /// those the process should run: `/readyz` answers 200 only when all are.
 #[derive(Debug, Default)]
 pub struct Readiness {
-    state: Mutex<(std::collections::BTreeSet<String>, std::collections::BTreeSet<String>)>,
+    state: Mutex<(
+        std::collections::BTreeSet<String>,
+        std::collections::BTreeSet<String>,
+    )>,
 }
 
 impl Readiness {
@@ -377,11 +521,19 @@ impl Readiness {
     }
 
     pub fn mark_ready(&self, id: &str) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1.insert(id.to_string());
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .insert(id.to_string());
     }
 
     pub fn mark_gone(&self, id: &str) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1.remove(id);
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .remove(id);
     }
 
     /// (ready, expected)
@@ -399,36 +551,45 @@ impl Readiness {
 /// Serves `/metrics` (OpenMetrics), `/healthz` (the process is alive) and
 /// `/readyz` (every source is receiving) on `addr` from a thread. Returns the
 /// bound address (useful with port 0).
-pub fn serve(addr: &str, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> anyhow::Result<std::net::SocketAddr> {
+pub fn serve(
+    addr: &str,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+) -> anyhow::Result<std::net::SocketAddr> {
     let server = tiny_http::Server::http(addr)
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
     let bound = server
         .server_addr()
         .to_ip()
         .ok_or_else(|| anyhow::anyhow!("metrics listener on {addr} is not an IP socket"))?;
-    std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
-        for request in server.incoming_requests() {
-            let path = request.url().split('?').next().unwrap_or("");
-            let response = match path {
-                "/metrics" => tiny_http::Response::from_string(metrics.encode()).with_header(
-                    tiny_http::Header::from_bytes(
-                        &b"Content-Type"[..],
-                        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
-                    )
-                    .expect("static header is valid"),
-                ),
-                "/healthz" => tiny_http::Response::from_string("ok\n"),
-                "/readyz" if readiness.is_ready() => tiny_http::Response::from_string("ready\n"),
-                "/readyz" => tiny_http::Response::from_string({
-                    let (ready, expected) = readiness.counts();
-                    format!("not ready: {ready}/{expected} sources receiving\n")
-                })
-                .with_status_code(503),
-                _ => tiny_http::Response::from_string("not found: try /metrics or /healthz\n").with_status_code(404),
-            };
-            let _ = request.respond(response);
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let path = request.url().split('?').next().unwrap_or("");
+                let response = match path {
+                    "/metrics" => tiny_http::Response::from_string(metrics.encode()).with_header(
+                        tiny_http::Header::from_bytes(
+                            &b"Content-Type"[..],
+                            &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+                        )
+                        .expect("static header is valid"),
+                    ),
+                    "/healthz" => tiny_http::Response::from_string("ok\n"),
+                    "/readyz" if readiness.is_ready() => {
+                        tiny_http::Response::from_string("ready\n")
+                    }
+                    "/readyz" => tiny_http::Response::from_string({
+                        let (ready, expected) = readiness.counts();
+                        format!("not ready: {ready}/{expected} sources receiving\n")
+                    })
+                    .with_status_code(503),
+                    _ => tiny_http::Response::from_string("not found: try /metrics or /healthz\n")
+                        .with_status_code(404),
+                };
+                let _ = request.respond(response);
+            }
+        })?;
     Ok(bound)
 }
 
@@ -444,9 +605,18 @@ mod tests {
         s.frames_dropped("incomplete", 2);
         s.set_decoder("avdec_h264");
         let text = m.encode();
-        assert!(text.contains(r#"zerodrop_rtp_packets_received_total{pipeline="demo",stream="cam1"} 5"#), "{text}");
-        assert!(text.contains(r#"zerodrop_frames_dropped_total{pipeline="demo",stream="cam1",reason="incomplete"} 2"#));
-        assert!(text.contains(r#"zerodrop_decoder_info{pipeline="demo",stream="cam1",decoder="avdec_h264"} 1"#));
+        assert!(
+            text.contains(
+                r#"zerodrop_rtp_packets_received_total{pipeline="demo",stream="cam1"} 5"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"zerodrop_frames_dropped_total{pipeline="demo",stream="cam1",reason="incomplete"} 2"#
+        ));
+        assert!(text.contains(
+            r#"zerodrop_decoder_info{pipeline="demo",stream="cam1",decoder="avdec_h264"} 1"#
+        ));
         assert!(text.contains("# TYPE zerodrop_frame_latency_seconds histogram"));
         assert!(text.trim_end().ends_with("# EOF"));
         assert_eq!(s.frames_dropped_total.get(), 2);

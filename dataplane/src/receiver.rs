@@ -14,9 +14,9 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::SourceConfig;
-use crate::fec::{FecDecoder, FecScheme, Outlook};
 use crate::decode::Decoder;
-use crate::depay::{DepayEvent, Depacketizer};
+use crate::depay::{Depacketizer, DepayEvent};
+use crate::fec::{FecDecoder, FecScheme, Outlook};
 use crate::jitter::{JitterBuffer, NackBudget, Output, PushOutcome, StoredPacket};
 use crate::metrics::StreamMetrics;
 use crate::rtp::{self, RtcpEvent, RtpPacket, SeqExtender};
@@ -34,8 +34,19 @@ const TAIL_PROBE_MIN: Duration = Duration::from_millis(40);
 /// Packets asked for before a stream's first packet when that packet does not
 /// begin an access unit (its parameter sets were lost).
 const HEAD_PROBE_PACKETS: u64 = 4;
+/// Packets before the first one received asked for at most when a sender
+/// report shows they were sent (a keyframe's worth at a few Mbit/s).
+const HEAD_RECOVERY_MAX: u64 = 256;
 /// The round trip assumed before the first retransmission measures it.
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Quarter-second windows the packet rate is measured over (one second).
+const RATE_WINDOWS: usize = 4;
+/// How long losses are held at the start of a stream at most, waiting for
+/// the sender to show it hears us (its first RTCP report or a
+/// retransmission). RFC 3550 senders report within a few seconds at most
+/// (GStreamer's rtpbin within about a second); past this the stream goes on
+/// without.
+const JOIN_HOLD_MAX: Duration = Duration::from_secs(3);
 /// Media packets the FEC decoder keeps: room for a 2-D ST 2022-1 matrix of
 /// 20×20 with column FEC arriving after the next matrix (2·L·D + L).
 const FEC_WINDOW: usize = 1024;
@@ -123,7 +134,11 @@ impl LatencySummary {
 /// retries fired before any answer could come, the estimate is too low, and
 /// the time since the first request is taken (an upper bound, which only
 /// slows retries). Otherwise no sample.
-fn rtt_sample(state: crate::jitter::NackState, now: Instant, estimate: Duration) -> Option<Duration> {
+fn rtt_sample(
+    state: crate::jitter::NackState,
+    now: Instant,
+    estimate: Duration,
+) -> Option<Duration> {
     let (first, last) = (state.first?, state.last?);
     match state.sent {
         0 => None,
@@ -181,6 +196,12 @@ pub struct Receiver {
     silent: bool,
     keyframe_wanted: bool,
     last_pli: Option<Instant>,
+    /// The sender has shown that it hears us: its report told us where its
+    /// RTCP comes from, or a retransmission answered a request. Until then
+    /// losses are held (`JitterBuffer::hold_losses_until`).
+    sender_hears_us: bool,
+    /// When this stream's first packet came (join-to-first-frame starts).
+    joined_at: Option<Instant>,
     next_report: Instant,
     report_prior: (u64, u64),
     rtp_ts_ext: Option<(u32, i64)>,
@@ -199,9 +220,13 @@ pub struct Receiver {
     nack_seqs: Vec<u16>,
     rtcp_events: Vec<RtcpEvent>,
     nack_budget: NackBudget,
-    /// Packets received at the start of the current rate window, and when.
-    rate_window: (Instant, u64),
-    /// Media packets per second, measured over the last rate window.
+    /// Packets received at the start of each of the last rate windows (a
+    /// quarter second each), and when: the rate is taken over the oldest, a
+    /// second ago, so one quiet quarter between keyframes does not shrink
+    /// the retransmission budget just before the next keyframe needs it.
+    rate_windows: [(Instant, u64); RATE_WINDOWS],
+    rate_window_next: usize,
+    /// Media packets per second, measured over the last second.
     packet_rate: f64,
     fec: Option<FecDecoder>,
     /// ST 2022-1 column and row sockets.
@@ -219,7 +244,11 @@ pub struct Receiver {
 
 fn new_depacketizer(cfg: &SourceConfig) -> Depacketizer {
     let mut depay = Depacketizer::new(cfg.codec);
-    depay.tolerate_loss_between_units(cfg.fec.as_ref().is_some_and(|f| f.scheme == FecScheme::Ulpfec));
+    depay.tolerate_loss_between_units(
+        cfg.fec
+            .as_ref()
+            .is_some_and(|f| f.scheme == FecScheme::Ulpfec),
+    );
     depay
 }
 
@@ -246,18 +275,28 @@ pub fn run(
     while !stop.load(Ordering::Relaxed) {
         worker.turn(Duration::from_millis(100))?;
     }
-    Ok(worker.take_all().pop().map(|(_, _, f)| f.complete()).expect("one receiver was added"))
+    Ok(worker
+        .take_all()
+        .pop()
+        .map(|(_, _, f)| f.complete())
+        .expect("one receiver was added"))
 }
 
 impl Receiver {
     /// Binds the source's sockets and starts its decoder.
-    pub fn open(cfg: SourceConfig, metrics: StreamMetrics, options: &ReceiverOptions) -> anyhow::Result<Receiver> {
+    pub fn open(
+        cfg: SourceConfig,
+        metrics: StreamMetrics,
+        options: &ReceiverOptions,
+    ) -> anyhow::Result<Receiver> {
         let id = cfg.id();
         let (rtp_socket, granted) = udp::bind(cfg.rtp_bind, cfg.receive_buffer)
             .with_context(|| format!("{id}: cannot bind RTP socket {}", cfg.rtp_bind))?;
         let rtcp_socket = match cfg.rtcp_bind {
             Some(addr) => Some(
-                udp::bind(addr, 256 << 10).with_context(|| format!("{id}: cannot bind RTCP socket {addr}"))?.0,
+                udp::bind(addr, 256 << 10)
+                    .with_context(|| format!("{id}: cannot bind RTCP socket {addr}"))?
+                    .0,
             ),
             None => None,
         };
@@ -272,9 +311,12 @@ impl Receiver {
             }
         }
         let recovered_log = match &options.recovered_log {
-            Some(path) => Some(BufWriter::new(
-                File::create(path).with_context(|| format!("{id}: cannot create recovered-packet log {}", path.display()))?,
-            )),
+            Some(path) => Some(BufWriter::new(File::create(path).with_context(|| {
+                format!(
+                    "{id}: cannot create recovered-packet log {}",
+                    path.display()
+                )
+            })?)),
             None => None,
         };
         metrics.receive_buffer.set(granted as i64);
@@ -290,9 +332,9 @@ impl Receiver {
             Some(Decoder::start(cfg.codec, cfg.decoder, metrics.clone())?)
         };
         let au_log = match &options.au_log {
-            Some(path) => Some(BufWriter::new(
-                File::create(path).with_context(|| format!("{id}: cannot create AU log {}", path.display()))?,
-            )),
+            Some(path) => Some(BufWriter::new(File::create(path).with_context(|| {
+                format!("{id}: cannot create AU log {}", path.display())
+            })?)),
             None => None,
         };
         tracing::info!(
@@ -325,6 +367,8 @@ impl Receiver {
             silent: false,
             keyframe_wanted: false,
             last_pli: None,
+            sender_hears_us: false,
+            joined_at: None,
             next_report: now + REPORT_INTERVAL,
             report_prior: (0, 0),
             rtp_ts_ext: None,
@@ -340,12 +384,20 @@ impl Receiver {
             nacks: Vec::with_capacity(64),
             nack_seqs: Vec::with_capacity(64),
             rtcp_events: Vec::with_capacity(8),
-            nack_budget: NackBudget::new(),
-            rate_window: (now, 0),
+            nack_budget: NackBudget::new(cfg.jitter.latency),
+            rate_windows: [(now, 0); RATE_WINDOWS],
+            rate_window_next: 0,
             packet_rate: 0.0,
-            fec: cfg.fec.as_ref().map(|f| FecDecoder::new(f.scheme, FEC_WINDOW)),
+            fec: cfg
+                .fec
+                .as_ref()
+                .map(|f| FecDecoder::new(f.scheme, FEC_WINDOW)),
             fec_sockets,
-            fec_payload_type: cfg.fec.as_ref().and_then(|f| (f.scheme == FecScheme::Ulpfec).then_some(f.payload_type).flatten()),
+            fec_payload_type: cfg.fec.as_ref().and_then(|f| {
+                (f.scheme == FecScheme::Ulpfec)
+                    .then_some(f.payload_type)
+                    .flatten()
+            }),
             recovered_log,
             batch_bytes: 0,
             rrtr_sent: [None; 4],
@@ -364,14 +416,28 @@ impl Receiver {
     pub fn sockets(&self) -> impl Iterator<Item = (std::os::fd::RawFd, SocketRole)> + '_ {
         use std::os::fd::AsRawFd;
         std::iter::once((self.rtp_socket.as_raw_fd(), SocketRole::Rtp))
-            .chain(self.rtcp_socket.as_ref().map(|s| (s.as_raw_fd(), SocketRole::Rtcp)))
-            .chain(self.fec_sockets.iter().enumerate().map(|(i, s)| (s.as_raw_fd(), SocketRole::Fec(i as u8))))
+            .chain(
+                self.rtcp_socket
+                    .as_ref()
+                    .map(|s| (s.as_raw_fd(), SocketRole::Rtcp)),
+            )
+            .chain(
+                self.fec_sockets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.as_raw_fd(), SocketRole::Fec(i as u8))),
+            )
     }
 
     /// Reads what is queued on one socket, at most `max_batches` batches (the
     /// rest waits for the next turn, so one busy source cannot starve the
     /// others sharing the thread). Returns whether more may be queued.
-    pub fn on_readable(&mut self, role: SocketRole, batch: &mut RecvBatch, max_batches: usize) -> std::io::Result<bool> {
+    pub fn on_readable(
+        &mut self,
+        role: SocketRole,
+        batch: &mut RecvBatch,
+        max_batches: usize,
+    ) -> std::io::Result<bool> {
         match role {
             SocketRole::Rtp => {
                 for _ in 0..max_batches {
@@ -383,7 +449,9 @@ impl Receiver {
                     for i in 0..n {
                         self.on_datagram(batch, i, now);
                     }
-                    self.metrics.bytes_received.inc_by(std::mem::take(&mut self.batch_bytes));
+                    self.metrics
+                        .bytes_received
+                        .inc_by(std::mem::take(&mut self.batch_bytes));
                     self.coordinate_fec(now);
                     self.release(now);
                     if n < batch.capacity() {
@@ -420,7 +488,9 @@ impl Receiver {
                 result
             }
             SocketRole::Rtcp => {
-                let Some(socket) = self.rtcp_socket.take() else { return Ok(false) };
+                let Some(socket) = self.rtcp_socket.take() else {
+                    return Ok(false);
+                };
                 let mut result = Ok(false);
                 for _ in 0..max_batches {
                     let n = match batch.recv(&socket) {
@@ -447,7 +517,9 @@ impl Receiver {
     /// Timers: release packets whose deadline passed, probe for a lost tail,
     /// send due feedback, notice silence.
     pub fn on_timers(&mut self, now: Instant) {
-        self.metrics.jitter.set(self.jitter.jitter / self.cfg.clock_rate as f64);
+        self.metrics
+            .jitter
+            .set(self.jitter.jitter / self.cfg.clock_rate as f64);
         self.release(now);
         self.probe_tail_loss(now);
         self.feedback(now);
@@ -505,7 +577,9 @@ impl Receiver {
                 _ => {}
             }
             (seq, offset, len, false)
-        } else if pt == self.fec_payload_type.unwrap_or(u8::MAX) && self.media_ssrc.is_none_or(|s| s == ssrc) {
+        } else if pt == self.fec_payload_type.unwrap_or(u8::MAX)
+            && self.media_ssrc.is_none_or(|s| s == ssrc)
+        {
             // ULPFEC: in the media's sequence space. It fills its number in
             // the jitter buffer (not handed on) and goes to the FEC decoder.
             self.metrics.fec_packets_received.inc();
@@ -518,13 +592,25 @@ impl Receiver {
                 }
             }
             let data = batch.take(i, self.jb.take_spare());
-            let filler = StoredPacket { data, payload_offset: 0, payload_len: 0, timestamp: ts, marker: false, arrival: now, retransmitted: false, fec: true };
+            let filler = StoredPacket {
+                data,
+                payload_offset: 0,
+                payload_len: 0,
+                timestamp: ts,
+                marker: false,
+                arrival: now,
+                retransmitted: false,
+                fec: true,
+            };
             self.store(ext, filler, now, false);
             return;
         } else if Some(pt) == self.cfg.rtx_payload_type {
             match rtp::parse_rtx(&datagram[offset..offset + len]) {
                 Ok(rtx) => {
                     self.metrics.retransmissions_received.inc();
+                    if !self.sender_hears_us && self.media_ssrc.is_some() {
+                        self.on_sender_found(None, now);
+                    }
                     (rtx.original_seq, offset + 2, rtx.payload.len(), true)
                 }
                 Err(_) => {
@@ -546,7 +632,8 @@ impl Receiver {
             self.metrics.stream_up.set(1);
         }
         if !retransmitted {
-            let ticks = (now - self.epoch).as_nanos() as i64 * self.cfg.clock_rate as i64 / 1_000_000_000;
+            let ticks =
+                (now - self.epoch).as_nanos() as i64 * self.cfg.clock_rate as i64 / 1_000_000_000;
             // Exported with the timers, not per packet.
             self.jitter.update(ticks, ts);
         }
@@ -563,7 +650,9 @@ impl Receiver {
         let head_probe = self.base_seq == Some(ext)
             && self.jb.end().is_none()
             && !retransmitted
-            && !self.depay.leads_access_unit(&batch.datagram(i)[offset..offset + len]);
+            && !self
+                .depay
+                .leads_access_unit(&batch.datagram(i)[offset..offset + len]);
         if !retransmitted && let Some(fec) = &mut self.fec {
             fec.push_media(ext, batch.datagram(i));
         }
@@ -579,6 +668,12 @@ impl Receiver {
             fec: false,
         };
         self.store(ext, packet, now, false);
+        if self.joined_at.is_none() {
+            self.joined_at = Some(now);
+            if !self.sender_hears_us && self.cfg.jitter.nack {
+                self.jb.hold_losses_until(now + JOIN_HOLD_MAX);
+            }
+        }
         if head_probe && self.cfg.jitter.nack {
             let n = self.jb.expect_before(HEAD_PROBE_PACKETS, now);
             tracing::debug!(stream = %self.cfg.id(), n, "stream starts mid access unit; probing for its head");
@@ -593,7 +688,9 @@ impl Receiver {
         match outcome {
             PushOutcome::Duplicate => self.metrics.packets_duplicate.inc(),
             PushOutcome::TooLate => self.metrics.packets_late.inc(),
-            PushOutcome::Stored | PushOutcome::Resynced { .. } => self.metrics.packets_received.inc(),
+            PushOutcome::Stored | PushOutcome::Resynced { .. } => {
+                self.metrics.packets_received.inc()
+            }
         };
         let after = self.jb.counters();
         if after == before {
@@ -638,7 +735,9 @@ impl Receiver {
     /// (until shortly after it is due), and asks at once for a packet FEC
     /// cannot rebuild.
     fn coordinate_fec(&mut self, now: Instant) {
-        let Some(mut fec) = self.fec.take() else { return };
+        let Some(mut fec) = self.fec.take() else {
+            return;
+        };
         if self.jb.held() > 0 {
             self.recover_from_fec(&mut fec, now);
             let highest = self.seq.highest().unwrap_or(0);
@@ -661,7 +760,8 @@ impl Receiver {
                         // Due with media packet `fec_due_after`; a little
                         // slack for pacing, none for the reordering grace
                         // (that is for calling it lost, later).
-                        let packets = fec_due_after.saturating_sub(highest).min(u32::MAX as u64) as u32 + 1;
+                        let packets =
+                            fec_due_after.saturating_sub(highest).min(u32::MAX as u64) as u32 + 1;
                         let fec_eta = per_packet * packets + Duration::from_millis(2);
                         if fec_eta <= rtt {
                             self.jb.defer_nack(seq, now + fec_eta);
@@ -679,7 +779,9 @@ impl Receiver {
 
     fn recover_from_fec(&mut self, fec: &mut FecDecoder, now: Instant) {
         let Some(limit) = self.jb.end() else { return };
-        fec.recover_below(limit, &mut |seq, datagram| self.on_recovered(seq, datagram, now));
+        fec.recover_below(limit, &mut |seq, datagram| {
+            self.on_recovered(seq, datagram, now)
+        });
     }
 
     /// A media packet FEC rebuilt: into the jitter buffer like any other.
@@ -688,19 +790,76 @@ impl Receiver {
             self.metrics.discarded("fec");
             return;
         };
-        let (offset, len, ts, marker) = (p.payload_offset(), p.payload_len(), p.timestamp(), p.marker_bit());
+        let (offset, len, ts, marker) = (
+            p.payload_offset(),
+            p.payload_len(),
+            p.timestamp(),
+            p.marker_bit(),
+        );
         // Only what is still missing: `recover_below` rebuilds nothing past
         // the end, but a packet may have been released or given up on since.
-        let Some(asked) = self.jb.nack_state(seq).map(|n| n.sent) else { return };
+        let Some(asked) = self.jb.nack_state(seq).map(|n| n.sent) else {
+            return;
+        };
         if let Some(log) = &mut self.recovered_log {
-            let _ = writeln!(log, "{} {:016x}", seq as u16, xxhash_rust::xxh3::xxh3_64(datagram));
+            let _ = writeln!(
+                log,
+                "{} {:016x}",
+                seq as u16,
+                xxhash_rust::xxh3::xxh3_64(datagram)
+            );
         }
         let mut data = self.jb.take_spare();
         data.clear();
         data.extend_from_slice(datagram);
-        let packet = StoredPacket { data, payload_offset: offset, payload_len: len, timestamp: ts, marker, arrival: now, retransmitted: false, fec: false };
+        let packet = StoredPacket {
+            data,
+            payload_offset: offset,
+            payload_len: len,
+            timestamp: ts,
+            marker,
+            arrival: now,
+            retransmitted: false,
+            fec: false,
+        };
         if self.store(seq, packet, now, true) == PushOutcome::Stored && asked == 0 {
             self.metrics.nacks_avoided.inc();
+        }
+    }
+
+    /// The sender can hear us now (`sender_hears_us`). Everything still
+    /// missing is asked for afresh, a keyframe request that was due goes out
+    /// at once, and a sender report's packet count reveals packets sent
+    /// before the first one we saw: if nothing was handed on yet, they are
+    /// asked for too (on suspicion: the count is the sender's, taken a
+    /// moment before the highest packet we hold).
+    fn on_sender_found(&mut self, packet_count: Option<u32>, now: Instant) {
+        self.sender_hears_us = true;
+        if let (Some(count), Some(base), Some(highest)) =
+            (packet_count, self.base_seq, self.seq.highest())
+        {
+            let received_span = highest - base + 1;
+            let before = (count as u64)
+                .saturating_sub(received_span)
+                .min(HEAD_RECOVERY_MAX);
+            if before > 0 && self.cfg.jitter.nack {
+                let n = self.jb.expect_before(before, now);
+                if n > 0 {
+                    tracing::debug!(stream = %self.cfg.id(), n, "the sender's report shows packets before the first one received; asking for them");
+                }
+            }
+        }
+        let held = self.jb.holding_losses();
+        self.jb.end_hold(now);
+        self.last_pli = None;
+        if let Some(joined) = self.joined_at {
+            tracing::info!(
+                stream = %self.cfg.id(),
+                after_ms = (now - joined).as_millis() as u64,
+                by = if packet_count.is_some() { "sender report" } else { "retransmission" },
+                losses_held = held,
+                "the sender hears us"
+            );
         }
     }
 
@@ -729,6 +888,8 @@ impl Receiver {
         // Feedback goes to the new sender: until its first sender report,
         // to its RTP address's RTCP neighbour; its RTT is measured anew.
         self.rtcp_peer = None;
+        self.sender_hears_us = false;
+        self.joined_at = None;
         self.last_sr = None;
         self.rtt = None;
         self.last_keyframe = None;
@@ -747,13 +908,25 @@ impl Receiver {
         }
         for i in 0..self.rtcp_events.len() {
             match self.rtcp_events[i] {
-                RtcpEvent::SenderReport { ntp_middle, .. } => {
+                RtcpEvent::SenderReport {
+                    ntp_middle,
+                    packet_count,
+                    ..
+                } => {
                     self.last_sr = Some((ntp_middle, now));
                     self.rtcp_peer = from;
+                    if !self.sender_hears_us {
+                        self.on_sender_found(Some(packet_count), now);
+                    }
                 }
                 // The sender's echo of our reference time: RTT = now - sent - held.
                 RtcpEvent::Dlrr { ssrc, lrr, dlrr } if ssrc == self.our_ssrc => {
-                    let sent = self.rrtr_sent.iter().flatten().find(|(mid, _)| *mid == lrr).map(|(_, at)| *at);
+                    let sent = self
+                        .rrtr_sent
+                        .iter()
+                        .flatten()
+                        .find(|(mid, _)| *mid == lrr)
+                        .map(|(_, at)| *at);
                     let held = Duration::from_secs_f64(dlrr as f64 / 65_536.0);
                     if let Some(sample) = sent.and_then(|at| (now - at).checked_sub(held)) {
                         self.observe_rtt(sample);
@@ -776,7 +949,13 @@ impl Receiver {
             match o {
                 Output::Packet { packet, .. } if packet.fec => self.jb.recycle(packet.data),
                 Output::Packet { packet, .. } => {
-                    self.depay.push_packet(packet.payload(), packet.timestamp, packet.marker, packet.arrival, &mut self.events);
+                    self.depay.push_packet(
+                        packet.payload(),
+                        packet.timestamp,
+                        packet.marker,
+                        packet.arrival,
+                        &mut self.events,
+                    );
                     self.jb.recycle(packet.data);
                 }
                 Output::Lost { count, .. } => {
@@ -803,7 +982,9 @@ impl Receiver {
                     let ts = self.extend_timestamp(au.rtp_timestamp);
                     if au.keyframe {
                         if let Some(last) = self.last_keyframe {
-                            self.metrics.gop_interval.set((ts - last) as f64 / self.cfg.clock_rate as f64);
+                            self.metrics
+                                .gop_interval
+                                .set((ts - last) as f64 / self.cfg.clock_rate as f64);
                         }
                         self.last_keyframe = Some(ts);
                         self.keyframe_wanted = false;
@@ -815,11 +996,15 @@ impl Receiver {
                         let _ = writeln!(
                             log,
                             "{} {} {:016x} {}",
-                            self.au_index, au.rtp_timestamp, au.content_digest(), au.keyframe as u8
+                            self.au_index,
+                            au.rtp_timestamp,
+                            au.content_digest(),
+                            au.keyframe as u8
                         );
                     }
                     self.au_index += 1;
-                    let pts_ns = (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;
+                    let pts_ns =
+                        (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;
                     let queued = match &mut self.decoder {
                         Some(d) => d.push(au.data, pts_ns, au.first_arrival, au.keyframe),
                         None => {
@@ -873,36 +1058,58 @@ impl Receiver {
     /// An access unit still open well after the last packet arrived lost its
     /// tail, and no later packet will reveal the gap: ask for the next packet.
     fn probe_tail_loss(&mut self, now: Instant) {
-        let Some(unit) = self.depay.open_unit() else { return };
+        let Some(unit) = self.depay.open_unit() else {
+            return;
+        };
         if !self.cfg.jitter.nack || self.jb.held() > 0 {
             return;
         }
         let Some(last) = self.last_packet else { return };
         let (probed_unit, probes, last_probe) = self.tail_probe.unwrap_or((unit, 0, last));
-        let (probes, last_probe) = if probed_unit == unit { (probes, last_probe.max(last)) } else { (0, last) };
-        let wait = self.rtt.unwrap_or(DEFAULT_RTT).mul_f32(2.0).max(TAIL_PROBE_MIN);
-        if probes < MAX_TAIL_PROBES && now - last_probe >= wait
-            && let Some(seq) = self.jb.expect_next(now) {
-                self.metrics.packets_lost.inc();
-                self.tail_probe = Some((unit, probes + 1, now));
-                tracing::debug!(stream = %self.cfg.id(), seq, "probing for a lost tail");
-            }
+        let (probes, last_probe) = if probed_unit == unit {
+            (probes, last_probe.max(last))
+        } else {
+            (0, last)
+        };
+        let wait = self
+            .rtt
+            .unwrap_or(DEFAULT_RTT)
+            .mul_f32(2.0)
+            .max(TAIL_PROBE_MIN);
+        if probes < MAX_TAIL_PROBES
+            && now - last_probe >= wait
+            && let Some(seq) = self.jb.expect_next(now)
+        {
+            self.metrics.packets_lost.inc();
+            self.tail_probe = Some((unit, probes + 1, now));
+            tracing::debug!(stream = %self.cfg.id(), seq, "probing for a lost tail");
+        }
     }
 
     /// NACKs due now, keyframe requests, and the regular receiver report.
     fn feedback(&mut self, now: Instant) {
         self.nacks.clear();
         let rtt = self.rtt.unwrap_or(DEFAULT_RTT);
-        let window = now - self.rate_window.0;
-        if window >= Duration::from_millis(250) {
+        let newest = self.rate_windows[(self.rate_window_next + RATE_WINDOWS - 1) % RATE_WINDOWS];
+        if now - newest.0 >= Duration::from_millis(250) {
             let received = self.jb.counters().received;
-            self.packet_rate = (received - self.rate_window.1) as f64 / window.as_secs_f64();
+            let oldest = self.rate_windows[self.rate_window_next];
+            let window = now - oldest.0;
+            self.packet_rate =
+                received.saturating_sub(oldest.1) as f64 / window.as_secs_f64().max(0.25);
             self.nack_budget.set_packet_rate(self.packet_rate);
-            self.rate_window = (now, received);
+            self.rate_windows[self.rate_window_next] = (now, received);
+            self.rate_window_next = (self.rate_window_next + 1) % RATE_WINDOWS;
         }
         let refused = self.nack_budget.refused;
-        self.jb.due_nacks(now, rtt, &mut self.nack_budget, &mut self.nacks);
-        self.metrics.nacks_refused.inc_by(self.nack_budget.refused - refused);
+        self.jb
+            .due_nacks(now, rtt, &mut self.nack_budget, &mut self.nacks);
+        self.metrics
+            .nacks_refused
+            .inc_by(self.nack_budget.refused - refused);
+        if self.nack_budget.refused > refused {
+            tracing::debug!(stream = %self.cfg.id(), refused = self.nack_budget.refused - refused, asked = self.nacks.len(), packet_rate = self.packet_rate, budget = ?self.nack_budget, "retransmission requests refused by the budget");
+        }
         let pli_interval = rtt.max(Duration::from_millis(300));
         let pli = self.keyframe_wanted
             && self.media_ssrc.is_some()
@@ -916,11 +1123,17 @@ impl Receiver {
             // the loop wake at once, forever.
             self.next_report = now + REPORT_INTERVAL;
         }
-        let Some(peer) = self.feedback_peer() else { return };
+        let Some(peer) = self.feedback_peer() else {
+            return;
+        };
         let media_ssrc = self.media_ssrc.unwrap_or(0);
         self.nack_seqs.clear();
         self.nack_seqs.extend(self.nacks.iter().map(|&s| s as u16));
-        let report = if report_due { self.reception_report(now, media_ssrc) } else { None };
+        let report = if report_due {
+            self.reception_report(now, media_ssrc)
+        } else {
+            None
+        };
         // A reference time with every regular report: a sender that answers
         // with DLRR (ours does; GStreamer's does not) times the round trip
         // without waiting for a loss.
@@ -930,7 +1143,13 @@ impl Receiver {
             self.rrtr_next += 1;
             ntp
         });
-        let fb = rtp::ReceiverFeedback { report, nacks: &self.nack_seqs, pli, media_ssrc, rrtr_ntp };
+        let fb = rtp::ReceiverFeedback {
+            report,
+            nacks: &self.nack_seqs,
+            pli,
+            media_ssrc,
+            rrtr_ntp,
+        };
         if rtp::write_receiver_rtcp(self.our_ssrc, &self.cname, &fb, &mut self.rtcp_buf).is_ok() {
             let socket = self.rtcp_socket.as_ref().unwrap_or(&self.rtp_socket);
             if let Err(e) = socket.send_to(&self.rtcp_buf, peer) {
@@ -965,7 +1184,9 @@ impl Receiver {
         let received_interval = c.received.saturating_sub(prior_received);
         let lost_interval = expected_interval.saturating_sub(received_interval);
         self.report_prior = (expected, c.received);
-        let fraction = (lost_interval << 8).checked_div(expected_interval).map_or(0, |f| f.min(255) as u8);
+        let fraction = (lost_interval << 8)
+            .checked_div(expected_interval)
+            .map_or(0, |f| f.min(255) as u8);
         let (lsr, dlsr) = match self.last_sr {
             Some((lsr, at)) => (lsr, ((now - at).as_secs_f64() * 65536.0) as u32),
             None => (0, 0),
@@ -983,11 +1204,13 @@ impl Receiver {
 
     fn watch_silence(&mut self, now: Instant) {
         if let Some(last) = self.last_packet
-            && !self.silent && now - last >= SILENCE {
-                self.silent = true;
-                self.metrics.stream_up.set(0);
-                tracing::warn!(stream = %self.cfg.id(), silent_for_s = (now - last).as_secs_f32(), "source went silent");
-            }
+            && !self.silent
+            && now - last >= SILENCE
+        {
+            self.silent = true;
+            self.metrics.stream_up.set(0);
+            tracing::warn!(stream = %self.cfg.id(), silent_for_s = (now - last).as_secs_f32(), "source went silent");
+        }
     }
 
     /// Stops receiving: hands on what the jitter buffer holds and flushes
@@ -1014,7 +1237,10 @@ impl Receiver {
                 media_ignored = c.media_ignored, "FEC decoder"
             );
         }
-        Finishing { decoder: self.decoder.take(), receiver: self }
+        Finishing {
+            decoder: self.decoder.take(),
+            receiver: self,
+        }
     }
 
     fn report(mut self) -> StreamReport {
@@ -1043,7 +1269,10 @@ impl Receiver {
             keyframe_requests: m.keyframe_requests.get(),
             kernel_udp_drops: m.kernel_drops_total.get(),
             receive_buffer_bytes: m.receive_buffer.get(),
-            assembly_latency_ms: LatencySummary { count: self.latency.seen, ..LatencySummary::from_samples(self.latency.samples_mut()) },
+            assembly_latency_ms: LatencySummary {
+                count: self.latency.seen,
+                ..LatencySummary::from_samples(self.latency.samples_mut())
+            },
         }
     }
 }
@@ -1080,7 +1309,11 @@ struct LatencySamples {
 
 impl Default for LatencySamples {
     fn default() -> Self {
-        Self { samples: Vec::with_capacity(Self::CAPACITY), seen: 0, rng: 0x9e37_79b9_7f4a_7c15 }
+        Self {
+            samples: Vec::with_capacity(Self::CAPACITY),
+            seen: 0,
+            rng: 0x9e37_79b9_7f4a_7c15,
+        }
     }
 }
 

@@ -30,6 +30,9 @@ pub struct GstSenderConfig {
     pub rtx_payload_type: u8,
     /// How long to keep answering NACKs after the last frame.
     pub linger: Duration,
+    /// `rtph264pay config-interval`: 0 sends SPS/PPS only as the encoder
+    /// puts them in the stream, -1 repeats them before every IDR picture.
+    pub config_interval: i32,
 }
 
 impl Default for GstSenderConfig {
@@ -46,6 +49,7 @@ impl Default for GstSenderConfig {
             payload_type: 96,
             rtx_payload_type: 97,
             linger: Duration::from_secs(2),
+            config_interval: 0,
         }
     }
 }
@@ -136,7 +140,7 @@ pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
              video/x-raw,width={w},height={h},framerate={fps}/1 ! \
              x264enc name=enc tune=zerolatency speed-preset=ultrafast key-int-max={ki} bitrate={br} option-string=scenecut=0 ! \
              video/x-h264,stream-format=byte-stream,alignment=au,profile=baseline ! \
-             rtph264pay name=pay pt={pt} mtu=1200",
+             rtph264pay name=pay pt={pt} mtu=1200 config-interval={ci}",
             frames = cfg.frames,
             w = cfg.width,
             h = cfg.height,
@@ -144,6 +148,7 @@ pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
             ki = cfg.key_int,
             br = cfg.bitrate_kbps,
             pt = cfg.payload_type,
+            ci = cfg.config_interval,
         ),
         true,
     )

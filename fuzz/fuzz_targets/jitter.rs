@@ -86,7 +86,7 @@ fuzz_target!(|input: Input| {
     let mut outputs = Vec::new();
     let mut check = ReleaseCheck::default();
     let mut nacks = Vec::new();
-    let mut budget = zerodrop_dataplane::jitter::NackBudget::new();
+    let mut budget = zerodrop_dataplane::jitter::NackBudget::new(std::time::Duration::from_millis(200));
 
     for op in input.ops {
         match op {
