@@ -247,3 +247,54 @@ fn a_source_that_never_sends_leaves_the_receiver_idle() {
     assert!(outcome.status.success());
     assert!(used < 0.3, "an idle receiver used {used:.2} CPU-seconds in {window:?}");
 }
+
+/// `scripts/demo.sh` as a test: the very manifest (`examples/local-demo.yaml`,
+/// 300 ms budget, 8 retries), both of its sources with the demo's loss
+/// profile (12% random plus Gilbert–Elliott bursts), 720p30, side by side.
+/// Every frame each sender encoded is decoded, byte-identical, and the books
+/// balance exactly: encoded = decoded + dropped + skipped.
+#[test]
+fn the_demo_loss_profile_drops_no_frame_and_every_frame_is_accounted_for() {
+    const LOSS: &str = "uniform:0.12+ge:loss=0.03,burst=8";
+    const FRAMES: u32 = 450;
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/local-demo.yaml")).unwrap();
+    let runner = RunnerProcess::start(&manifest, 9464, &[]).expect("runner starts on the demo manifest");
+    let senders: Vec<_> = [(5004, 1, "smpte", "cam-1"), (5104, 2, "ball", "cam-2")]
+        .into_iter()
+        .map(|(port, seed, pattern, name)| {
+            let dir = runner.dir.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = Command::new(zerodrop_bin())
+                .args(["send", "--dest", &format!("127.0.0.1:{port}"), "--frames", &FRAMES.to_string()])
+                .args(["--loss", LOSS, "--seed", &seed.to_string(), "--pattern", pattern, "--quiet"])
+                .arg("--hashes")
+                .arg(dir.join("sent.au"))
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("zerodrop send starts");
+            (name, dir, child)
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for (name, dir, mut child) in senders {
+        assert!(child.wait().unwrap().success(), "zerodrop send for {name} failed");
+        sent.push((name, read_digests(&dir.join("sent.au")).unwrap()));
+    }
+    let outcome = runner.stop().expect("runner stops");
+    assert!(outcome.status.success(), "runner exit {}: {}", outcome.status, outcome.stderr);
+    for (name, digests) in sent {
+        let stream = outcome.stream(name);
+        eprintln!("{name}: {stream:#}");
+        let n = |k: &str| stream[k].as_u64().unwrap();
+        assert_eq!(digests.len(), FRAMES as usize, "{name}: the sender encoded every frame");
+        assert!(n("packets_lost") > 0, "{name}: the loss profile took packets");
+        assert_eq!(n("frames_dropped"), 0, "{name}: no frame dropped");
+        assert_eq!(n("frames_skipped_before_keyframe"), 0, "{name}: nothing skipped at the start");
+        assert_eq!(n("frames_decoded") + n("frames_dropped") + n("frames_skipped_before_keyframe"), FRAMES as u64, "{name}: the books balance");
+        assert_eq!(n("frames_decoded"), FRAMES as u64, "{name}: every frame decoded");
+        let received = read_digests(&outcome.au_log("demo", name)).unwrap();
+        if let Some(diff) = compare_digests(&digests, &received) {
+            panic!("{name}: decoder input differs from the encoder output: {diff}");
+        }
+    }
+}
