@@ -1135,14 +1135,14 @@ fn run_envelope(args: &Args, sides: &[Side], meta: &ResultsMeta, out: Option<&Pa
     let per_level = args.seeds * sides.len() as u64;
     let mut total: u64 = args.envelope_budgets.len() as u64 * families.iter().map(|f| f.levels.len() as u64).sum::<u64>() * per_level;
     eprintln!(
-        "bench-repair --envelope: NACK only, {} frames 1280x720@30 per run, seeds 1..={}, budgets {:?} ms, families {:?}, receivers {:?}; at most {total} runs, an axis stops once {} receiver(s) failed; {}; commit {}; load average {}",
+        "bench-repair --envelope: NACK only, {} frames 1280x720@30 per run, seeds 1..={}, budgets {:?} ms, families {:?}, receivers {:?}; at most {total} runs, an axis stops once {} receiver has failed at a level; {}; commit {}; load average {}",
         args.frames(),
         args.seeds,
         args.envelope_budgets,
         families.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
         sides.iter().map(|s| s.name()).collect::<Vec<_>>(),
         match args.envelope_stop {
-            EnvelopeStop::All => "all",
+            EnvelopeStop::All => "every",
             EnvelopeStop::Any => "any",
         },
         meta.machine_summary(),
@@ -1236,8 +1236,8 @@ fn run_envelope(args: &Args, sides: &[Side], meta: &ResultsMeta, out: Option<&Pa
          every frame (0 dropped, 0 damaged, 0 shown wrong) on every seed ({} seed(s) × {} frames of 720p30 x264 per \
          level, the same seeded loss for every receiver: media by the seed's model, the n-th retransmission of a packet \
          by a seeded rule of (seed, packet, n)). Uniform levels {}; Gilbert–Elliott families at mean loss {} with the \
-         mean burst length (packets) named. Levels are tried in ascending order and an axis stops once {} receiver(s) \
-         failed, so \"≥ x\" means clean at every level run, x the highest. Budget = our repair.latencyMs = rtpbin \
+         mean burst length (packets) named. Levels are tried in ascending order, every receiver on every level tried, \
+         and an axis stops once {} receiver has failed at a level, so \"≥ x\" means clean at every level run, x the highest. Budget = our repair.latencyMs = rtpbin \
          latency.\n",
         args.seeds,
         args.frames(),
