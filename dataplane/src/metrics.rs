@@ -90,6 +90,7 @@ pub struct Metrics {
     frames_dropped: Family<ReasonLabels, Counter>,
     frames_skipped: Family<StreamLabels, Counter>,
     gop_interval: Family<StreamLabels, F64Gauge>,
+    join_to_first_frame: Family<StreamLabels, F64Gauge>,
     jitter: Family<StreamLabels, F64Gauge>,
     rtt: Family<StreamLabels, F64Gauge>,
     assembly_latency: Family<StreamLabels, Histogram, fn() -> Histogram>,
@@ -135,6 +136,7 @@ impl Metrics {
             frames_dropped: Family::default(),
             frames_skipped: Family::default(),
             gop_interval: Family::default(),
+            join_to_first_frame: Family::default(),
             jitter: Family::default(),
             rtt: Family::default(),
             assembly_latency: Family::new_with_constructor(latency_histogram),
@@ -252,6 +254,12 @@ impl Metrics {
             m.gop_interval.clone(),
         );
         r.register_with_unit(
+            "join_to_first_frame",
+            "From a stream's first packet (or a sender's restart) to its first frame handed to the decoder",
+            Unit::Seconds,
+            m.join_to_first_frame.clone(),
+        );
+        r.register_with_unit(
             "interarrival_jitter",
             "RFC 3550 inter-arrival jitter",
             Unit::Seconds,
@@ -337,6 +345,7 @@ impl Metrics {
             kernel_drops_total: handle(&self.kernel_drops_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
             gop_interval: handle(&self.gop_interval, &l),
+            join_to_first_frame: handle(&self.join_to_first_frame, &l),
             jitter: handle(&self.jitter, &l),
             rtt: handle(&self.rtt, &l),
             assembly_latency: handle(&self.assembly_latency, &l),
@@ -398,6 +407,7 @@ pub struct StreamMetrics {
     pub kernel_drops_total: Counter,
     pub frames_skipped: Counter,
     pub gop_interval: F64Gauge,
+    pub join_to_first_frame: F64Gauge,
     pub jitter: F64Gauge,
     pub rtt: F64Gauge,
     pub assembly_latency: Histogram,

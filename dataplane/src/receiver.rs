@@ -92,6 +92,9 @@ pub struct StreamReport {
     /// Requests withheld by the retransmission budget.
     pub nacks_refused: u64,
     pub keyframe_requests: u64,
+    /// From the stream's first packet to its first frame handed on, in ms
+    /// (after a sender restart, from the new sender's first packet).
+    pub join_to_first_frame_ms: Option<f64>,
     /// Packets for this stream's sockets the kernel dropped (see
     /// `zerodrop_kernel_udp_drops_total` for reasons).
     pub kernel_udp_drops: u64,
@@ -202,6 +205,9 @@ pub struct Receiver {
     sender_hears_us: bool,
     /// When this stream's first packet came (join-to-first-frame starts).
     joined_at: Option<Instant>,
+    /// How long the first frame took after `joined_at`, once it came.
+    join_to_first_frame: Option<Duration>,
+    awaiting_first_frame: bool,
     next_report: Instant,
     report_prior: (u64, u64),
     rtp_ts_ext: Option<(u32, i64)>,
@@ -369,6 +375,8 @@ impl Receiver {
             last_pli: None,
             sender_hears_us: false,
             joined_at: None,
+            join_to_first_frame: None,
+            awaiting_first_frame: false,
             next_report: now + REPORT_INTERVAL,
             report_prior: (0, 0),
             rtp_ts_ext: None,
@@ -670,6 +678,7 @@ impl Receiver {
         self.store(ext, packet, now, false);
         if self.joined_at.is_none() {
             self.joined_at = Some(now);
+            self.awaiting_first_frame = true;
             if !self.sender_hears_us && self.cfg.jitter.nack {
                 self.jb.hold_losses_until(now + JOIN_HOLD_MAX);
             }
@@ -890,6 +899,7 @@ impl Receiver {
         self.rtcp_peer = None;
         self.sender_hears_us = false;
         self.joined_at = None;
+        self.awaiting_first_frame = false;
         self.last_sr = None;
         self.rtt = None;
         self.last_keyframe = None;
@@ -979,6 +989,13 @@ impl Receiver {
         for event in events.drain(..) {
             match event {
                 DepayEvent::Frame(au) => {
+                    if std::mem::take(&mut self.awaiting_first_frame)
+                        && let Some(joined) = self.joined_at
+                    {
+                        let took = now - joined;
+                        self.join_to_first_frame = Some(took);
+                        self.metrics.join_to_first_frame.set(took.as_secs_f64());
+                    }
                     let ts = self.extend_timestamp(au.rtp_timestamp);
                     if au.keyframe {
                         if let Some(last) = self.last_keyframe {
@@ -1267,6 +1284,7 @@ impl Receiver {
             nacks_avoided: m.nacks_avoided.get(),
             nacks_refused: m.nacks_refused.get(),
             keyframe_requests: m.keyframe_requests.get(),
+            join_to_first_frame_ms: self.join_to_first_frame.map(|d| d.as_secs_f64() * 1000.0),
             kernel_udp_drops: m.kernel_drops_total.get(),
             receive_buffer_bytes: m.receive_buffer.get(),
             assembly_latency_ms: LatencySummary {

@@ -298,3 +298,45 @@ fn the_demo_loss_profile_drops_no_frame_and_every_frame_is_accounted_for() {
         }
     }
 }
+
+/// A receiver that starts while a stream is mid-GOP (a 5 s GOP, joined
+/// about a second in) asks for a keyframe at once and again until one comes,
+/// instead of waiting for the sender's next periodic keyframe; the time it
+/// took shows as `zerodrop_join_to_first_frame_seconds` and in the report.
+#[test]
+fn a_receiver_joining_mid_gop_gets_its_first_frame_in_well_under_a_gop() {
+    use zerodrop_dataplane::loss::LossSpec;
+    use zerodrop_dataplane::relay::{Relay, RelayConfig};
+    let port = 22304;
+    // The relay forwards to a port nobody listens on yet, as a sender would
+    // stream to a receiver that is not up.
+    let relay = Relay::start(RelayConfig {
+        loss: LossSpec::parse("none").unwrap(),
+        ..RelayConfig::new("127.0.0.1:0".parse().unwrap(), format!("127.0.0.1:{port}").parse().unwrap())
+    })
+    .expect("relay starts");
+    let mut sender = Command::new(zerodrop_bin())
+        .args(["send", "--dest", &relay.addrs().rtp.to_string(), "--frames", "300"])
+        .args(["--width", "640", "--height", "360", "--key-int", "150", "--bitrate", "1500", "--quiet"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("zerodrop send starts");
+    // About a second into the GOP: 30 frames' worth of packets went nowhere.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.stats().forwarded + relay.stats().send_errors < 100 {
+        assert!(Instant::now() < deadline, "the sender never started: {:?}", relay.stats());
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    let runner = RunnerProcess::start(&manifest("join", "h264", port, 300), 22390, &[]).expect("runner starts");
+    assert!(sender.wait().unwrap().success());
+    relay.stop().expect("relay stops");
+    let outcome = runner.stop().expect("runner stops");
+    assert!(outcome.status.success(), "runner exit {}: {}", outcome.status, outcome.stderr);
+    let stream = outcome.stream("cam");
+    eprintln!("receiver: {stream:#}");
+    let join_ms = stream["join_to_first_frame_ms"].as_f64().expect("join-to-first-frame reported");
+    assert!(stream["keyframe_requests"].as_u64().unwrap() >= 1, "a keyframe was asked for");
+    assert!(join_ms < 1000.0, "first frame {join_ms} ms after joining, the next periodic keyframe was seconds away");
+    assert_eq!(stream["frames_dropped"], 0);
+    assert!(stream["frames_skipped_before_keyframe"].as_u64().unwrap() < 30, "{stream:#}");
+}
