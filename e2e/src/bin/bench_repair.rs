@@ -1169,17 +1169,30 @@ fn run_envelope(args: &Args, sides: &[Side], meta: &ResultsMeta, out: Option<&Pa
                     eprintln!("  {budget} ms, {}: stopping at {} ({skipped} runs skipped)", family.name, pct(*level));
                     break;
                 }
+                // A receiver that failed at a lower level of this axis has its
+                // envelope: it is not run higher. One that fails on a seed at
+                // this level has failed the level: its other seeds are not run.
+                let mut failed_here = vec![false; sides.len()];
                 for seed in 1..=args.seeds {
-                    for &side in sides {
+                    for (i, &side) in sides.iter().enumerate() {
+                        if outcome[i].first_failure.is_some() || failed_here[i] {
+                            total -= 1;
+                            continue;
+                        }
                         n += 1;
                         let r = run_once(side, spec, Mode::Nack, seed, budget, args)
                             .with_context(|| format!("{} at loss {spec}, {budget} ms, seed {seed}", side.name()))?;
                         eprintln!("[run {n} of {total}] {} | {}", progress_line(&r), eta(started, n, total));
+                        failed_here[i] = !totals_where(std::slice::from_ref(&r), |_| true).clean();
                         runs.push(r);
                     }
                 }
                 let mut row = format!("| {budget} | {} | {} |", family.name, pct(*level));
                 for (i, &side) in sides.iter().enumerate() {
+                    if outcome[i].first_failure.is_some() {
+                        let _ = write!(row, " not run (failed lower) | | | |");
+                        continue;
+                    }
                     let t = totals_where(&runs, |r| r.receiver == side && r.loss == *spec && r.latency_budget_ms == budget);
                     let k = requests_in_budget(side, budget);
                     let theory = theoretical_residual(*level, k);
@@ -1235,8 +1248,9 @@ fn run_envelope(args: &Args, sides: &[Side], meta: &ResultsMeta, out: Option<&Pa
          every frame (0 dropped, 0 damaged, 0 shown wrong) on every seed ({} seed(s) × {} frames of 720p30 x264 per \
          level, the same seeded loss for every receiver: media by the seed's model, the n-th retransmission of a packet \
          by a seeded rule of (seed, packet, n)). Uniform levels {}; Gilbert–Elliott families at mean loss {} with the \
-         mean burst length (packets) named. Levels are tried in ascending order, every receiver on every level tried, \
-         and an axis stops once {} receiver has failed at a level, so \"≥ x\" means clean at every level run, x the highest. Budget = our repair.latencyMs = rtpbin \
+         mean burst length (packets) named. Levels are tried in ascending order; a receiver that failed at a level is not \
+         run at higher levels of that axis (nor on the remaining seeds of the level it failed), and an axis stops once \
+         {} receiver has failed at a level, so \"≥ x\" means clean at every level run, x the highest. Budget = our repair.latencyMs = rtpbin \
          latency.\n",
         args.seeds,
         args.frames(),
