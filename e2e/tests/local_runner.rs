@@ -307,7 +307,7 @@ fn the_demo_loss_profile_drops_no_frame_and_every_frame_is_accounted_for() {
 fn a_receiver_joining_mid_gop_gets_its_first_frame_in_well_under_a_gop() {
     use zerodrop_dataplane::loss::LossSpec;
     use zerodrop_dataplane::relay::{Relay, RelayConfig};
-    let port = 22304;
+    let port = 25004;
     // The relay forwards to a port nobody listens on yet, as a sender would
     // stream to a receiver that is not up.
     let relay = Relay::start(RelayConfig {
@@ -327,7 +327,7 @@ fn a_receiver_joining_mid_gop_gets_its_first_frame_in_well_under_a_gop() {
         assert!(Instant::now() < deadline, "the sender never started: {:?}", relay.stats());
         std::thread::park_timeout(Duration::from_millis(20));
     }
-    let runner = RunnerProcess::start(&manifest("join", "h264", port, 300), 22390, &[]).expect("runner starts");
+    let runner = RunnerProcess::start(&manifest("join", "h264", port, 300), 25090, &[]).expect("runner starts");
     assert!(sender.wait().unwrap().success());
     relay.stop().expect("relay stops");
     let outcome = runner.stop().expect("runner stops");
