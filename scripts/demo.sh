@@ -43,11 +43,19 @@ kill -INT $runner
 wait $runner
 echo
 echo "Report: $out/report.json"
-python3 - "$out/report.json" <<'PY' || true
-import json, sys
-r = json.load(open(sys.argv[1]))
+python3 - "$out" <<'PY' || true
+import json, re, sys
+out = sys.argv[1]
+r = json.load(open(f"{out}/report.json"))
+sent = {}
+for i, name in ((1, "cam-1"), (2, "cam-2")):
+    m = re.findall(r"sender finished frames=(\d+)", open(f"{out}/send-{i}.log").read())
+    sent[name] = int(m[-1]) if m else None
 for s in r["streams"]:
-    lost = s["packets_lost"]; rep = s["packets_recovered_nack"] + s["packets_recovered_reorder"]
-    print(f'{s["pipeline"]}/{s["stream"]}: {s["frames_decoded"]} frames decoded, {s["frames_dropped"]} dropped; '
+    lost = s["packets_lost"]; rep = s["packets_recovered_nack"] + s["packets_recovered_fec"] + s["packets_recovered_reorder"]
+    n = sent.get(s["stream"])
+    books = s["frames_decoded"] + s["frames_dropped"] + s["frames_skipped_before_keyframe"]
+    print(f'{s["pipeline"]}/{s["stream"]}: {s["frames_decoded"]} of {n} frames sent decoded, {s["frames_dropped"]} dropped, '
+          f'{s["frames_skipped_before_keyframe"]} skipped ({"books balance" if books == n else "BOOKS DO NOT BALANCE"}); '
           f'{lost} packets lost on the way, {rep} repaired, {s["packets_unrecovered"]} not; decoder {s["decoder"]}')
 PY

@@ -50,9 +50,25 @@ fn trim_trailing_zeros(nal: &[u8]) -> &[u8] {
 /// Content digest of one access unit: xxh3 over each NAL unit prefixed by its
 /// 32-bit length. Start-code style (3 or 4 bytes) and the RTP packetisation do
 /// not change it; any changed, missing or extra byte of a NAL unit does.
+///
+/// A NAL unit repeated byte for byte within one access unit counts once:
+/// payloaders re-send parameter sets (`rtph264pay config-interval=-1` puts
+/// SPS/PPS before every IDR slice), encoders repeat headers, and a copy
+/// changes nothing a decoder shows. Slices never repeat byte for byte (their
+/// headers differ), so a lost or changed picture still changes the digest.
 pub fn au_digest<'a>(nal_units: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    const REMEMBERED: usize = 16;
+    let mut seen: [&[u8]; REMEMBERED] = [&[]; REMEMBERED];
+    let mut n = 0;
     let mut h = Xxh3::new();
     for nal in nal_units {
+        if seen[..n.min(REMEMBERED)].contains(&nal) {
+            continue;
+        }
+        if n < REMEMBERED {
+            seen[n] = nal;
+        }
+        n += 1;
         h.update(&(nal.len() as u32).to_be_bytes());
         h.update(nal);
     }
@@ -85,6 +101,13 @@ mod tests {
         assert_eq!(annexb_digest(&a), annexb_digest(&b));
         assert_ne!(annexb_digest(&a), annexb_digest(&c));
         assert_eq!(annexb_digest(&a), au_digest([&[0x65u8, 1, 2, 3][..]]));
+    }
+
+    #[test]
+    fn a_nal_unit_repeated_within_the_unit_counts_once() {
+        let (sps, pps, idr1, idr2): (&[u8], &[u8], &[u8], &[u8]) = (&[0x67, 1], &[0x68, 2], &[0x65, 0x88, 3], &[0x65, 0x01, 3]);
+        assert_eq!(au_digest([sps, pps, idr1, sps, pps, idr2]), au_digest([sps, pps, idr1, idr2]));
+        assert_ne!(au_digest([sps, pps, idr1]), au_digest([sps, pps, idr1, idr2]));
     }
 
     #[test]

@@ -106,25 +106,28 @@ struct Building {
     /// Where the parameter sets already in `data` lie (offset, length).
     parameter_sets: [(u32, u32); PARAMETER_SETS_KEPT],
     parameter_set_count: usize,
+    /// A slice of the picture is in `data` already.
+    vcl_seen: bool,
 }
 
 impl Building {
-    /// Appends one whole NAL unit, leaving out a parameter set identical to
-    /// one already in this access unit. Payloaders that repeat parameter
-    /// sets before every IDR slice (`rtph264pay config-interval=-1` with a
-    /// multi-slice encoder) put SPS/PPS between the slices of one picture;
-    /// H.264 §7.4.1.2.3 (and H.265 §7.4.2.4.4) read a parameter set after a
-    /// slice as the start of a new access unit, so every decoder would split
-    /// the picture in two and show one frame too many per keyframe. Without
-    /// the repeats the unit is the encoder's own again. Returns whether the
-    /// unit was left out.
-    fn push_nal(&mut self, nal: &[u8], parameter_set: bool) -> bool {
+    /// Appends one whole NAL unit, leaving out a parameter set that comes
+    /// after a slice of the picture and is identical to one already in this
+    /// access unit. Payloaders that repeat parameter sets before every IDR
+    /// slice (`rtph264pay config-interval=-1` with a multi-slice encoder) put
+    /// SPS/PPS between the slices of one picture; H.264 §7.4.1.2.3 (and
+    /// H.265 §7.4.2.4.4) read a parameter set after a slice as the start of a
+    /// new access unit, so every decoder would split the picture in two and
+    /// show one frame too many per keyframe. Repeats before the first slice
+    /// are legal and kept. Returns whether the unit was left out.
+    fn push_nal(&mut self, nal: &[u8], parameter_set: bool, vcl: bool) -> bool {
+        self.vcl_seen |= vcl;
         if parameter_set {
             let data = &self.data;
             let seen = self.parameter_sets[..self.parameter_set_count]
                 .iter()
                 .any(|&(at, len)| data.get(at as usize..(at + len) as usize) == Some(nal));
-            if seen {
+            if seen && self.vcl_seen {
                 return true;
             }
             if self.parameter_set_count < PARAMETER_SETS_KEPT {
@@ -265,6 +268,7 @@ impl Depacketizer {
                 in_fu: false,
                 parameter_sets: [(0, 0); PARAMETER_SETS_KEPT],
                 parameter_set_count: 0,
+                vcl_seen: false,
             });
         } else if self.loss_pending
             && let Some(b) = self.building.as_mut()
@@ -527,7 +531,7 @@ impl Depacketizer {
                 }
                 b.keyframe |= t == 5;
                 self.counters.repeated_parameter_sets +=
-                    b.push_nal(payload, matches!(t, 7 | 8)) as u64;
+                    b.push_nal(payload, matches!(t, 7 | 8), (1..=5).contains(&t)) as u64;
                 Ok(())
             }
             24 => {
@@ -538,7 +542,7 @@ impl Depacketizer {
                     let t = nal.first().ok_or(PacketError::Malformed)? & 0x1f;
                     b.keyframe |= t == 5;
                     self.counters.repeated_parameter_sets +=
-                        b.push_nal(nal, matches!(t, 7 | 8)) as u64;
+                        b.push_nal(nal, matches!(t, 7 | 8), (1..=5).contains(&t)) as u64;
                 }
                 Ok(())
             }
@@ -553,6 +557,7 @@ impl Depacketizer {
                 }
                 if start {
                     b.keyframe |= t == 5;
+                    b.vcl_seen |= (1..=5).contains(&t);
                     b.data.extend_from_slice(&START_CODE);
                     b.data.push((header & 0xe0) | t);
                     b.in_fu = true;
@@ -579,7 +584,7 @@ impl Depacketizer {
                 }
                 b.keyframe |= is_irap(t);
                 self.counters.repeated_parameter_sets +=
-                    b.push_nal(payload, matches!(t, 32..=34)) as u64;
+                    b.push_nal(payload, matches!(t, 32..=34), t <= 31) as u64;
                 Ok(())
             }
             48 => {
@@ -593,7 +598,7 @@ impl Depacketizer {
                     let t = (nal[0] >> 1) & 0x3f;
                     b.keyframe |= is_irap(t);
                     self.counters.repeated_parameter_sets +=
-                        b.push_nal(nal, matches!(t, 32..=34)) as u64;
+                        b.push_nal(nal, matches!(t, 32..=34), t <= 31) as u64;
                 }
                 Ok(())
             }
@@ -606,6 +611,7 @@ impl Depacketizer {
                 }
                 if start {
                     b.keyframe |= is_irap(t);
+                    b.vcl_seen |= t <= 31;
                     b.data.extend_from_slice(&START_CODE);
                     b.data.push((payload[0] & 0x81) | (t << 1));
                     b.data.push(payload[1]);
@@ -736,7 +742,7 @@ mod tests {
     }
 
     #[test]
-    fn parameter_sets_repeated_between_slices_are_left_out_of_the_access_unit() {
+    fn parameter_sets_repeated_between_the_slices_of_a_picture_are_left_out() {
         // What rtph264pay config-interval=-1 sends for a two-slice IDR picture
         // from x264enc: AUD, SPS, PPS, SEI, then SPS/PPS again before each slice.
         let t = Instant::now();
@@ -752,11 +758,14 @@ mod tests {
         let DepayEvent::Frame(au) = &out[0] else {
             panic!()
         };
+        // The copies before the first slice are legal and stay; the ones
+        // between the slices, which split the picture for a decoder, go.
         assert_eq!(
             au.nal_units().collect::<Vec<_>>(),
-            vec![aud, SPS, PPS, sei, idr1, idr2]
+            vec![aud, SPS, PPS, sei, SPS, PPS, idr1, idr2]
         );
-        assert_eq!(d.counters().repeated_parameter_sets, 4);
+        assert_eq!(d.counters().repeated_parameter_sets, 2);
+        assert_eq!(au.content_digest(), crate::au::au_digest([aud, SPS, PPS, sei, idr1, idr2]), "copies count once");
         // A parameter set that changed is not a repeat.
         let sps2: &[u8] = &[0x67, 0x42, 0, 0x20];
         for p in [SPS, PPS, idr1, sps2] {

@@ -467,15 +467,13 @@ impl JitterBuffer {
         };
         if let Some(until) = self.hold_until {
             if now < until {
-                // Contiguous packets only; every gap waits.
+                // Contiguous packets leave; every gap waits.
                 while next < self.end {
                     let idx = (next & self.mask) as usize;
                     if !matches!(self.slots[idx], Slot::Present(_)) {
                         break;
                     }
-                    let Slot::Present(packet) =
-                        std::mem::replace(&mut self.slots[idx], Slot::Empty)
-                    else {
+                    let Slot::Present(packet) = std::mem::replace(&mut self.slots[idx], Slot::Empty) else {
                         unreachable!()
                     };
                     out.push(Output::Packet { seq: next, packet });
@@ -483,7 +481,11 @@ impl JitterBuffer {
                     next += 1;
                 }
                 self.next_out = Some(next);
-                return;
+                // Half the ring held behind a gap is as long as a hold may
+                // last: the rest is room for the latency window that follows.
+                if self.end - next < self.slots.len() as u64 / 2 {
+                    return;
+                }
             }
             // Held as long as allowed: the gaps get their fresh start.
             self.end_hold(now);
@@ -946,6 +948,24 @@ mod tests {
         assert_eq!(released(&out), vec![10]);
         jb.pop_ready(found + latency, &mut out);
         assert_eq!(released(&out), vec![10, -11, 12]);
+    }
+
+    #[test]
+    fn a_hold_ends_once_half_the_ring_waits_behind_a_gap() {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterSettings { capacity: 64, ..JitterSettings::default() });
+        let mut out = Vec::new();
+        jb.hold_losses_until(t0 + Duration::from_secs(3));
+        jb.push(0, pkt(t0, 0), t0);
+        for seq in 2..32 {
+            jb.push(seq, pkt(t0, 0), t0);
+        }
+        jb.pop_ready(t0, &mut out);
+        assert!(jb.holding_losses(), "31 of 64 held");
+        jb.push(32, pkt(t0, 0), t0);
+        jb.pop_ready(t0, &mut out);
+        assert!(!jb.holding_losses(), "32 of 64 held: the hold gives way");
+        assert_eq!(released(&out), vec![0], "and the gap gets its latency window from now");
     }
 
     #[test]

@@ -20,3 +20,4 @@ pub mod shutdown;
 pub mod supervisor;
 pub mod pod;
 pub mod kernel_drops;
+pub mod path_policy;

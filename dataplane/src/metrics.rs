@@ -59,6 +59,13 @@ pub struct DecoderLabels {
 }
 
 type F64Gauge = Gauge<f64, AtomicU64>;
+/// Seconds, counted in fractions.
+pub type SecondsCounter = Counter<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
+}
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~8 s
@@ -91,6 +98,8 @@ pub struct Metrics {
     frames_skipped: Family<StreamLabels, Counter>,
     gop_interval: Family<StreamLabels, F64Gauge>,
     join_to_first_frame: Family<StreamLabels, F64Gauge>,
+    bitrate_requested: Family<StreamLabels, Gauge>,
+    bitrate_acknowledged: Family<StreamLabels, Gauge>,
     jitter: Family<StreamLabels, F64Gauge>,
     rtt: Family<StreamLabels, F64Gauge>,
     assembly_latency: Family<StreamLabels, Histogram, fn() -> Histogram>,
@@ -104,6 +113,16 @@ pub struct Metrics {
     kernel_drops: Family<KernelDropLabels, Counter>,
     kernel_drops_sum: Family<StreamLabels, Counter>,
     decoder_names: Arc<Mutex<std::collections::HashMap<StreamLabels, String>>>,
+    worker_busy: Family<WorkerLabels, SecondsCounter>,
+    policy_decisions: Family<DecisionLabels, Counter>,
+    rendition: Family<StreamLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub pipeline: String,
+    pub action: String,
+    pub reason: String,
 }
 
 impl Default for Metrics {
@@ -116,6 +135,9 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("zerodrop");
         let m = Metrics {
+            worker_busy: Family::default(),
+            policy_decisions: Family::default(),
+            rendition: Family::default(),
             packets_received: Family::default(),
             packets_lost: Family::default(),
             packets_recovered: Family::default(),
@@ -137,6 +159,8 @@ impl Metrics {
             frames_skipped: Family::default(),
             gop_interval: Family::default(),
             join_to_first_frame: Family::default(),
+            bitrate_requested: Family::default(),
+            bitrate_acknowledged: Family::default(),
             jitter: Family::default(),
             rtt: Family::default(),
             assembly_latency: Family::new_with_constructor(latency_histogram),
@@ -260,6 +284,32 @@ impl Metrics {
             m.join_to_first_frame.clone(),
         );
         r.register_with_unit(
+            "worker_busy",
+            "Time each receive worker thread spent on packets and timers rather than waiting for them",
+            Unit::Seconds,
+            m.worker_busy.clone(),
+        );
+        r.register(
+            "policy_decisions",
+            "Decisions of the control policy, by action and reason",
+            m.policy_decisions.clone(),
+        );
+        r.register(
+            "rendition_index",
+            "Position of the rendition a stream's sender is asked for on its pipeline's bitrate ladder (0 = the highest)",
+            m.rendition.clone(),
+        );
+        r.register(
+            "bitrate_requested_bits_per_second",
+            "Bit rate asked of the sender with RTCP TMMBR (RFC 5104); 0 when none was asked",
+            m.bitrate_requested.clone(),
+        );
+        r.register(
+            "bitrate_request_acknowledged",
+            "1 once the sender acknowledged the bit rate asked for (TMMBN), else 0",
+            m.bitrate_acknowledged.clone(),
+        );
+        r.register_with_unit(
             "interarrival_jitter",
             "RFC 3550 inter-arrival jitter",
             Unit::Seconds,
@@ -308,6 +358,23 @@ impl Metrics {
     }
 
     /// Handles for one stream; cheap clones of the shared atomics.
+    /// The busy-time counter of receive worker `worker` (its index).
+    pub fn worker_busy(&self, worker: usize) -> SecondsCounter {
+        self.worker_busy.get_or_create(&WorkerLabels { worker: worker.to_string() }).clone()
+    }
+
+    /// Counts one policy decision of `pipeline`.
+    pub fn policy_decision(&self, pipeline: &str, action: &str, reason: &str) {
+        let l = DecisionLabels { pipeline: pipeline.into(), action: action.into(), reason: reason.into() };
+        self.policy_decisions.get_or_create(&l).inc();
+    }
+
+    /// The rendition a stream's sender is asked for, by ladder position.
+    pub fn set_rendition(&self, pipeline: &str, stream: &str, index: usize) {
+        let l = StreamLabels { pipeline: pipeline.into(), stream: stream.into() };
+        self.rendition.get_or_create(&l).set(index as i64);
+    }
+
     pub fn stream(&self, pipeline: &str, stream: &str) -> StreamMetrics {
         let l = StreamLabels {
             pipeline: pipeline.into(),
@@ -346,6 +413,8 @@ impl Metrics {
             frames_skipped: handle(&self.frames_skipped, &l),
             gop_interval: handle(&self.gop_interval, &l),
             join_to_first_frame: handle(&self.join_to_first_frame, &l),
+            bitrate_requested: handle(&self.bitrate_requested, &l),
+            bitrate_acknowledged: handle(&self.bitrate_acknowledged, &l),
             jitter: handle(&self.jitter, &l),
             rtt: handle(&self.rtt, &l),
             assembly_latency: handle(&self.assembly_latency, &l),
@@ -408,6 +477,8 @@ pub struct StreamMetrics {
     pub frames_skipped: Counter,
     pub gop_interval: F64Gauge,
     pub join_to_first_frame: F64Gauge,
+    pub bitrate_requested: Gauge,
+    pub bitrate_acknowledged: Gauge,
     pub jitter: F64Gauge,
     pub rtt: F64Gauge,
     pub assembly_latency: Histogram,

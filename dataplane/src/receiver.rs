@@ -205,6 +205,11 @@ pub struct Receiver {
     sender_hears_us: bool,
     /// When this stream's first packet came (join-to-first-frame starts).
     joined_at: Option<Instant>,
+    /// The bit rate asked of the sender with TMMBR (RFC 5104), whether its
+    /// TMMBN acknowledged it, and when to ask again until it does.
+    bitrate_request: Option<u64>,
+    bitrate_acknowledged: bool,
+    next_tmmbr: Instant,
     /// How long the first frame took after `joined_at`, once it came.
     join_to_first_frame: Option<Duration>,
     awaiting_first_frame: bool,
@@ -376,6 +381,9 @@ impl Receiver {
             sender_hears_us: false,
             joined_at: None,
             join_to_first_frame: None,
+            bitrate_request: None,
+            bitrate_acknowledged: false,
+            next_tmmbr: now,
             awaiting_first_frame: false,
             next_report: now + REPORT_INTERVAL,
             report_prior: (0, 0),
@@ -679,7 +687,8 @@ impl Receiver {
         if self.joined_at.is_none() {
             self.joined_at = Some(now);
             self.awaiting_first_frame = true;
-            if !self.sender_hears_us && self.cfg.jitter.nack {
+            // Only where a retransmission could come at all.
+            if !self.sender_hears_us && self.cfg.jitter.nack && self.cfg.rtx_payload_type.is_some() {
                 self.jb.hold_losses_until(now + JOIN_HOLD_MAX);
             }
         }
@@ -872,6 +881,19 @@ impl Receiver {
         }
     }
 
+    /// Asks the sender to send at most `bitrate_bps` (TMMBR, RFC 5104),
+    /// again every second until its TMMBN acknowledges it.
+    pub fn request_bitrate(&mut self, bitrate_bps: u64) {
+        if self.bitrate_request == Some(bitrate_bps) {
+            return;
+        }
+        self.bitrate_request = Some(bitrate_bps);
+        self.bitrate_acknowledged = false;
+        self.next_tmmbr = Instant::now();
+        self.metrics.bitrate_requested.set(bitrate_bps as i64);
+        self.metrics.bitrate_acknowledged.set(0);
+    }
+
     /// Folds a round-trip sample into the smoothed estimate (RFC 6298 gain).
     fn observe_rtt(&mut self, sample: Duration) {
         let rtt = match self.rtt {
@@ -930,6 +952,14 @@ impl Receiver {
                     }
                 }
                 // The sender's echo of our reference time: RTT = now - sent - held.
+                RtcpEvent::Tmmbn { ssrc, bitrate_bps, .. } if ssrc == self.our_ssrc => {
+                    let asked = self.bitrate_request.map(rtp::tmmb_representable);
+                    if asked == Some(bitrate_bps) && !self.bitrate_acknowledged {
+                        self.bitrate_acknowledged = true;
+                        self.metrics.bitrate_acknowledged.set(1);
+                        tracing::info!(stream = %self.cfg.id(), bitrate_bps, "the sender acknowledged the bit rate asked for");
+                    }
+                }
                 RtcpEvent::Dlrr { ssrc, lrr, dlrr } if ssrc == self.our_ssrc => {
                     let sent = self
                         .rrtr_sent
@@ -1132,7 +1162,12 @@ impl Receiver {
             && self.media_ssrc.is_some()
             && self.last_pli.is_none_or(|t| now - t >= pli_interval);
         let report_due = now >= self.next_report;
-        if self.nacks.is_empty() && !pli && !report_due {
+        // A TMMBR goes out at once, then once a second until acknowledged.
+        let tmmbr_bps = self.bitrate_request.filter(|_| !self.bitrate_acknowledged && now >= self.next_tmmbr && self.media_ssrc.is_some());
+        if tmmbr_bps.is_some() {
+            self.next_tmmbr = now + REPORT_INTERVAL;
+        }
+        if self.nacks.is_empty() && !pli && !report_due && tmmbr_bps.is_none() {
             return;
         }
         if report_due {
@@ -1166,6 +1201,7 @@ impl Receiver {
             pli,
             media_ssrc,
             rrtr_ntp,
+            tmmbr_bps,
         };
         if rtp::write_receiver_rtcp(self.our_ssrc, &self.cname, &fb, &mut self.rtcp_buf).is_ok() {
             let socket = self.rtcp_socket.as_ref().unwrap_or(&self.rtp_socket);

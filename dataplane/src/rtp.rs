@@ -5,8 +5,8 @@
 //! buffer so the hot path does not allocate.
 
 use rtcp_types::{
-    Compound, CompoundBuilder, Nack, Packet as RtcpPacket, Pli, ReportBlock,
-    RtcpPacketWriter, RtcpPacketWriterExt, Sdes, SdesChunk, SdesItem,
+    Compound, CompoundBuilder, FciFeedbackPacketType, FciParser, Nack, Packet as RtcpPacket, Pli, ReportBlock,
+    RtcpParseError, RtcpPacketWriter, RtcpPacketWriterExt, Sdes, SdesChunk, SdesItem,
 };
 pub use rtp_types::{RtpPacket, RtpPacketBuilder, RtpParseError};
 
@@ -82,6 +82,91 @@ pub enum RtcpEvent {
     /// XR DLRR sub-block (RFC 3611 §4.5): the echo of receiver `ssrc`'s
     /// reference time (middle 32 bits) and how long it was held (1/65536 s).
     Dlrr { ssrc: u32, lrr: u32, dlrr: u32 },
+    /// Temporary maximum media stream bit rate request (RFC 5104 §4.2.1),
+    /// one per FCI entry: receiver `sender_ssrc` asks media sender
+    /// `media_ssrc` to send at most `bitrate_bps` (packet overhead
+    /// `overhead` bytes included in its figure).
+    Tmmbr { sender_ssrc: u32, media_ssrc: u32, bitrate_bps: u64, overhead: u16 },
+    /// Its acknowledgement (RFC 5104 §4.2.2), one per entry of the bounding
+    /// set: the request of receiver `ssrc` that the sender now honours.
+    Tmmbn { sender_ssrc: u32, ssrc: u32, bitrate_bps: u64, overhead: u16 },
+}
+
+/// TMMBR (FMT 3) and TMMBN (FMT 4) share one FCI layout: 8-byte entries of
+/// SSRC, then a 6-bit exponent, 17-bit mantissa and 9-bit overhead.
+struct TmmbFci<'a, const FMT: u8>(&'a [u8]);
+
+impl<'a, const FMT: u8> FciParser<'a> for TmmbFci<'a, FMT> {
+    const PACKET_TYPE: FciFeedbackPacketType = FciFeedbackPacketType::TRANSPORT;
+    const FCI_FORMAT: u8 = FMT;
+
+    fn parse(data: &'a [u8]) -> Result<Self, RtcpParseError> {
+        if data.is_empty() || !data.len().is_multiple_of(TMMB_ENTRY) {
+            return Err(RtcpParseError::Truncated { expected: (data.len() / TMMB_ENTRY + 1) * TMMB_ENTRY, actual: data.len() });
+        }
+        Ok(Self(data))
+    }
+}
+
+impl<const FMT: u8> TmmbFci<'_, FMT> {
+    /// (SSRC, bit rate in bit/s, overhead in bytes) per entry.
+    fn entries(&self) -> impl Iterator<Item = (u32, u64, u16)> + '_ {
+        self.0.chunks_exact(TMMB_ENTRY).map(|e| {
+            let ssrc = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+            let word = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+            (ssrc, tmmb_bitrate(word >> 26, (word >> 9) & 0x1_ffff), (word & 0x1ff) as u16)
+        })
+    }
+}
+
+const TMMB_ENTRY: usize = 8;
+const TMMBR_FMT: u8 = 3;
+const TMMBN_FMT: u8 = 4;
+
+/// Packet overhead a TMMBR declares: IPv4 (20) + UDP (8) + RTP (12) bytes.
+pub const TMMB_OVERHEAD: u16 = 40;
+
+/// mantissa × 2^exp, saturating (an exponent up to 63 would overflow).
+fn tmmb_bitrate(exp: u32, mantissa: u32) -> u64 {
+    u64::try_from(u128::from(mantissa) << exp).unwrap_or(u64::MAX)
+}
+
+/// The (exponent, mantissa) that express `bitrate_bps` without exceeding it:
+/// a maximum rounded down stays a maximum.
+pub fn tmmb_encode(bitrate_bps: u64) -> (u32, u32) {
+    let mut exp = 0;
+    while (bitrate_bps >> exp) > 0x1_ffff {
+        exp += 1;
+    }
+    (exp, (bitrate_bps >> exp) as u32)
+}
+
+/// The bit rate a TMMBR for `bitrate_bps` actually carries (rounded down
+/// to what the 17-bit mantissa can say).
+pub fn tmmb_representable(bitrate_bps: u64) -> u64 {
+    let (exp, mantissa) = tmmb_encode(bitrate_bps);
+    tmmb_bitrate(exp, mantissa)
+}
+
+fn write_tmmb_entry(out: &mut Vec<u8>, ssrc: u32, bitrate_bps: u64, overhead: u16) {
+    let (exp, mantissa) = tmmb_encode(bitrate_bps);
+    out.extend_from_slice(&ssrc.to_be_bytes());
+    out.extend_from_slice(&((exp << 26) | (mantissa << 9) | u32::from(overhead & 0x1ff)).to_be_bytes());
+}
+
+/// Appends a TMMBN (RFC 5104 §4.2.2) to a compound already in `out`: the
+/// sender `sender_ssrc` acknowledges receiver `requester`'s request for
+/// `bitrate_bps`. An empty bounding set (no request in force) when
+/// `requester` is `None`.
+pub fn append_tmmbn(out: &mut Vec<u8>, sender_ssrc: u32, tuple: Option<(u32, u64, u16)>) {
+    let start = begin_rtcp(out, TMMBN_FMT, 205);
+    out.extend_from_slice(&sender_ssrc.to_be_bytes());
+    // Media source SSRC: not used, set to 0 (RFC 5104 §4.2.2.2).
+    out.extend_from_slice(&0u32.to_be_bytes());
+    if let Some((requester, bitrate_bps, overhead)) = tuple {
+        write_tmmb_entry(out, requester, bitrate_bps, overhead);
+    }
+    end_rtcp(out, start);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,6 +203,14 @@ pub fn parse_rtcp(datagram: &[u8], events: &mut Vec<RtcpEvent>) -> Result<(), Rt
             RtcpPacket::TransportFeedback(fb) => {
                 if let Ok(nack) = fb.parse_fci::<Nack>() {
                     events.push(RtcpEvent::Nack { media_ssrc: fb.media_ssrc(), seqs: nack.entries().collect() });
+                } else if let Ok(tmmbr) = fb.parse_fci::<TmmbFci<TMMBR_FMT>>() {
+                    for (media_ssrc, bitrate_bps, overhead) in tmmbr.entries() {
+                        events.push(RtcpEvent::Tmmbr { sender_ssrc: fb.sender_ssrc(), media_ssrc, bitrate_bps, overhead });
+                    }
+                } else if let Ok(tmmbn) = fb.parse_fci::<TmmbFci<TMMBN_FMT>>() {
+                    for (ssrc, bitrate_bps, overhead) in tmmbn.entries() {
+                        events.push(RtcpEvent::Tmmbn { sender_ssrc: fb.sender_ssrc(), ssrc, bitrate_bps, overhead });
+                    }
                 }
             }
             RtcpPacket::PayloadFeedback(fb) => {
@@ -185,6 +278,9 @@ pub struct ReceiverFeedback<'a> {
     /// An XR receiver reference time block (RFC 3611 §4.4) with this NTP
     /// timestamp: a sender that answers with DLRR lets us time the round trip.
     pub rrtr_ntp: Option<u64>,
+    /// A TMMBR (RFC 5104 §4.2.1) asking `media_ssrc` to send at most this
+    /// many bits per second.
+    pub tmmbr_bps: Option<u64>,
 }
 
 /// Most sequence numbers one receiver compound asks for: at most that many
@@ -267,6 +363,15 @@ pub fn write_receiver_rtcp(
         let start = begin_rtcp(out, 1, 206);
         out.extend_from_slice(&sender_ssrc.to_be_bytes());
         out.extend_from_slice(&feedback.media_ssrc.to_be_bytes());
+        end_rtcp(out, start);
+    }
+    if let Some(bitrate_bps) = feedback.tmmbr_bps {
+        let start = begin_rtcp(out, TMMBR_FMT, 205);
+        out.extend_from_slice(&sender_ssrc.to_be_bytes());
+        // Media source SSRC: not used, set to 0 (RFC 5104 §4.2.1.2); the
+        // entry names the media sender.
+        out.extend_from_slice(&0u32.to_be_bytes());
+        write_tmmb_entry(out, feedback.media_ssrc, bitrate_bps, TMMB_OVERHEAD);
         end_rtcp(out, start);
     }
     if let Some(ntp) = feedback.rrtr_ntp {
@@ -381,6 +486,48 @@ impl SeqExtender {
 mod tests {
     use super::*;
 
+    #[test]
+    fn tmmbr_and_tmmbn_round_trip_through_our_writer_and_parser() {
+        let fb = ReceiverFeedback { media_ssrc: 0xabcd, tmmbr_bps: Some(1_500_000), ..Default::default() };
+        let mut out = Vec::new();
+        write_receiver_rtcp(7, "rx", &fb, &mut out).unwrap();
+        append_tmmbn(&mut out, 0xabcd, Some((7, 1_500_000, TMMB_OVERHEAD)));
+        let mut events = Vec::new();
+        parse_rtcp(&out, &mut events).unwrap();
+        let want = tmmb_representable(1_500_000);
+        assert!(want <= 1_500_000 && want > 1_499_000, "{want}");
+        assert!(events.contains(&RtcpEvent::Tmmbr { sender_ssrc: 7, media_ssrc: 0xabcd, bitrate_bps: want, overhead: TMMB_OVERHEAD }));
+        assert!(events.contains(&RtcpEvent::Tmmbn { sender_ssrc: 0xabcd, ssrc: 7, bitrate_bps: want, overhead: TMMB_OVERHEAD }));
+    }
+
+    #[test]
+    fn tmmbr_bit_rates_are_rounded_down_and_huge_exponents_saturate() {
+        assert_eq!(tmmb_encode(100_000), (0, 100_000));
+        assert_eq!(tmmb_encode(0x1_ffff), (0, 0x1_ffff));
+        assert_eq!(tmmb_encode(0x2_0001), (1, 0x1_0000));
+        assert_eq!(tmmb_representable(0x2_0001), 0x2_0000);
+        assert_eq!(tmmb_bitrate(63, 0x1_ffff), u64::MAX);
+        let (exp, mantissa) = tmmb_encode(u64::MAX);
+        assert_eq!(tmmb_bitrate(exp, mantissa) >> exp, u64::from(mantissa));
+    }
+
+    #[test]
+    fn an_empty_tmmbn_and_a_truncated_tmmbr_yield_no_entries_and_no_panic() {
+        let mut out = Vec::new();
+        write_receiver_rtcp(7, "rx", &ReceiverFeedback::default(), &mut out).unwrap();
+        append_tmmbn(&mut out, 9, None);
+        let mut events = Vec::new();
+        parse_rtcp(&out, &mut events).unwrap();
+        assert!(!events.iter().any(|e| matches!(e, RtcpEvent::Tmmbn { .. })));
+        // A TMMBR whose FCI is 4 bytes, not 8.
+        let mut bad = Vec::new();
+        write_receiver_rtcp(7, "rx", &ReceiverFeedback::default(), &mut bad).unwrap();
+        bad.extend_from_slice(&[0x83, 205, 0, 3, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 1]);
+        events.clear();
+        let _ = parse_rtcp(&bad, &mut events);
+        assert!(!events.iter().any(|e| matches!(e, RtcpEvent::Tmmbr { .. })));
+    }
+
     fn rtp(seq: u16, pt: u8, payload: &[u8]) -> Vec<u8> {
         RtpPacketBuilder::<&[u8], &[u8]>::new()
             .payload_type(pt)
@@ -423,6 +570,7 @@ mod tests {
             pli: true,
             media_ssrc: 5,
             rrtr_ntp: Some(0x0102_0304_0506_0708),
+            tmmbr_bps: None,
         };
         write_receiver_rtcp(1, "zerodrop@test", &fb, &mut out).unwrap();
         assert!(is_rtcp(&out));
@@ -506,7 +654,7 @@ mod tests {
         #[test]
         fn rtcp_with_random_nack_lists_round_trips(seqs in proptest::collection::vec(proptest::prelude::any::<u16>(), 1..200)) {
             let mut out = Vec::new();
-            let fb = ReceiverFeedback { report: None, nacks: &seqs, pli: false, media_ssrc: 3, rrtr_ntp: None };
+            let fb = ReceiverFeedback { report: None, nacks: &seqs, pli: false, media_ssrc: 3, rrtr_ntp: None, tmmbr_bps: None };
             write_receiver_rtcp(1, "c", &fb, &mut out).unwrap();
             let mut events = Vec::new();
             parse_rtcp(&out, &mut events).unwrap();

@@ -121,6 +121,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         SupervisorOptions { au_log_dir: args.au_log_dir.clone(), no_decode: args.no_decode, workers: args.workers },
     );
     supervisor.apply(&sources);
+    let mut path_policy = crate::path_policy::PathPolicy::new(&pipelines);
 
     let started = Instant::now();
     let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s));
@@ -138,6 +139,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             break;
         }
         kernel_drops.update(&supervisor.sockets());
+        if let Some(p) = &mut path_policy {
+            p.tick(&supervisor, Instant::now());
+        }
         view.refresh(started.elapsed());
     }
     kernel_drops.update(&supervisor.sockets());

@@ -78,7 +78,8 @@ impl Supervisor {
         };
         if self.workers.len() < wanted && self.workers.iter().all(|w| w.load > 0) {
             let name = format!("rx-worker-{}", self.workers.len());
-            self.workers.push(WorkerThread::spawn(name, self.done_tx.clone())?);
+            let busy = self.metrics.worker_busy(self.workers.len());
+            self.workers.push(WorkerThread::spawn(name, busy, self.done_tx.clone())?);
         }
         let (index, _) = self.workers.iter().enumerate().min_by_key(|(_, w)| w.load).expect("at least one worker");
         Ok(index)
@@ -101,7 +102,26 @@ impl Supervisor {
             .collect()
     }
 
-    pub fn running(&self) -> usize {
+    /// Seconds each worker thread has spent working so far (see
+    /// `Worker::count_busy_time`), by worker.
+    pub fn busy_seconds(&self) -> Vec<f64> {
+        self.workers.iter().map(|w| w.busy.get()).collect()
+    }
+
+    /// The metrics the sources report into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Asks the sender of running source `id` (`pipeline/name`) for at most
+    /// `bitrate_bps` (RTCP TMMBR). False when no such source runs.
+    pub fn request_bitrate(&self, id: &str, bitrate_bps: u64) -> bool {
+        let Some(r) = self.running.get(id) else { return false };
+        self.workers[r.worker].request_bitrate(id.to_string(), bitrate_bps);
+        true
+    }
+
+        pub fn running(&self) -> usize {
         self.running.len()
     }
 

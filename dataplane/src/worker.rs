@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::SourceConfig;
-use crate::metrics::StreamMetrics;
+use crate::metrics::{SecondsCounter, StreamMetrics};
 use crate::receiver::{BATCH, Finishing, Receiver, ReceiverOptions, SocketRole, StreamReport};
 use crate::udp::RecvBatch;
 
@@ -38,6 +38,9 @@ pub struct Worker {
     slots: Vec<Option<Slot>>,
     batch: RecvBatch,
     events: Vec<libc::epoll_event>,
+    /// Where the time spent on packets and timers (not waiting) is counted:
+    /// the capacity signal of the control policy.
+    busy: Option<SecondsCounter>,
 }
 
 /// epoll user data: the slot, and the socket's role in the low 8 bits.
@@ -72,7 +75,14 @@ impl Worker {
             slots: Vec::new(),
             batch: RecvBatch::new(BATCH),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS],
+            busy: None,
         })
+    }
+
+    /// Counts the time this worker spends working (from epoll's return to
+    /// the end of the turn) into `counter`.
+    pub fn count_busy_time(&mut self, counter: SecondsCounter) {
+        self.busy = Some(counter);
     }
 
     fn watch(&self, fd: RawFd, token: u64) -> io::Result<()> {
@@ -127,6 +137,15 @@ impl Worker {
         Some(slot.receiver.finish())
     }
 
+    /// Asks source `id`'s sender for at most `bitrate_bps` (TMMBR), at its
+    /// next turn. False when no such source is served here.
+    pub fn request_bitrate(&mut self, id: &str, bitrate_bps: u64) -> bool {
+        let Some(slot) = self.slots.iter_mut().flatten().find(|s| s.id == id) else { return false };
+        slot.receiver.request_bitrate(bitrate_bps);
+        slot.wake_at = Instant::now();
+        true
+    }
+
     /// Stops serving every source.
     pub fn take_all(&mut self) -> Vec<(String, u64, Finishing)> {
         let ids: Vec<(String, u64)> = self.slots.iter().flatten().map(|s| (s.id.clone(), s.generation)).collect();
@@ -153,6 +172,7 @@ impl Worker {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => return Err(e),
         };
+        let working_since = self.busy.as_ref().map(|_| Instant::now());
         let mut woken = false;
         for i in 0..n {
             let t = self.events[i].u64;
@@ -177,6 +197,9 @@ impl Worker {
                 slot.wake_at = slot.receiver.next_wake(now);
             }
         }
+        if let (Some(busy), Some(since)) = (&self.busy, working_since) {
+            busy.inc_by(since.elapsed().as_secs_f64());
+        }
         Ok(woken)
     }
 }
@@ -186,6 +209,7 @@ impl Worker {
 enum Command {
     Start { cfg: Box<SourceConfig>, metrics: StreamMetrics, options: ReceiverOptions, generation: u64 },
     Stop { id: String, generation: u64 },
+    RequestBitrate { id: String, bitrate_bps: u64 },
     Exit,
 }
 
@@ -200,18 +224,21 @@ pub struct WorkerThread {
     thread: Option<JoinHandle<()>>,
     /// Sources placed on it (the supervisor's count, for placement).
     pub load: usize,
+    /// Its busy-time counter.
+    pub busy: SecondsCounter,
 }
 
 impl WorkerThread {
-    pub fn spawn(name: String, done: crossbeam_channel::Sender<Done>) -> io::Result<Self> {
-        let worker = Worker::new()?;
+    pub fn spawn(name: String, busy: SecondsCounter, done: crossbeam_channel::Sender<Done>) -> io::Result<Self> {
+        let mut worker = Worker::new()?;
+        worker.count_busy_time(busy.clone());
         // SAFETY: plain syscall; the fd is owned from here on.
         let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(cvt(libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))?) });
         worker.watch(wake.as_raw_fd(), WAKE_TOKEN)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let thread_wake = wake.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || serve(worker, rx, thread_wake, done))?;
-        Ok(Self { commands: tx, wake, thread: Some(thread), load: 0 })
+        Ok(Self { commands: tx, wake, thread: Some(thread), load: 0, busy })
     }
 
     fn send(&self, command: Command) {
@@ -223,6 +250,11 @@ impl WorkerThread {
 
     pub fn start(&self, cfg: SourceConfig, metrics: StreamMetrics, options: ReceiverOptions, generation: u64) {
         self.send(Command::Start { cfg: Box::new(cfg), metrics, options, generation });
+    }
+
+    /// Asks source `id`'s sender for at most `bitrate_bps` (TMMBR).
+    pub fn request_bitrate(&self, id: String, bitrate_bps: u64) {
+        self.send(Command::RequestBitrate { id, bitrate_bps });
     }
 
     /// Asks for one source to stop; its report arrives on the done channel.
@@ -290,6 +322,11 @@ fn serve(mut worker: Worker, commands: crossbeam_channel::Receiver<Command>, wak
                 Command::Stop { id, generation } => {
                     if let Some(f) = worker.remove(&id, generation) {
                         report(id, generation, f);
+                    }
+                }
+                Command::RequestBitrate { id, bitrate_bps } => {
+                    if !worker.request_bitrate(&id, bitrate_bps) {
+                        tracing::debug!(stream = %id, "bit rate request for a source not served here");
                     }
                 }
                 Command::Exit => {

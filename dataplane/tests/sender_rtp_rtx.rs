@@ -185,3 +185,86 @@ fn sender_cli_writes_summary_json() {
     assert_eq!(json["loss"], "uniform:0.5");
     assert!(json["packets_dropped"].as_u64().unwrap() > 0);
 }
+
+/// TMMBR (RFC 5104) lowers the encoder's bit rate live and is acknowledged
+/// with TMMBN; a later TMMBR above the configured rate restores that rate.
+#[test]
+fn sender_honours_tmmbr_by_lowering_its_encoder_bitrate_and_answers_tmmbn() {
+    let (rcv_rtp, rcv_rtcp) = receiver_pair();
+    // Noise does not compress: the encoder sends what its bit rate allows.
+    let mut args = send_args(rcv_rtp.local_addr().unwrap(), &["--frames", "300", "--pattern", "snow", "--mtu", "1200"]);
+    args.bitrate = 2000;
+    let sender = Sender::start(args).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let mut first: Option<Instant> = None;
+    let mut sender_rtcp: Option<SocketAddr> = None;
+    let before = media_rate(&rcv_rtp, &mut buf, &mut first, &mut sender_rtcp, 1000, 3000);
+
+    let mut tmmbr = Vec::new();
+    let fb = ReceiverFeedback { media_ssrc: SSRC, tmmbr_bps: Some(400_000), ..Default::default() };
+    rtp::write_receiver_rtcp(0x4242, "test-receiver", &fb, &mut tmmbr).unwrap();
+    rcv_rtcp.send_to(&tmmbr, sender_rtcp.unwrap()).unwrap();
+    let mut acknowledged = None;
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while acknowledged.is_none() {
+        assert!(Instant::now() < deadline, "no TMMBN came back: {:?}", sender.stats());
+        let Ok(n) = rcv_rtcp.recv(&mut buf) else { continue };
+        events.clear();
+        if rtp::parse_rtcp(&buf[..n], &mut events).is_ok() {
+            acknowledged = events.iter().find_map(|e| match e {
+                RtcpEvent::Tmmbn { ssrc: 0x4242, bitrate_bps, .. } => Some(*bitrate_bps),
+                _ => None,
+            });
+        }
+    }
+    assert_eq!(acknowledged, Some(rtp::tmmb_representable(400_000)));
+    let stats = sender.stats();
+    assert_eq!(stats.tmmbrs_received, 1);
+    // 400 kbit/s with 40 of every 1240 bytes overhead: 387 kbit/s of media.
+    assert_eq!(stats.bitrate_kbps, 387);
+    // The rate controller needs a moment; then the stream is well below.
+    let after = media_rate(&rcv_rtp, &mut buf, &mut first, &mut sender_rtcp, 5000, 7000);
+    eprintln!("media rate before {before:.0} bit/s, after TMMBR {after:.0} bit/s");
+    assert!(before > 1_200_000.0, "the sender used its 2 Mbit/s: {before:.0}");
+    assert!(after < 700_000.0, "the sender stepped down: {after:.0}");
+
+    // A limit above the configured rate restores it, and no more.
+    let fb = ReceiverFeedback { media_ssrc: SSRC, tmmbr_bps: Some(10_000_000), ..Default::default() };
+    rtp::write_receiver_rtcp(0x4242, "test-receiver", &fb, &mut tmmbr).unwrap();
+    rcv_rtcp.send_to(&tmmbr, sender_rtcp.unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sender.stats().bitrate_kbps != 2000 {
+        assert!(Instant::now() < deadline, "bit rate not restored: {:?}", sender.stats());
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    sender.stop().unwrap();
+}
+
+/// Media bit rate received between `from_ms` and `to_ms` after the first
+/// packet; notes where the sender's RTCP socket is (RTP source port + 1).
+fn media_rate(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    first: &mut Option<Instant>,
+    sender_rtcp: &mut Option<SocketAddr>,
+    from_ms: u64,
+    to_ms: u64,
+) -> f64 {
+    let (from, to) = (Duration::from_millis(from_ms), Duration::from_millis(to_ms));
+    let mut bytes = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "no media");
+        let Ok((n, src)) = sock.recv_from(buf) else { continue };
+        let t0 = *first.get_or_insert_with(Instant::now);
+        sender_rtcp.get_or_insert(with_port_offset(src, 1));
+        let at = t0.elapsed();
+        if at >= to {
+            return bytes as f64 * 8.0 / (to - from).as_secs_f64();
+        }
+        if at >= from {
+            bytes += n as u64;
+        }
+    }
+}

@@ -26,7 +26,8 @@ fuzz_target!(|data: &[u8]| {
     });
     let pli = data.len() % 3 == 0;
     let rrtr_ntp = (data.len() % 5 == 0).then_some(u64::from(data.len() as u32) << 32);
-    let feedback = ReceiverFeedback { report, nacks: &nacks, pli, media_ssrc: MEDIA_SSRC, rrtr_ntp };
+    let tmmbr_bps = (data.len() % 7 == 0).then(|| u64::from(data.first().copied().unwrap_or(0)) << (data.len() % 40));
+    let feedback = ReceiverFeedback { report, nacks: &nacks, pli, media_ssrc: MEDIA_SSRC, rrtr_ntp, tmmbr_bps };
     let mut out = Vec::new();
     write_receiver_rtcp(0xfeed, "zerodrop@fuzz", &feedback, &mut out).expect("receiver RTCP can be written");
 

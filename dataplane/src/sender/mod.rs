@@ -232,6 +232,9 @@ pub struct SendCounters {
     pub rtx_dropped: AtomicU64,
     pub plis_received: AtomicU64,
     pub firs_received: AtomicU64,
+    /// TMMBR entries addressed to us, and the encoder bit rate now (kbit/s).
+    pub tmmbrs_received: AtomicU64,
+    pub bitrate_kbps: AtomicU64,
     pub keyframes_forced: AtomicU64,
     pub feedback_other_ssrc: AtomicU64,
     pub srs_sent: AtomicU64,
@@ -266,6 +269,8 @@ pub struct SendStats {
     pub rtx_dropped: u64,
     pub plis_received: u64,
     pub firs_received: u64,
+    pub tmmbrs_received: u64,
+    pub bitrate_kbps: u64,
     pub keyframes_forced: u64,
     pub feedback_other_ssrc: u64,
     pub srs_sent: u64,
@@ -303,6 +308,8 @@ impl SendCounters {
             rtx_dropped: g(&self.rtx_dropped),
             plis_received: g(&self.plis_received),
             firs_received: g(&self.firs_received),
+            tmmbrs_received: g(&self.tmmbrs_received),
+            bitrate_kbps: g(&self.bitrate_kbps),
             keyframes_forced: g(&self.keyframes_forced),
             feedback_other_ssrc: g(&self.feedback_other_ssrc),
             srs_sent: g(&self.srs_sent),
@@ -365,6 +372,7 @@ impl Sender {
         let (rtp_sock, rtcp_sock) = bind_sockets(&args)?;
         let addrs = SenderAddrs { rtp: rtp_sock.local_addr()?, rtcp: rtcp_sock.local_addr()? };
         let counters = Arc::new(SendCounters::new());
+        counters.bitrate_kbps.store(u64::from(args.bitrate), Ordering::Relaxed);
         let pipeline = pipeline::EncoderPipeline::build(&args, ssrc, counters.frames_encoded.clone())?;
         let hashes = match &args.hashes {
             Some(path) => Some(BufWriter::new(
@@ -413,6 +421,8 @@ impl Sender {
             counters: counters.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             last_rrtr: None,
+            max_kbps: args.bitrate,
+            mtu: args.mtu,
         };
         let fec = match args.fec {
             None => None,

@@ -1,7 +1,8 @@
 //! The sender's RTCP side: answers NACKs with RTX (RFC 4588, SSRC-multiplexed)
 //! from a history of sent packets, turns PLI/FIR into a forced keyframe, sends
-//! sender reports so the receiver can measure RTT, and reads the receiver's
-//! report blocks for the RTT it measured back.
+//! sender reports so the receiver can measure RTT, reads the receiver's
+//! report blocks for the RTT it measured back, and honours TMMBR (RFC 5104)
+//! by changing the encoder's bit rate live, acknowledged with TMMBN.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use gstreamer as gst;
+use gstreamer::prelude::*;
 
 use super::SendCounters;
 use crate::loss::LossModel;
@@ -80,7 +82,14 @@ pub(super) struct RtcpResponder {
     /// The last XR receiver reference time: (receiver SSRC, middle 32 bits
     /// of its NTP timestamp, when it came), echoed as DLRR in sender reports.
     pub last_rrtr: Option<(u32, u32, Instant)>,
+    /// The encoder bit rate asked for on the command line (kbit/s): a TMMBR
+    /// limits the rate below it, never raises it above.
+    pub max_kbps: u32,
+    pub mtu: u32,
 }
+
+/// The lowest encoder bit rate a TMMBR can bring us to (kbit/s).
+const MIN_KBPS: u64 = 64;
 
 impl RtcpResponder {
     pub fn run(mut self) {
@@ -91,7 +100,7 @@ impl RtcpResponder {
         while !self.stop.load(Ordering::Relaxed) {
             if Instant::now() >= next_sr {
                 next_sr = Instant::now() + self.sr_interval;
-                self.send_sender_report(&mut out);
+                self.send_sender_report(&mut out, None);
             }
             let wait = next_sr.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
             let socks: Vec<&UdpSocket> = if self.rtcp_mux { vec![&self.rtp] } else { vec![&self.rtcp, &self.rtp] };
@@ -164,6 +173,10 @@ impl RtcpResponder {
                         }
                     }
                 }
+                RtcpEvent::Tmmbr { sender_ssrc, media_ssrc, bitrate_bps, overhead } if media_ssrc == self.ssrc => {
+                    c.tmmbrs_received.fetch_add(1, Ordering::Relaxed);
+                    self.limit_bitrate(sender_ssrc, bitrate_bps, overhead, out);
+                }
                 RtcpEvent::ReceiverReferenceTime { ssrc, ntp } => {
                     self.last_rrtr = Some((ssrc, (ntp >> 16) as u32, Instant::now()));
                 }
@@ -210,7 +223,32 @@ impl RtcpResponder {
         }
     }
 
-    fn send_sender_report(&self, out: &mut Vec<u8>) {
+    /// Sets the encoder to what a TMMBR allows and acknowledges it at once
+    /// with a TMMBN (RFC 5104 §4.2.2). The request's figure counts every
+    /// packet's overhead; the encoder's is payload only. A limit above the
+    /// configured rate brings the encoder back to that rate, not beyond.
+    fn limit_bitrate(&mut self, requester: u32, bitrate_bps: u64, overhead: u16, out: &mut Vec<u8>) {
+        let packet = u64::from(self.mtu.max(1));
+        let media_bps = bitrate_bps.saturating_mul(packet) / (packet + u64::from(overhead));
+        let kbps = (media_bps / 1000).clamp(MIN_KBPS, u64::from(self.max_kbps)) as u32;
+        let live = self
+            .encoder
+            .find_property("bitrate")
+            .is_some_and(|p| p.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING));
+        if !live {
+            tracing::warn!(requester, bitrate_bps, "TMMBR not honoured: the encoder cannot change its bit rate while playing");
+            self.send_sender_report(out, None);
+            return;
+        }
+        self.encoder.set_property("bitrate", kbps);
+        let before = self.counters.bitrate_kbps.swap(u64::from(kbps), Ordering::Relaxed);
+        if before != u64::from(kbps) {
+            tracing::info!(requester, bitrate_bps, from_kbps = before, to_kbps = kbps, "encoder bit rate changed on TMMBR");
+        }
+        self.send_sender_report(out, Some((requester, bitrate_bps, overhead)));
+    }
+
+    fn send_sender_report(&self, out: &mut Vec<u8>, tmmbn: Option<(u32, u64, u16)>) {
         let now = SystemTime::now();
         let (rtp_ts, packets, octets) = {
             let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -227,6 +265,9 @@ impl RtcpResponder {
             dlrr,
         };
         let written = rtp::write_sender_rtcp(self.ssrc, &self.cname, &info, out);
+        if written.is_ok() && tmmbn.is_some() {
+            rtp::append_tmmbn(out, self.ssrc, tmmbn);
+        }
         let sock = if self.rtcp_mux { &self.rtp } else { &self.rtcp };
         match written.map(|_| send_to_waiting(sock, out, self.rtcp_dest)) {
             Ok(Ok(_)) => {
