@@ -16,9 +16,12 @@
 //! touch the media model, so the media packets a seed drops are the same
 //! whatever retransmissions a receiver provokes; and whether the n-th
 //! retransmission of media packet `seq` is dropped is a function of
-//! `(seed, seq, n)` alone ([`rtx_fate`]), not of how many retransmissions came
-//! before it or when: every receiver meets the same retransmission loss for
-//! the same repair, however it paces or orders its NACKs. Without it, one model
+//! `(seed, seq − first media seq the relay saw, n)` alone ([`rtx_fate`]), not
+//! of how many retransmissions came before it or when: every receiver meets
+//! the same retransmission loss for the same repair, however it paces or
+//! orders its NACKs. (The offset, not the raw sequence number: senders start
+//! from a random sequence number, RFC 3550 §5.1, so two runs of the same input
+//! number the same packet differently.) Without it, one model
 //! decides for every RTP datagram, so the RTX a receiver asks for shifts later
 //! media drops.
 //!
@@ -608,6 +611,9 @@ impl RelayWorker {
                 None => false,
             };
         }
+        if let Some(seq) = rtp.get(2..4) {
+            self.rtx_fates.saw_media(u16::from_be_bytes([seq[0], seq[1]]));
+        }
         self.model.should_drop()
     }
 
@@ -644,8 +650,11 @@ impl RelayWorker {
 }
 
 /// The rule for retransmissions: whether the `n`-th retransmission (1-based,
-/// counted at the relay) of the media packet with sequence number
-/// `original_seq` is dropped, from `(seed, original_seq, n)` alone.
+/// counted at the relay) of the media packet `index` is dropped, from
+/// `(seed, index, n)` alone. `index` is the packet's sequence number counted
+/// from the first media packet the relay saw (mod 2^16), so the same packet of
+/// the same input has the same fates whatever sequence number the sender
+/// happened to start from.
 ///
 /// Each original sequence number gets a loss model of its own, seeded by a
 /// hash of the seed and the sequence number; its n-th decision is the fate of
@@ -672,8 +681,8 @@ impl RelayWorker {
 ///   dropped uniformly at the trace's share of drops.
 /// - Several models joined with `+`: each part by its own rule, dropped when
 ///   any part drops it.
-pub fn rtx_fate(loss: &LossSpec, seed: u64, original_seq: u16, n: u32) -> bool {
-    let mut model = rtx_model(loss, seed, original_seq);
+pub fn rtx_fate(loss: &LossSpec, seed: u64, index: u16, n: u32) -> bool {
+    let mut model = rtx_model(loss, seed, index);
     let mut drop = false;
     for _ in 0..n.max(1) {
         drop = model.should_drop();
@@ -709,11 +718,14 @@ fn rtx_spec(loss: &LossSpec) -> LossSpec {
     }
 }
 
-/// The relay's running state of [`rtx_fate`]: per original sequence number,
-/// how many retransmissions of it have passed and the model for the next.
+/// The relay's running state of [`rtx_fate`]: per media packet index, how
+/// many retransmissions of it have passed and the model for the next.
 struct RtxFates {
     loss: LossSpec,
     seed: u64,
+    /// Sequence number of the first media packet seen: indices count from it.
+    /// A retransmission before any media (none in practice) counts from 0.
+    first_media_seq: Option<u16>,
     per_seq: HashMap<u16, (Instant, LossModel)>,
 }
 
@@ -723,10 +735,17 @@ impl RtxFates {
     const FORGET_AFTER: Duration = Duration::from_secs(10);
 
     fn new(loss: &LossSpec, seed: u64) -> Self {
-        Self { loss: rtx_spec(loss), seed, per_seq: HashMap::new() }
+        Self { loss: rtx_spec(loss), seed, first_media_seq: None, per_seq: HashMap::new() }
+    }
+
+    /// A media packet passed the relay (dropped or not): the first one fixes
+    /// where indices count from.
+    fn saw_media(&mut self, seq: u16) {
+        self.first_media_seq.get_or_insert(seq);
     }
 
     fn should_drop(&mut self, original_seq: u16, now: Instant) -> bool {
+        let original_seq = original_seq.wrapping_sub(self.first_media_seq.unwrap_or(0));
         let (loss, seed) = (&self.loss, self.seed);
         let entry = self.per_seq.entry(original_seq).or_insert_with(|| (now, loss.model(rtx_seed(seed, original_seq))));
         if now.duration_since(entry.0) > Self::FORGET_AFTER {
@@ -789,6 +808,33 @@ mod tests {
             // Another seed decides differently.
             let fc = play(&mut RtxFates::new(&loss, 8), &a);
             assert_ne!(fa, fc, "{spec}: the seed must matter");
+        }
+    }
+
+    #[test]
+    fn retransmission_fate_follows_the_packet_not_the_senders_random_first_seq() {
+        // The same input sent twice, numbered from two random starting points
+        // (as rtph264pay and our sender do): packet i of one run and packet i
+        // of the other meet the same fates, including across the 16-bit wrap.
+        let loss = LossSpec::parse("ge:loss=0.05,burst=20").unwrap();
+        for (a0, b0) in [(1000u16, 50_000u16), (65_500, 7)] {
+            let (mut a, mut b) = (RtxFates::new(&loss, 2), RtxFates::new(&loss, 2));
+            a.saw_media(a0);
+            b.saw_media(b0);
+            // Later media packets do not move the origin.
+            a.saw_media(a0.wrapping_add(5));
+            let now = Instant::now();
+            let mut differs_from_raw = false;
+            for i in 0..400u16 {
+                for n in 1..=4u32 {
+                    let fa = a.should_drop(a0.wrapping_add(i), now);
+                    let fb = b.should_drop(b0.wrapping_add(i), now);
+                    assert_eq!(fa, fb, "packet {i}, retransmission {n}");
+                    assert_eq!(fa, rtx_fate(&loss, 2, i, n), "packet {i}, retransmission {n}: the pure rule");
+                    differs_from_raw |= fa != rtx_fate(&loss, 2, a0.wrapping_add(i), n);
+                }
+            }
+            assert!(differs_from_raw, "fates keyed on the raw sequence number would be the same rule");
         }
     }
 
