@@ -182,6 +182,16 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 96, max = 127))]
     pub rtx_payload_type: Option<u8>,
+    /// The stream's parameter sets, for a sender that sends them out of band only (in its SDP)
+    /// and never in the RTP stream, such as `ffmpeg -flags +global_header -f rtp`: base64 NAL
+    /// units separated by commas, as the SDP's `sprop-parameter-sets` (H.264: SPS and PPS), or
+    /// for H.265 the values of `sprop-vps`, `sprop-sps` and `sprop-pps` joined with commas. The
+    /// receiver puts them in front of every keyframe that arrives without parameter sets of its
+    /// own. Leave unset when the sender repeats them in band (most cameras, `rtph264pay
+    /// config-interval=-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9+/]+={0,2}(,[A-Za-z0-9+/]+={0,2})*$"), length(min = 4, max = 4096))]
+    pub parameter_sets: Option<String>,
 }
 
 fn default_payload_type() -> u8 {

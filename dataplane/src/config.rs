@@ -30,6 +30,9 @@ pub struct SourceConfig {
     pub decoder: DecoderChoice,
     /// FEC to decode: declared by the source and enabled in `repair.fec`.
     pub fec: Option<FecSource>,
+    /// Parameter sets the sender gives out of band (`parameterSets`), NAL
+    /// units without start codes; empty when they come in band.
+    pub parameter_sets: Vec<Vec<u8>>,
 }
 
 /// Where a source's FEC arrives and how to read it.
@@ -81,6 +84,11 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             }
             None => None,
         };
+        let parameter_sets = match &source.parameter_sets {
+            Some(text) => parse_parameter_sets(text, source.codec)
+                .with_context(|| format!("pipeline {name}: spec.sources[{i}].parameterSets"))?,
+            None => Vec::new(),
+        };
         out.push(SourceConfig {
             pipeline: name.clone(),
             name: source.name.clone(),
@@ -99,7 +107,74 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             },
             decoder: spec.decode.decoder,
             fec,
+            parameter_sets,
         });
     }
     Ok(out)
+}
+
+/// Out-of-band parameter sets as the SDP gives them: base64 NAL units
+/// separated by commas (`sprop-parameter-sets`; for H.265 `sprop-vps`,
+/// `sprop-sps` and `sprop-pps` joined). Every unit must be a parameter set of
+/// the stream's codec (H.264 SPS 7 / PPS 8; H.265 VPS 32 / SPS 33 / PPS 34),
+/// and the set must hold at least an SPS and a PPS (and a VPS for H.265).
+pub fn parse_parameter_sets(text: &str, codec: Codec) -> anyhow::Result<Vec<Vec<u8>>> {
+    use base64::Engine as _;
+    let mut out = Vec::new();
+    for (k, item) in text.split(',').map(str::trim).enumerate() {
+        let nal = base64::engine::general_purpose::STANDARD
+            .decode(item)
+            .with_context(|| format!("item {k} ({item:?}) is not base64"))?;
+        let kind = match (codec, nal.first()) {
+            (_, None) => anyhow::bail!("item {k} is empty: expected a NAL unit"),
+            (Codec::H264, Some(h)) => match h & 0x1f {
+                7 => "SPS",
+                8 => "PPS",
+                t => anyhow::bail!("item {k} is an H.264 NAL unit of type {t}: expected an SPS (7) or PPS (8)"),
+            },
+            (Codec::H265, Some(h)) => match (h >> 1) & 0x3f {
+                32 => "VPS",
+                33 => "SPS",
+                34 => "PPS",
+                t => anyhow::bail!("item {k} is an H.265 NAL unit of type {t}: expected a VPS (32), SPS (33) or PPS (34)"),
+            },
+        };
+        if nal[0] & 0x80 != 0 {
+            anyhow::bail!("item {k} ({kind}) has the forbidden_zero_bit set: not a NAL unit");
+        }
+        out.push((kind, nal));
+    }
+    let needed: &[&str] = match codec {
+        Codec::H264 => &["SPS", "PPS"],
+        Codec::H265 => &["VPS", "SPS", "PPS"],
+    };
+    for want in needed {
+        anyhow::ensure!(out.iter().any(|(kind, _)| kind == want), "no {want}: a decoder needs {}", needed.join(", "));
+    }
+    Ok(out.into_iter().map(|(_, nal)| nal).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_sets_from_ffmpegs_sdp_are_read_and_bad_ones_named() {
+        // `ffmpeg -c:v libx264 -flags +global_header -f rtp`'s sprop-parameter-sets.
+        let h264 = parse_parameter_sets("Z0LADdoFB+wEQAAAAwBAAAAPI8UKqA==,aM4PyA==", Codec::H264).unwrap();
+        assert_eq!(h264.len(), 2);
+        assert_eq!((h264[0][0] & 0x1f, h264[1][0] & 0x1f), (7, 8));
+        // libx265's sprop-vps, sprop-sps and sprop-pps joined.
+        let h265 = parse_parameter_sets(
+            "QAEMAf//AWAAAAMAkAAAAwAAAwA8ugJA,QgEBAWAAAAMAkAAAAwAAAwA8oAoIDxZbpKTC8BaAgAAAAwCAAAAPBA==,RAHAc8GJ",
+            Codec::H265,
+        )
+        .unwrap();
+        assert_eq!(h265.len(), 3);
+        let err = |text: &str, codec| format!("{:#}", parse_parameter_sets(text, codec).unwrap_err());
+        assert!(err("Z0LADdoFB+wEQAAAAwBAAAAPI8UKqA==", Codec::H264).contains("no PPS"));
+        assert!(err("Z0LADdoFB+wEQAAAAwBAAAAPI8UKqA==,aM4PyA==", Codec::H265).contains("item 0 is an H.265 NAL unit of type"));
+        assert!(err("Z0LADdoFB+wEQAAAAwBAAAAPI8UKqA==,%%%", Codec::H264).contains("item 1 (\"%%%\") is not base64"));
+        assert!(err("ZQ==,aM4PyA==", Codec::H264).contains("item 0 is an H.264 NAL unit of type 5"));
+    }
 }

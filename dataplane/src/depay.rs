@@ -89,6 +89,9 @@ pub struct DepayCounters {
     /// Parameter sets left out of an access unit because an identical one
     /// was already in it (see `Building::push_nal`).
     pub repeated_parameter_sets: u64,
+    /// Keyframes that arrived without parameter sets and were handed on with
+    /// the out-of-band ones put in front (`set_out_of_band_parameter_sets`).
+    pub parameter_sets_inserted: u64,
 }
 
 /// Distinct parameter sets an access unit remembers to spot repeats.
@@ -162,6 +165,9 @@ pub struct Depacketizer {
     counters: DepayCounters,
     /// Access-unit buffers handed back (`recycle`) or left by dropped units.
     spare: Vec<Vec<u8>>,
+    /// The sender's out-of-band parameter sets in Annex B form; empty when
+    /// they come in band.
+    out_of_band_parameter_sets: Vec<u8>,
 }
 
 impl Depacketizer {
@@ -179,6 +185,20 @@ impl Depacketizer {
             frame_step: None,
             counters: DepayCounters::default(),
             spare: Vec::new(),
+            out_of_band_parameter_sets: Vec::new(),
+        }
+    }
+
+    /// The sender gives its parameter sets out of band (SDP
+    /// `sprop-parameter-sets`), NAL units without start codes. A keyframe that
+    /// arrives without parameter sets of its own is handed on with these in
+    /// front, so a decoder can start on it; and after a loss, a picture whose
+    /// first NAL unit is the first slice of a keyframe provably starts an
+    /// access unit (no parameter set or delimiter will lead it).
+    pub fn set_out_of_band_parameter_sets(&mut self, nal_units: &[Vec<u8>]) {
+        self.out_of_band_parameter_sets.clear();
+        for nal in nal_units {
+            push_nal(&mut self.out_of_band_parameter_sets, nal);
         }
     }
 
@@ -374,8 +394,13 @@ impl Depacketizer {
         }
         self.waiting_for_keyframe = false;
         self.started = true;
+        let mut data = b.data;
+        if b.keyframe && b.parameter_set_count == 0 && !self.out_of_band_parameter_sets.is_empty() {
+            data.splice(0..0, self.out_of_band_parameter_sets.iter().copied());
+            self.counters.parameter_sets_inserted += 1;
+        }
         out.push(DepayEvent::Frame(AccessUnit {
-            data: b.data,
+            data,
             rtp_timestamp: b.timestamp,
             keyframe: b.keyframe,
             first_arrival: b.first_arrival,
@@ -383,7 +408,9 @@ impl Depacketizer {
     }
 
     /// Whether a packet begins with a NAL unit that only ever leads an access
-    /// unit: an access unit delimiter, or the SPS (H.264) / VPS (H.265).
+    /// unit: an access unit delimiter, or the SPS (H.264) / VPS (H.265); with
+    /// out-of-band parameter sets, also the first slice of a keyframe (IDR,
+    /// IRAP), which nothing but an SEI or delimiter would then precede.
     pub fn leads_access_unit(&self, payload: &[u8]) -> bool {
         match self.codec {
             Codec::H264 => {
@@ -395,7 +422,7 @@ impl Depacketizer {
                         .map(|fu| fu & 0x1f),
                     t => t,
                 };
-                matches!(first, Some(7 | 9))
+                matches!(first, Some(7 | 9)) || (!self.out_of_band_parameter_sets.is_empty() && first == Some(5) && self.starts_access_unit(payload))
             }
             Codec::H265 => {
                 let first = match payload.first().map(|h| (h >> 1) & 0x3f) {
@@ -407,6 +434,9 @@ impl Depacketizer {
                     t => t,
                 };
                 matches!(first, Some(32 | 35))
+                    || (!self.out_of_band_parameter_sets.is_empty()
+                        && first.is_some_and(|t| (16..=23).contains(&t))
+                        && self.starts_access_unit(payload))
             }
         }
     }
@@ -779,6 +809,46 @@ mod tests {
             au.nal_units().collect::<Vec<_>>(),
             vec![SPS, PPS, idr1, sps2, idr2]
         );
+    }
+
+    #[test]
+    fn out_of_band_parameter_sets_lead_keyframes_that_come_without_their_own() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        d.set_out_of_band_parameter_sets(&[SPS.to_vec(), PPS.to_vec()]);
+        let mut out = Vec::new();
+        d.push_packet(IDR, 0, true, t, &mut out);
+        d.push_packet(P, 3000, true, t, &mut out);
+        // A keyframe with parameter sets of its own keeps them, alone.
+        d.push_packet(&stap_a(&[SPS, PPS]), 6000, false, t, &mut out);
+        d.push_packet(IDR, 6000, true, t, &mut out);
+        // A loss between units, then an IDR whose first NAL unit is its first
+        // slice: with the parameter sets out of band nothing else would lead
+        // it, so it is whole (in band, a lost SPS could have been there).
+        d.push_packet(P, 9000, true, t, &mut out);
+        d.push_loss(1);
+        d.push_packet(P, 12000, true, t, &mut out);
+        d.push_packet(IDR, 15000, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(0, true), (3000, false), (6000, true), (9000, false), (15000, true)]);
+        let units = |i: usize| match &out.iter().filter(|e| matches!(e, DepayEvent::Frame(_))).nth(i) {
+            Some(DepayEvent::Frame(au)) => au.nal_units().map(<[u8]>::to_vec).collect::<Vec<_>>(),
+            _ => panic!("no frame {i}"),
+        };
+        assert_eq!(units(0), vec![SPS, PPS, IDR]);
+        assert_eq!(units(1), vec![P]);
+        assert_eq!(units(2), vec![SPS, PPS, IDR]);
+        assert_eq!(units(4), vec![SPS, PPS, IDR]);
+        assert_eq!(d.counters().parameter_sets_inserted, 2);
+        assert_eq!(dropped(&out), 1, "the P frame after the loss");
+
+        // Without them, the same IDR after a loss cannot be told whole.
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(IDR, 0, true, t, &mut out);
+        d.push_loss(1);
+        d.push_packet(IDR, 3000, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(0, true)]);
+        assert_eq!(d.counters().parameter_sets_inserted, 0);
     }
 
     #[test]

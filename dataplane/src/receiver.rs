@@ -92,6 +92,9 @@ pub struct StreamReport {
     /// Requests withheld by the retransmission budget.
     pub nacks_refused: u64,
     pub keyframe_requests: u64,
+    /// Keyframes handed on with the source's out-of-band `parameterSets`
+    /// put in front (they came without parameter sets of their own).
+    pub parameter_sets_inserted: u64,
     /// From the stream's first packet to its first frame handed on, in ms
     /// (after a sender restart, from the new sender's first packet).
     pub join_to_first_frame_ms: Option<f64>,
@@ -255,6 +258,7 @@ pub struct Receiver {
 
 fn new_depacketizer(cfg: &SourceConfig) -> Depacketizer {
     let mut depay = Depacketizer::new(cfg.codec);
+    depay.set_out_of_band_parameter_sets(&cfg.parameter_sets);
     depay.tolerate_loss_between_units(
         cfg.fec
             .as_ref()
@@ -1320,6 +1324,7 @@ impl Receiver {
             nacks_avoided: m.nacks_avoided.get(),
             nacks_refused: m.nacks_refused.get(),
             keyframe_requests: m.keyframe_requests.get(),
+            parameter_sets_inserted: self.depay.counters().parameter_sets_inserted,
             join_to_first_frame_ms: self.join_to_first_frame.map(|d| d.as_secs_f64() * 1000.0),
             kernel_udp_drops: m.kernel_drops_total.get(),
             receive_buffer_bytes: m.receive_buffer.get(),

@@ -69,6 +69,7 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
         jitter: JitterSettings { latency: Duration::from_millis(500), ..Default::default() },
         decoder: DecoderChoice::Software,
         fec: None,
+        parameter_sets: Vec::new(),
     };
     let metrics = Metrics::new();
     let stream = metrics.stream("t", "tail");

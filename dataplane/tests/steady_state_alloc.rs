@@ -127,6 +127,7 @@ fn the_receive_thread_allocates_nothing_per_packet_in_steady_state() {
         jitter: JitterSettings { latency: Duration::from_millis(1000), ..JitterSettings::default() },
         decoder: DecoderChoice::Software,
         fec: None,
+        parameter_sets: Vec::new(),
     };
     let options = ReceiverOptions { no_decode: true, ..ReceiverOptions::default() };
     let receiver = Receiver::open(cfg, stream.clone(), &options).unwrap();
