@@ -42,6 +42,16 @@ pub struct StreamPipelineStatus {
     #[schemars(length(max = rules::MAX_STREAM_STATUSES))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub streams: Vec<StreamStatus>,
+    /// The replica count the operator's control policy chose, when it owns replicas
+    /// (spec.scaling.replicas unset); the StatefulSet follows it. Unset while another owner (kubectl
+    /// scale, an HPA, KEDA) sets spec.scaling.replicas: the policy then only reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_replicas: Option<i32>,
+    /// The control policy's last decision, with its trigger, figure and threshold, e.g. "scale
+    /// from 1 to 2 replicas: kernel_drops 120 above 0".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub last_decision: Option<String>,
 }
 
 /// The condition types a StreamPipeline reports in status.conditions.
@@ -100,6 +110,13 @@ pub struct StreamStatus {
     /// Lost RTP packets that repair (NACK/RTX or FEC) recovered.
     #[serde(default)]
     pub packets_recovered: u64,
+    /// Lost RTP packets that repair did not recover in time.
+    #[serde(default)]
+    pub packets_unrecovered: u64,
+    /// UDP packets for the stream's sockets (FEC sockets included) that the kernel dropped
+    /// before the data plane could read them, every reason.
+    #[serde(default)]
+    pub kernel_drops: u64,
     /// The rendition the bitrate policy currently asks the sender for, when a policy is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = rules::MAX_NAME_LENGTH))]

@@ -41,6 +41,17 @@ pub struct PodArgs {
     pub kernel_drops: crate::kernel_drops::KernelDropMode,
 }
 
+/// The pipelines of `text` cut down to the sources shard `ordinal` owns: what
+/// the pod's bitrate policy steps.
+pub fn owned_pipelines(text: &str, ordinal: u32) -> anyhow::Result<Vec<zerodrop_crds::StreamPipeline>> {
+    let mut pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for p in &mut pipelines {
+        let replicas = p.spec.scaling.replicas.unwrap_or(p.spec.scaling.min_replicas);
+        p.spec.sources.retain(|s| zerodrop_crds::shard::owner(&s.name, replicas) == ordinal);
+    }
+    Ok(pipelines)
+}
+
 /// The sources of `text` that shard `ordinal` owns.
 pub fn owned_sources(text: &str, ordinal: u32) -> anyhow::Result<Vec<SourceConfig>> {
     let pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -71,6 +82,11 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
     // the node agent counts with eBPF and by reason.
     let mut kernel_drops = crate::kernel_drops::KernelDrops::start(args.kernel_drops);
     let mut applied: Option<String> = None;
+    // The bitrate half of the control policy, for the streams this shard
+    // owns: the pod holds their RTCP sessions, so it steps them (TMMBR) and
+    // exports the rendition; the operator reads it into status. Rebuilt (and
+    // its memory reset) when the config changes.
+    let mut path_policy: Option<crate::path_policy::PathPolicy> = None;
     let mut next_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if Instant::now() >= next_check {
@@ -90,6 +106,9 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
                                 tracing::warn!(stream = %id, error = %format!("{e:#}"), "receiver ended with an error");
                             }
                         }
+                        path_policy = owned_pipelines(&text, ordinal)
+                            .ok()
+                            .and_then(|p| crate::path_policy::PathPolicy::new(&p));
                         applied = Some(text);
                     }
                     // Keep running the last good config; the operator reports
@@ -104,6 +123,9 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
             }
         }
         kernel_drops.update(&supervisor.sockets());
+        if let Some(p) = &mut path_policy {
+            p.tick(&supervisor, Instant::now());
+        }
         if let Some((id, result)) = supervisor.wait_ended(Duration::from_millis(500)) {
             // A receiver that died is retried on the next config check.
             tracing::error!(stream = %id, error = ?result.err(), "receiver stopped; retrying");
@@ -145,5 +167,15 @@ spec:
         all.sort();
         assert_eq!(all, vec!["a", "b", "c", "d", "e"]);
         assert!(owned_sources(PIPELINE, 3).unwrap().is_empty(), "no shard beyond replicas");
+    }
+
+    #[test]
+    fn the_bitrate_policy_sees_the_same_streams_the_shard_runs() {
+        for o in 0..3 {
+            let runs: Vec<String> = owned_sources(PIPELINE, o).unwrap().into_iter().map(|s| s.name).collect();
+            let policy: Vec<String> =
+                owned_pipelines(PIPELINE, o).unwrap()[0].spec.sources.iter().map(|s| s.name.clone()).collect();
+            assert_eq!(runs, policy, "shard {o}");
+        }
     }
 }

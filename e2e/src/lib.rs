@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod gst_fec_sender;
 pub mod gst_receiver;
 pub mod gst_sender;
+pub mod operator;
 pub mod replay;
 pub mod results;
 pub mod runner;

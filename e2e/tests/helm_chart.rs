@@ -458,6 +458,8 @@ fn operator_cluster_role_grants_what_the_operator_calls_and_no_wildcards() {
         ("", "events", &["create", "patch"]),
         // leader election (kube-lease-manager)
         ("coordination.k8s.io", "leases", &["get", "create", "update", "patch"]),
+        // the control loop's pod watch (pod IPs to scrape /metrics)
+        ("", "pods", &["get", "list", "watch"]),
     ];
     let mut missing = Vec::new();
     for (group, resource, verbs) in needed {
@@ -468,9 +470,10 @@ fn operator_cluster_role_grants_what_the_operator_calls_and_no_wildcards() {
         }
     }
     assert!(missing.is_empty(), "the operator's ClusterRole lacks: {missing:?}");
-    // It reads no Secrets and touches no Pods.
-    for (group, resource) in [("", "secrets"), ("", "pods")] {
-        assert!(!grants(role, group, resource, "get") && !grants(role, group, resource, "list"), "{resource} should not be granted");
+    // It reads no Secrets, and only reads Pods.
+    assert!(!grants(role, "", "secrets", "get") && !grants(role, "", "secrets", "list"), "secrets should not be granted");
+    for verb in ["create", "update", "patch", "delete"] {
+        assert!(!grants(role, "", "pods", verb), "{verb} pods should not be granted");
     }
 }
 

@@ -8,65 +8,14 @@
 //! Needs the control-plane binaries: `scripts/controlplane.sh build`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::Value;
 use zerodrop_e2e::cluster::TestCluster;
+use zerodrop_e2e::operator::{OperatorProcess as Operator, install_crd};
 use zerodrop_e2e::runner::{http_get, metric_value, zerodrop_bin};
-
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
-
-fn operator_bin() -> PathBuf {
-    zerodrop_bin().with_file_name("zerodrop-operator")
-}
-
-struct Operator {
-    child: Child,
-    metrics: String,
-}
-
-impl Operator {
-    fn start(cluster: &TestCluster, port: u16, log: &str) -> Operator {
-        let log = std::fs::File::create(cluster.dir().join(log)).unwrap();
-        let child = Command::new(operator_bin())
-            .env("KUBECONFIG", cluster.kubeconfig())
-            .env("RUST_LOG", "info,kube=warn")
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--dataplane-image", "zerodrop:e2e"])
-            .args(["--leader-election", "--lease-namespace", "default"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("zerodrop-operator starts (cargo build --workspace first)");
-        Operator { child, metrics: format!("127.0.0.1:{port}") }
-    }
-
-    fn writes(&self) -> f64 {
-        http_get(self.metrics.parse().unwrap(), "/metrics")
-            .ok()
-            .and_then(|m| metric_value(&m, "zerodrop_operator_api_writes_total", &[]))
-            .unwrap_or(-1.0)
-    }
-
-    fn reconciles(&self) -> f64 {
-        http_get(self.metrics.parse().unwrap(), "/metrics")
-            .ok()
-            .and_then(|m| metric_value(&m, "zerodrop_operator_reconciles_total", &["result=\"ok\""]))
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn json(cluster: &TestCluster, args: &[&str]) -> Value {
     let mut all = args.to_vec();
@@ -130,9 +79,10 @@ fn operator_writes(cluster: &TestCluster) -> BTreeMap<String, String> {
 #[test]
 fn operator_reconciles_scales_stays_quiet_restarts_cleanly_and_garbage_collects() -> anyhow::Result<()> {
     let cluster = TestCluster::start()?;
-    cluster.kubectl_ok(["apply", "-f", repo("crds/streampipeline.crd.yaml").to_str().unwrap()])?;
-    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
-    let operator = Operator::start(&cluster, 27080, "operator-1.log");
+    install_crd(&cluster)?;
+    // The reconcile alone: the control loop writes status figures by design
+    // (at most every --status-interval-s; e2e/tests/control_loop.rs).
+    let operator = Operator::start(&cluster, 27080, "operator-1.log", &["--control", "false"]);
 
     // Apply: every object appears, pods run, the pipeline becomes Ready.
     cluster.apply_yaml(&fleet(40, 3))?;
@@ -198,7 +148,7 @@ fn operator_reconciles_scales_stays_quiet_restarts_cleanly_and_garbage_collects(
 
     // Restart: a new operator converges on the same objects without writing.
     drop(operator);
-    let operator = Operator::start(&cluster, 27081, "operator-2.log");
+    let operator = Operator::start(&cluster, 27081, "operator-2.log", &["--control", "false"]);
     cluster.wait_for("the restarted operator to reconcile", Duration::from_secs(90), || {
         Ok((operator.reconciles() >= 1.0).then_some(()))
     })?;
@@ -216,9 +166,8 @@ fn operator_reconciles_scales_stays_quiet_restarts_cleanly_and_garbage_collects(
 #[test]
 fn dataplane_pod_mode_runs_its_shard_from_the_rendered_config_and_decodes() -> anyhow::Result<()> {
     let cluster = TestCluster::start()?;
-    cluster.kubectl_ok(["apply", "-f", repo("crds/streampipeline.crd.yaml").to_str().unwrap()])?;
-    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
-    let _operator = Operator::start(&cluster, 27082, "operator.log");
+    install_crd(&cluster)?;
+    let _operator = Operator::start(&cluster, 27082, "operator.log", &[]);
     cluster.apply_yaml(&fleet(6, 2))?;
     let config = cluster.wait_for("the rendered ConfigMap", Duration::from_secs(60), || {
         let out = cluster.kubectl(["get", "configmap", "fleet-config", "-o", "jsonpath={.data.pipeline\\.yaml}"]);
@@ -278,17 +227,15 @@ fn dataplane_pod_mode_runs_its_shard_from_the_rendered_config_and_decodes() -> a
 }
 
 fn is_leader(op: &Operator) -> Option<bool> {
-    let m = http_get(op.metrics.parse().unwrap(), "/metrics").ok()?;
-    metric_value(&m, "zerodrop_operator_leader", &[]).map(|v| v == 1.0)
+    op.metric("zerodrop_operator_leader", &[]).map(|v| v == 1.0)
 }
 
 #[test]
 fn two_operator_replicas_elect_one_leader_and_the_standby_takes_over() -> anyhow::Result<()> {
     let cluster = TestCluster::start()?;
-    cluster.kubectl_ok(["apply", "-f", repo("crds/streampipeline.crd.yaml").to_str().unwrap()])?;
-    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
-    let a = Operator::start(&cluster, 27083, "operator-a.log");
-    let b = Operator::start(&cluster, 27084, "operator-b.log");
+    install_crd(&cluster)?;
+    let a = Operator::start(&cluster, 27083, "operator-a.log", &[]);
+    let b = Operator::start(&cluster, 27084, "operator-b.log", &[]);
     let (leader, standby) = cluster.wait_for("exactly one leader", Duration::from_secs(60), || {
         Ok(match (is_leader(&a), is_leader(&b)) {
             (Some(true), Some(false)) => Some((a_or_b(true), a_or_b(false))),

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -58,7 +58,7 @@ impl Context {
 }
 
 /// Runs the controller until the stream of reconciles ends (shutdown).
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, control: Option<crate::control::ControlOptions>) {
     let client = ctx.client.clone();
     let api: Api<StreamPipeline> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -72,11 +72,23 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     };
     let (sts, svc, cm, pdb) = owned(&client);
     let labelled = watcher::Config::default().labels(PIPELINE_LABEL);
-    Controller::new(api, watcher::Config::default())
+    let controller = Controller::new(api, watcher::Config::default())
         .owns(sts, labelled.clone())
         .owns(svc, labelled.clone())
         .owns(cm, labelled.clone())
-        .owns(pdb, labelled)
+        .owns(pdb, labelled.clone());
+    if let Some(opts) = control {
+        // The data-plane pods, for their IPs: one watch, shared by every round.
+        let pods: Api<Pod> = match &namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let (pod_store, writer) = reflector::store();
+        let pod_watch = watcher::watcher(pods, labelled).default_backoff().reflect(writer).for_each(|_| async {});
+        tokio::spawn(pod_watch);
+        tokio::spawn(crate::control::run(ctx.clone(), controller.store(), pod_store, opts));
+    }
+    controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -233,7 +245,6 @@ pub fn observed_status(sp: &StreamPipeline, sts: Option<&StatefulSet>) -> Stream
     let conditions = vec![
         condition(old, ConditionType::Ready, all_ready, if all_ready { "AllShardsReady" } else { "ShardsStarting" },
             &format!("{ready}/{replicas} data-plane pods ready"), generation),
-        condition(old, ConditionType::Degraded, false, "AsExpected", "no shard reports a problem", generation),
         condition(old, ConditionType::Scaling, scaling, if scaling { "ReplicasChanging" } else { "Stable" },
             &format!("{current} running, {replicas} wanted"), generation),
     ];
@@ -245,7 +256,35 @@ pub fn observed_status(sp: &StreamPipeline, sts: Option<&StatefulSet>) -> Stream
         stream_count: sp.spec.sources.len() as i32,
         streams_truncated: sp.spec.sources.len() > MAX_STATUS_STREAMS,
         streams,
+        ..StreamPipelineStatus::default()
     }
+}
+
+/// The status fields the reconcile owns, as its server-side apply patch:
+/// `Ready` and `Scaling`, the running replicas, the selector, the stream count
+/// and each stream's shard. The control loop (`control.rs`) owns `Degraded`,
+/// `policyReplicas`, `lastDecision` and the streams' figures under a field
+/// manager of its own, so neither writer resets the other's fields.
+pub fn reconcile_fields(status: &StreamPipelineStatus) -> serde_json::Value {
+    let conditions: Vec<&Condition> = status
+        .conditions
+        .iter()
+        .filter(|c| c.type_ == ConditionType::Ready.as_str() || c.type_ == ConditionType::Scaling.as_str())
+        .collect();
+    let streams: Vec<serde_json::Value> =
+        status.streams.iter().map(|s| serde_json::json!({"name": s.name, "shard": s.shard})).collect();
+    let mut fields = serde_json::json!({
+        "conditions": conditions,
+        "replicas": status.replicas,
+        "selector": status.selector,
+        "streamCount": status.stream_count,
+        "streamsTruncated": status.streams_truncated,
+        "streams": streams,
+    });
+    if let Some(g) = status.observed_generation {
+        fields["observedGeneration"] = g.into();
+    }
+    fields
 }
 
 fn invalid_status(sp: &StreamPipeline, message: &str) -> StreamPipelineStatus {
@@ -255,7 +294,7 @@ fn invalid_status(sp: &StreamPipeline, message: &str) -> StreamPipelineStatus {
 }
 
 /// A condition that keeps its last transition time while its status holds.
-fn condition(old: Option<&StreamPipelineStatus>, kind: ConditionType, status: bool, reason: &str, message: &str, generation: Option<i64>) -> Condition {
+pub(crate) fn condition(old: Option<&StreamPipelineStatus>, kind: ConditionType, status: bool, reason: &str, message: &str, generation: Option<i64>) -> Condition {
     let status = if status { "True" } else { "False" };
     let previous = old.and_then(|o| o.condition(kind));
     let last_transition_time = match previous {
@@ -272,23 +311,25 @@ fn condition(old: Option<&StreamPipelineStatus>, kind: ConditionType, status: bo
     }
 }
 
-/// Writes status only when it differs from what the object has.
+/// Writes the reconcile's status fields only when they differ from what the
+/// object has.
 async fn write_status(ctx: &Context, sp: &StreamPipeline, status: StreamPipelineStatus) -> Result<(), Error> {
-    if sp.status.as_ref() == Some(&status) {
+    let fields = reconcile_fields(&status);
+    if sp.status.as_ref().map(reconcile_fields).as_ref() == Some(&fields) {
         return Ok(());
     }
     let api: Api<StreamPipeline> = Api::namespaced(ctx.client.clone(), &sp.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "apiVersion": zerodrop_crds::API_VERSION,
         "kind": zerodrop_crds::KIND,
-        "status": status,
+        "status": fields,
     });
     api.patch_status(&sp.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
     ctx.metrics.writes.inc();
     Ok(())
 }
 
-async fn publish(ctx: &Context, sp: &StreamPipeline, type_: EventType, reason: &str, note: &str) {
+pub(crate) async fn publish(ctx: &Context, sp: &StreamPipeline, type_: EventType, reason: &str, note: &str) {
     let event = Event { type_, reason: reason.into(), note: Some(note.into()), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&event, &sp.object_ref(&())).await {
         tracing::debug!(error = %e, "event not published");
@@ -345,6 +386,23 @@ spec:
         sp.status = Some(first.clone());
         let second = observed_status(&sp, Some(&sts(2, 2)));
         assert_eq!(first, second, "same observation, same status: write_status skips it");
+    }
+
+    #[test]
+    fn the_reconcile_leaves_the_policys_status_fields_alone() {
+        let mut sp = pipeline();
+        let mut status = observed_status(&sp, Some(&sts(2, 2)));
+        assert!(status.condition(ConditionType::Degraded).is_none(), "Degraded is the control loop's");
+        let fields = reconcile_fields(&status);
+        assert!(fields.get("policyReplicas").is_none() && fields.get("lastDecision").is_none());
+        assert_eq!(fields["streams"][0].as_object().unwrap().len(), 2, "name and shard only: {fields}");
+        // What the control loop wrote does not make the reconcile write again.
+        status.policy_replicas = Some(3);
+        status.last_decision = Some("scale from 2 to 3 replicas: kernel_drops 5 above 0".into());
+        status.streams[0].frames_decoded = 1234;
+        sp.status = Some(status);
+        let again = observed_status(&sp, Some(&sts(2, 2)));
+        assert_eq!(reconcile_fields(&again), reconcile_fields(sp.status.as_ref().unwrap()));
     }
 
     #[test]

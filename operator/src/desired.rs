@@ -63,9 +63,16 @@ pub fn source_service_name(pipeline: &str, source: &str) -> String {
 }
 
 /// The replica count to run: what `kubectl scale` / an HPA set through the
-/// scale subresource (`spec.scaling.replicas`), else the policy's floor.
+/// scale subresource (`spec.scaling.replicas`); else what the control policy
+/// chose (`status.policyReplicas`) within minReplicas..maxReplicas; else the
+/// floor, minReplicas.
 pub fn replicas(sp: &StreamPipeline) -> i32 {
-    sp.spec.scaling.replicas.unwrap_or(sp.spec.scaling.min_replicas)
+    let s = &sp.spec.scaling;
+    s.replicas.unwrap_or_else(|| {
+        let floor = s.min_replicas.max(1);
+        let ceiling = s.max_replicas.max(floor);
+        sp.status.as_ref().and_then(|st| st.policy_replicas).unwrap_or(floor).clamp(floor, ceiling)
+    })
 }
 
 pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, BuildError> {
@@ -374,6 +381,21 @@ spec:
     fn replicas_default_to_the_policy_floor() {
         let d = build(&pipeline(None, "ClusterIP"), &settings()).unwrap();
         assert_eq!(d.statefulset.spec.unwrap().replicas, Some(2));
+    }
+
+    #[test]
+    fn the_policys_choice_counts_only_while_nobody_set_replicas_and_within_bounds() {
+        let with_policy = |spec: Option<i32>, chosen: i32| {
+            let mut sp = pipeline(spec, "ClusterIP");
+            sp.status = Some(zerodrop_crds::StreamPipelineStatus { policy_replicas: Some(chosen), ..Default::default() });
+            replicas(&sp)
+        };
+        assert_eq!(with_policy(None, 3), 3);
+        assert_eq!(with_policy(None, 9), 4, "clamped to maxReplicas");
+        assert_eq!(with_policy(None, 1), 2, "clamped to minReplicas");
+        assert_eq!(with_policy(Some(1), 3), 1, "spec.scaling.replicas (an HPA, kubectl scale) wins");
+        let d = build(&pipeline(None, "ClusterIP"), &settings()).unwrap();
+        assert_eq!(d.statefulset.spec.unwrap().replicas, Some(2), "no choice yet: the floor");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use kube_lease_manager::LeaseManagerBuilder;
+use zerodrop_operator::control::ControlOptions;
 use zerodrop_operator::controller::{self, Context};
 use zerodrop_operator::desired::BuildSettings;
 use zerodrop_operator::metrics::{self, OperatorMetrics};
@@ -27,6 +29,31 @@ struct Args {
     lease_namespace: String,
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Run the control loop: scrape the data-plane pods, decide with the
+    /// control policy, scale, and report in status, Events and metrics.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    control: bool,
+    /// Time between control rounds, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    control_interval_ms: u64,
+    /// Deadline of one pod's scrape, in milliseconds.
+    #[arg(long, default_value_t = 800)]
+    scrape_timeout_ms: u64,
+    /// Pod scrapes in flight at once.
+    #[arg(long, default_value_t = 64)]
+    scrape_concurrency: usize,
+    /// Port of the data-plane pods' /metrics (the pod template's `metrics` port).
+    #[arg(long, default_value_t = zerodrop_operator::desired::METRICS_PORT as u16)]
+    pod_metrics_port: u16,
+    /// After a replica change, seconds without another (the policy's cooldown).
+    #[arg(long, default_value_t = 30)]
+    scale_cooldown_s: u64,
+    /// Seconds every shard must have headroom before replicas go down.
+    #[arg(long, default_value_t = 300)]
+    scale_down_window_s: u64,
+    /// Per-stream figures in status are written at most this often, in seconds.
+    #[arg(long, default_value_t = 10)]
+    status_interval_s: u64,
 }
 
 #[tokio::main]
@@ -73,8 +100,26 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
+    let control = if args.control {
+        let settings = zerodrop_policy::Settings {
+            cooldown: Duration::from_secs(args.scale_cooldown_s),
+            scale_down_window: Duration::from_secs(args.scale_down_window_s),
+            ..zerodrop_policy::Settings::default()
+        };
+        settings.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Some(ControlOptions {
+            interval: Duration::from_millis(args.control_interval_ms.max(100)),
+            scrape_timeout: Duration::from_millis(args.scrape_timeout_ms.max(10)),
+            concurrency: args.scrape_concurrency.max(1),
+            status_interval: Duration::from_secs(args.status_interval_s),
+            metrics_port: args.pod_metrics_port,
+            settings,
+        })
+    } else {
+        None
+    };
     let ctx = Arc::new(Context::new(client, BuildSettings { dataplane_image: args.dataplane_image }, metrics));
-    controller::run(ctx, args.namespace).await;
+    controller::run(ctx, args.namespace, control).await;
     tracing::info!("zerodrop-operator stopped");
     Ok(())
 }

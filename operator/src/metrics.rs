@@ -20,8 +20,31 @@ struct PipelineLabels {
     pipeline: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    pipeline: String,
+    action: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DegradedLabels {
+    pipeline: String,
+    reason: String,
+}
+
 pub struct OperatorMetrics {
     registry: Registry,
+    /// The control policy's series, named as the data plane names its own
+    /// (`zerodrop_policy_*`), so one dashboard reads both.
+    policy_registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    degraded: Family<DegradedLabels, Gauge>,
+    degraded_now: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Time one control round took: scraping every pod and deciding.
+    pub control_round: Histogram,
+    scrape_targets: Gauge,
+    scrape_failures: Counter,
     reconciles: Family<ResultLabels, Counter>,
     duration: Histogram,
     objects: Family<PipelineLabels, Gauge>,
@@ -49,7 +72,64 @@ impl OperatorMetrics {
         registry.register_with_unit("reconcile_duration", "Time one reconcile took", Unit::Seconds, duration.clone());
         registry.register("objects_managed", "Kubernetes objects owned, per pipeline", objects.clone());
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Self { registry, reconciles, duration, objects, writes, leader }
+        let control_round = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let scrape_targets = Gauge::default();
+        let scrape_failures = Counter::default();
+        registry.register_with_unit("control_round", "Time one control round took: scraping every data-plane pod and deciding", Unit::Seconds, control_round.clone());
+        registry.register("scrape_targets", "Data-plane pods scraped in the last control round", scrape_targets.clone());
+        registry.register("scrape_failures", "Data-plane pod scrapes that failed or timed out (their figures count as missing, never as no loss)", scrape_failures.clone());
+        let mut policy_registry = Registry::with_prefix("zerodrop");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let degraded = Family::<DegradedLabels, Gauge>::default();
+        policy_registry.register("policy_decisions", "Control policy decisions by pipeline (namespace/name), action and reason", decisions.clone());
+        policy_registry.register("policy_degraded", "1 for the reason a pipeline is Degraded now (AtMaxReplicas, KernelDrops, ShardSaturated, NetworkLoss, SignalsStale); 0 once it is not", degraded.clone());
+        Self {
+            registry,
+            policy_registry,
+            decisions,
+            degraded,
+            degraded_now: std::sync::Mutex::default(),
+            control_round,
+            scrape_targets,
+            scrape_failures,
+            reconciles,
+            duration,
+            objects,
+            writes,
+            leader,
+        }
+    }
+
+    pub fn policy_decision(&self, pipeline: &str, action: &str, reason: &str) {
+        self.decisions
+            .get_or_create(&DecisionLabels { pipeline: pipeline.into(), action: action.into(), reason: reason.into() })
+            .inc();
+    }
+
+    /// Sets the pipeline's Degraded reason (`None`: not degraded).
+    pub fn degraded(&self, pipeline: &str, reason: Option<&str>) {
+        let mut now = self.degraded_now.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = now.get(pipeline).cloned();
+        if previous.as_deref() == reason {
+            return;
+        }
+        if let Some(old) = previous {
+            self.degraded.get_or_create(&DegradedLabels { pipeline: pipeline.into(), reason: old }).set(0);
+        }
+        match reason {
+            Some(r) => {
+                self.degraded.get_or_create(&DegradedLabels { pipeline: pipeline.into(), reason: r.into() }).set(1);
+                now.insert(pipeline.to_string(), r.to_string());
+            }
+            None => {
+                now.remove(pipeline);
+            }
+        }
+    }
+
+    pub fn observe_scrape_round(&self, targets: u64, failures: u64) {
+        self.scrape_targets.set(targets as i64);
+        self.scrape_failures.inc_by(failures);
     }
 
     pub fn observe_reconcile(&self, took: Duration, ok: bool) {
@@ -64,6 +144,11 @@ impl OperatorMetrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.policy_registry);
+        // One exposition: the first registry's end marker goes.
+        if out.ends_with("# EOF\n") {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
@@ -85,4 +170,22 @@ pub fn serve(addr: &str, metrics: Arc<OperatorMetrics>) -> anyhow::Result<std::n
         }
     })?;
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_series_carry_the_documented_names_in_one_exposition() {
+        let m = OperatorMetrics::new();
+        m.policy_decision("video/fleet", "scale_to", "kernel_drops");
+        m.degraded("video/fleet", Some("KernelDrops"));
+        m.degraded("video/fleet", None);
+        let text = m.encode();
+        assert!(text.contains(r#"zerodrop_policy_decisions_total{pipeline="video/fleet",action="scale_to",reason="kernel_drops"} 1"#), "{text}");
+        assert!(text.contains(r#"zerodrop_policy_degraded{pipeline="video/fleet",reason="KernelDrops"} 0"#), "{text}");
+        assert!(text.contains("zerodrop_operator_reconciles_total") || text.contains("zerodrop_operator_api_writes_total"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+    }
 }
