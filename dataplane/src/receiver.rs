@@ -139,8 +139,11 @@ impl LatencySummary {
 /// since the last request is a lower bound of the round trip (the answer is
 /// to that request or an earlier one), the time since the first an upper
 /// bound. The lower bound is taken when it exceeds the estimate (the estimate
-/// is then provably too low: retries fire before answers can come back);
-/// otherwise no sample. Never the upper bound: under bursty loss, where the
+/// is then provably too low: retries fire before answers can come back), or
+/// when there is no estimate yet (it is the best figure there is, and until
+/// one comes the retries are paced by a 30 ms guess: on a fast path a packet
+/// whose first retransmissions a burst takes gets a few tries in the budget
+/// instead of dozens); otherwise no sample. Never the upper bound: under bursty loss, where the
 /// first retransmissions are lost too, it measures the retries, not the path,
 /// and each such sample spaces the retries out further, so the next ones
 /// measure longer still (bench-repair, bursts of 20 at 5%: an estimate of
@@ -149,14 +152,14 @@ impl LatencySummary {
 fn rtt_sample(
     state: crate::jitter::NackState,
     now: Instant,
-    estimate: Duration,
+    estimate: Option<Duration>,
 ) -> Option<Duration> {
     let last = state.last?;
     let since_last = now.saturating_duration_since(last);
     match state.sent {
         0 => None,
         1 => Some(since_last),
-        _ => (since_last > estimate).then_some(since_last),
+        _ => estimate.is_none_or(|e| since_last > e).then_some(since_last),
     }
 }
 
@@ -634,9 +637,6 @@ impl Receiver {
             match rtp::parse_rtx(&datagram[offset..offset + len]) {
                 Ok(rtx) => {
                     self.metrics.retransmissions_received.inc();
-                    if !self.sender_hears_us && self.media_ssrc.is_some() {
-                        self.on_sender_found(None, now);
-                    }
                     (rtx.original_seq, offset + 2, rtx.payload.len(), true)
                 }
                 Err(_) => {
@@ -667,9 +667,14 @@ impl Receiver {
         self.base_seq = Some(self.base_seq.map_or(ext, |b| b.min(ext)));
         if retransmitted
             && let Some(state) = self.jb.nack_state(ext)
-            && let Some(sample) = rtt_sample(state, now, self.rtt.unwrap_or(DEFAULT_RTT))
+            && let Some(sample) = rtt_sample(state, now, self.rtt)
         {
             self.observe_rtt(sample);
+        }
+        // A retransmission proves the sender hears us; after its round-trip
+        // sample, since the held requests start afresh then.
+        if retransmitted && !self.sender_hears_us && self.media_ssrc.is_some() {
+            self.on_sender_found(None, now);
         }
         // The first packet of a stream that does not begin an access unit
         // means its head was lost, and nothing earlier will reveal the gap.
@@ -1417,15 +1422,18 @@ mod tests {
         let ms = Duration::from_millis;
         let state = |sent, first: u64, last: u64| NackState { sent, first: Some(t0 + ms(first)), last: Some(t0 + ms(last)) };
         // One request: exact.
-        assert_eq!(rtt_sample(state(1, 0, 0), t0 + ms(7), ms(30)), Some(ms(7)));
-        assert_eq!(rtt_sample(NackState { sent: 0, first: None, last: None }, t0, ms(30)), None);
+        assert_eq!(rtt_sample(state(1, 0, 0), t0 + ms(7), Some(ms(30))), Some(ms(7)));
+        assert_eq!(rtt_sample(NackState { sent: 0, first: None, last: None }, t0, Some(ms(30))), None);
         // A burst took the first retransmissions: the sixth request was
         // answered 1 ms later on a 1 ms path. The estimate (30 ms) is not
         // raised to the 60 ms since the first request.
-        assert_eq!(rtt_sample(state(6, 0, 59), t0 + ms(60), ms(30)), None);
+        assert_eq!(rtt_sample(state(6, 0, 59), t0 + ms(60), Some(ms(30))), None);
+        // No estimate yet: the lower bound is the best there is (the sixth
+        // request was answered; the first five's answers were lost).
+        assert_eq!(rtt_sample(state(6, 0, 59), t0 + ms(60), None), Some(ms(1)));
         // The estimate is too low (5 ms; the path takes 50): retries fired
         // before any answer, and the time since the last exceeds it.
-        assert_eq!(rtt_sample(state(4, 0, 44), t0 + ms(50), ms(5)), Some(ms(6)));
+        assert_eq!(rtt_sample(state(4, 0, 44), t0 + ms(50), Some(ms(5))), Some(ms(6)));
     }
 
     #[test]
@@ -1443,7 +1451,7 @@ mod tests {
             let first = t0 + Duration::from_millis(u64::from(i) * 100);
             let last = first + Duration::from_millis(5) * (sent - 1);
             let state = NackState { sent, first: Some(first), last: Some(last) };
-            if let Some(sample) = rtt_sample(state, last + rtt, estimate.unwrap_or(DEFAULT_RTT)) {
+            if let Some(sample) = rtt_sample(state, last + rtt, estimate) {
                 estimate = Some(estimate.map_or(sample, |e| e.mul_f64(0.875) + sample.mul_f64(0.125)));
             }
         }

@@ -600,6 +600,8 @@ fn run_once(side: Side, loss: &str, mode: Mode, seed: u64, latency_ms: u32, args
             }
             let mut stream = outcome.stream("cam").clone();
             stream["round_trip_time_s"] = rtt_s.into();
+            // The receiver's log, for --dump-dir (RUST_LOG reaches it).
+            let _ = std::fs::write(work.path().join("receiver.log"), &outcome.stderr);
             let received = read_au_log(&outcome.au_log("bench", "cam"))?;
             let n = |k: &str| stream[k].as_u64().unwrap_or(0);
             let recovered = n("packets_recovered_nack") + n("packets_recovered_fec");
@@ -630,6 +632,7 @@ fn run_once(side: Side, loss: &str, mode: Mode, seed: u64, latency_ms: u32, args
         std::fs::write(dir.join(format!("{name}.received")), text)?;
         let _ = std::fs::copy(work.path().join("sender.log"), dir.join(format!("{name}.sender.log")));
         let _ = std::fs::copy(work.path().join("gst-receiver.log"), dir.join(format!("{name}.gst-receiver.log")));
+        let _ = std::fs::copy(work.path().join("receiver.log"), dir.join(format!("{name}.receiver.log")));
     }
     let media_packets_sent = sent.summary["packets_sent"].as_u64().unwrap_or(0);
     let mut model = spec.model(seed);
