@@ -92,6 +92,9 @@ pub struct DepayCounters {
     /// Keyframes that arrived without parameter sets and were handed on with
     /// the out-of-band ones put in front (`set_out_of_band_parameter_sets`).
     pub parameter_sets_inserted: u64,
+    /// Marker bits on a packet before any slice of its access unit (ignored:
+    /// the unit goes on until a slice has come).
+    pub early_markers: u64,
 }
 
 /// Distinct parameter sets an access unit remembers to spot repeats.
@@ -168,6 +171,9 @@ pub struct Depacketizer {
     /// The sender's out-of-band parameter sets in Annex B form; empty when
     /// they come in band.
     out_of_band_parameter_sets: Vec<u8>,
+    /// What a marked packet before any slice of the unit carried (see
+    /// `push_packet`), for the picture that follows with the same timestamp.
+    early_parameter_sets: Vec<u8>,
 }
 
 impl Depacketizer {
@@ -186,6 +192,7 @@ impl Depacketizer {
             counters: DepayCounters::default(),
             spare: Vec::new(),
             out_of_band_parameter_sets: Vec::new(),
+            early_parameter_sets: Vec::new(),
         }
     }
 
@@ -298,7 +305,22 @@ impl Depacketizer {
         self.loss_pending = false;
         if let Some(mut b) = self.building.take() {
             self.append(&mut b, payload);
-            if marker {
+            // The marker ends the access unit (RFC 6184 §5.1, RFC 7798
+            // §4.1), but only once a slice is in it: GStreamer's rtph264pay
+            // marks the packet of parameter sets it sends ahead of a forced
+            // keyframe (after a PLI), and the picture follows with the same
+            // timestamp. Finishing there would count one frame twice and hand
+            // on the keyframe without its parameter sets.
+            if marker && !b.vcl_seen && !b.malformed && !b.damaged && !b.in_fu {
+                // Kept for the picture, whose unit goes on: put in front of
+                // it if it comes without parameter sets of its own.
+                self.counters.early_markers += 1;
+                self.early_parameter_sets.clear();
+                self.early_parameter_sets.extend_from_slice(&b.data);
+                b.data.clear();
+                b.parameter_set_count = 0;
+                self.building = Some(b);
+            } else if marker {
                 self.finish(b, out);
             } else {
                 self.building = Some(b);
@@ -344,6 +366,8 @@ impl Depacketizer {
     }
 
     fn finish(&mut self, b: Building, out: &mut Vec<DepayEvent>) {
+        // Parameter sets of an early marker belong to this unit only.
+        let early = std::mem::take(&mut self.early_parameter_sets);
         if let Some(last) = self.last_timestamp {
             let step = b.timestamp.wrapping_sub(last);
             if step > 0 && step < u32::MAX / 2 {
@@ -395,10 +419,15 @@ impl Depacketizer {
         self.waiting_for_keyframe = false;
         self.started = true;
         let mut data = b.data;
-        if b.keyframe && b.parameter_set_count == 0 && !self.out_of_band_parameter_sets.is_empty() {
-            data.splice(0..0, self.out_of_band_parameter_sets.iter().copied());
-            self.counters.parameter_sets_inserted += 1;
+        if b.keyframe && b.parameter_set_count == 0 {
+            if !early.is_empty() {
+                data.splice(0..0, early.iter().copied());
+            } else if !self.out_of_band_parameter_sets.is_empty() {
+                data.splice(0..0, self.out_of_band_parameter_sets.iter().copied());
+                self.counters.parameter_sets_inserted += 1;
+            }
         }
+
         out.push(DepayEvent::Frame(AccessUnit {
             data,
             rtp_timestamp: b.timestamp,
@@ -849,6 +878,29 @@ mod tests {
         d.push_packet(IDR, 3000, true, t, &mut out);
         assert_eq!(frames(&out), vec![(0, true)]);
         assert_eq!(d.counters().parameter_sets_inserted, 0);
+    }
+
+    #[test]
+    fn a_marker_on_the_parameter_sets_ahead_of_a_keyframe_does_not_end_it() {
+        // rtph264pay after a forced keyframe: a STAP-A of SPS and PPS with
+        // the marker set, then the IDR picture with the same timestamp.
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        d.push_packet(IDR, 0, true, t, &mut out);
+        d.push_packet(P, 3000, true, t, &mut out);
+        d.push_packet(&stap_a(&[SPS, PPS]), 6000, true, t, &mut out);
+        let big_idr: Vec<u8> = [0x65u8, 0x88].iter().copied().chain((0..2000).map(|i| (i % 251) as u8)).collect();
+        let parts = fu_a(&big_idr, 900);
+        for (i, p) in parts.iter().enumerate() {
+            d.push_packet(p, 6000, i == parts.len() - 1, t, &mut out);
+        }
+        d.push_packet(P, 9000, true, t, &mut out);
+        assert_eq!(frames(&out), vec![(0, true), (3000, false), (6000, true), (9000, false)], "one frame per timestamp");
+        assert_eq!(dropped(&out), 0);
+        let DepayEvent::Frame(au) = &out[2] else { panic!("{:?}", out[2]) };
+        assert_eq!(au.nal_units().collect::<Vec<_>>(), vec![SPS, PPS, &big_idr[..]], "the keyframe keeps its parameter sets");
+        assert_eq!(d.counters().early_markers, 1);
     }
 
     #[test]
