@@ -135,31 +135,40 @@ impl LatencySummary {
 
 /// A round-trip sample from a retransmission that arrived for a packet
 /// asked for `state.sent` times. Answering a single request, it is exact.
-/// After several, which request it answers is ambiguous (Karn): the time
-/// since the last request is a lower bound of the round trip (the answer is
-/// to that request or an earlier one), the time since the first an upper
-/// bound. The lower bound is taken when it exceeds the estimate (the estimate
-/// is then provably too low: retries fire before answers can come back), or
-/// when there is no estimate yet (it is the best figure there is, and until
-/// one comes the retries are paced by a 30 ms guess: on a fast path a packet
-/// whose first retransmissions a burst takes gets a few tries in the budget
-/// instead of dozens); otherwise no sample. Never the upper bound: under bursty loss, where the
-/// first retransmissions are lost too, it measures the retries, not the path,
-/// and each such sample spaces the retries out further, so the next ones
-/// measure longer still (bench-repair, bursts of 20 at 5%: an estimate of
-/// 13 ms on loopback, where the path's round trip is 0.1 ms, and packets
-/// given up with 150 ms of their budget left).
+/// After several, which request it answers is ambiguous (Karn); with `e` the
+/// estimate (30 ms before any):
+/// - with no estimate yet, an answer sooner than e/2 after the last request
+///   answers that request: the time since the last (the first figure; later
+///   ones correct it);
+/// - an answer e/2 or more after the last request most likely answers an
+///   earlier one, and the estimate is too low (retries fired before answers
+///   could come): the time since the first, an upper bound, taken only up to
+///   2e, so one sample at most doubles the estimate;
+/// - else the time since the last, a lower bound, when it exceeds e; else
+///   nothing (an answer soon after a retry may be an earlier request's, and
+///   taking it would pull the estimate down and the retries with it).
+///
+/// The bound matters under bursty loss, where the first retransmissions are
+/// lost too: the time since the first request then measures the retries,
+/// not the path, and fed itself unbounded (bench-repair, bursts of 20 at 5%:
+/// 13 ms on a 0.1 ms loopback path, packets given up with budget left). On a
+/// slow path (60 ms) before any measurement, the first answers come after
+/// the first retry, and the upper bound finds the round trip at once.
 fn rtt_sample(
     state: crate::jitter::NackState,
     now: Instant,
     estimate: Option<Duration>,
 ) -> Option<Duration> {
-    let last = state.last?;
+    let (first, last) = (state.first?, state.last?);
     let since_last = now.saturating_duration_since(last);
+    let since_first = now.saturating_duration_since(first);
+    let e = estimate.unwrap_or(DEFAULT_RTT);
     match state.sent {
         0 => None,
         1 => Some(since_last),
-        _ => estimate.is_none_or(|e| since_last > e).then_some(since_last),
+        _ if estimate.is_none() && since_last < e / 2 => Some(since_last),
+        _ if since_last >= e / 2 && since_first <= e * 2 => Some(since_first),
+        _ => (since_last > e).then_some(since_last),
     }
 }
 
@@ -1417,7 +1426,7 @@ mod tests {
     use crate::jitter::NackState;
 
     #[test]
-    fn rtt_samples_take_exact_answers_and_lower_bounds_never_the_time_since_the_first_request() {
+    fn rtt_samples_take_exact_answers_and_bounded_upper_bounds() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let state = |sent, first: u64, last: u64| NackState { sent, first: Some(t0 + ms(first)), last: Some(t0 + ms(last)) };
@@ -1425,15 +1434,18 @@ mod tests {
         assert_eq!(rtt_sample(state(1, 0, 0), t0 + ms(7), Some(ms(30))), Some(ms(7)));
         assert_eq!(rtt_sample(NackState { sent: 0, first: None, last: None }, t0, Some(ms(30))), None);
         // A burst took the first retransmissions: the sixth request was
-        // answered 1 ms later on a 1 ms path. The estimate (30 ms) is not
-        // raised to the 60 ms since the first request.
+        // answered 1 ms later on a 1 ms path. Not the 60 ms since the first.
         assert_eq!(rtt_sample(state(6, 0, 59), t0 + ms(60), Some(ms(30))), None);
-        // No estimate yet: the lower bound is the best there is (the sixth
-        // request was answered; the first five's answers were lost).
-        assert_eq!(rtt_sample(state(6, 0, 59), t0 + ms(60), None), Some(ms(1)));
-        // The estimate is too low (5 ms; the path takes 50): retries fired
-        // before any answer, and the time since the last exceeds it.
-        assert_eq!(rtt_sample(state(4, 0, 44), t0 + ms(50), Some(ms(5))), Some(ms(6)));
+        assert_eq!(rtt_sample(state(6, 0, 59), t0 + ms(60), None), Some(ms(1)), "the first figure");
+        // A 60 ms path, no estimate yet (30 ms): retried at 37.5 ms, the
+        // first request's answer comes 22.5 ms later: the round trip is found.
+        let t = |us: u64| t0 + Duration::from_micros(us);
+        let s = NackState { sent: 2, first: Some(t0), last: Some(t(37_500)) };
+        assert_eq!(rtt_sample(s, t(60_000), None), Some(ms(60)));
+        // ... but an upper bound never more than doubles the estimate.
+        assert_eq!(rtt_sample(s, t(60_000), Some(ms(20))), Some(Duration::from_micros(22_500)));
+        assert_eq!(rtt_sample(state(3, 0, 90), t0 + ms(100), Some(ms(8))), Some(ms(10)), "lower bound above the estimate");
+        assert_eq!(rtt_sample(state(3, 0, 90), t0 + ms(100), Some(ms(12))), None);
     }
 
     #[test]
