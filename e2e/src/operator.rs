@@ -1,8 +1,10 @@
 //! A real `zerodrop-operator` process against a [`crate::cluster::TestCluster`],
 //! with its `/metrics` at hand.
 
+use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use crate::cluster::TestCluster;
 use crate::runner::{http_get, metric_value, zerodrop_bin};
@@ -73,3 +75,88 @@ impl Drop for OperatorProcess {
         let _ = self.child.wait();
     }
 }
+
+/// `kubectl get … -o json`, parsed.
+pub fn kubectl_json(cluster: &TestCluster, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&cluster.kubectl_ok(all).unwrap()).unwrap()
+}
+
+/// A one-stream pipeline with the smallest receive buffer the API allows, so
+/// that a shard that stalls for a moment overflows it. `replicas`: a fixed
+/// count (another owner), or `None` for the policy's.
+pub fn stall_prone_pipeline(name: &str, port: u16, max_replicas: u32, replicas: Option<i32>) -> String {
+    let fixed = replicas.map(|r| format!(", replicas: {r}")).unwrap_or_default();
+    format!(
+        "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: {name}}}\nspec:\n  \
+         scaling: {{minReplicas: 1, maxReplicas: {max_replicas}{fixed}}}\n  decode: {{decoder: software}}\n  sources:\n    \
+         - {{name: cam-0, codec: h264, transport: {{rtp: {{listenAddress: 127.0.0.1, port: {port}, receiveBufferBytes: 65536}}}}}}\n"
+    )
+}
+
+/// A data-plane pod (shard 0) as a host process bound to the pod's IP:
+/// kwok must hand out loopback pod IPs (`ClusterOptions::pod_cidr` in
+/// 127.0.0.0/8), so that the operator, which scrapes `podIP:9464`, reads it.
+pub struct PodProcess {
+    child: Child,
+}
+
+impl PodProcess {
+    /// Waits for the pod's IP and the rendered ConfigMap, then runs shard 0.
+    pub fn start(cluster: &TestCluster, pipeline: &str) -> anyhow::Result<PodProcess> {
+        let pod = format!("{pipeline}-dataplane-0");
+        let ip = cluster.wait_for(&format!("{pod} to have an IP"), Duration::from_secs(60), || {
+            let out = cluster.kubectl(["get", "pod", &pod, "-o", "jsonpath={.status.podIP}"]);
+            Ok((out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+        })?;
+        assert!(ip.starts_with("127.1."), "kwok gives loopback pod IPs here: {ip}");
+        let config = cluster.wait_for("the rendered ConfigMap", Duration::from_secs(60), || {
+            let out = cluster.kubectl(["get", "configmap", &format!("{pipeline}-config"), "-o", "jsonpath={.data.pipeline\\.yaml}"]);
+            Ok((out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+        })?;
+        let file = cluster.dir().join(format!("{pipeline}.yaml"));
+        std::fs::write(&file, config)?;
+        let log = std::fs::File::create(cluster.dir().join(format!("{pod}.log")))?;
+        let metrics = format!("{ip}:9464");
+        let child = Command::new(zerodrop_bin())
+            .args(["pod", "--config"])
+            .arg(&file)
+            .args(["--pod-name", &pod, "--metrics-addr", &metrics, "--kernel-drops", "procfs", "--no-decode"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let process = PodProcess { child };
+        cluster.wait_for(&format!("{pod} ready"), Duration::from_secs(30), || {
+            Ok(http_get(metrics.parse()?, "/readyz").is_ok_and(|r| r.contains(" 200 ")).then_some(()))
+        })?;
+        Ok(process)
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Stalls the process, fills its socket past the receive buffer, and
+    /// lets it go on: the kernel drops what did not fit.
+    pub fn stall_and_flood(&self, port: u16) {
+        self.signal(libc::SIGSTOP);
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let datagram = [0u8; 1200];
+        for _ in 0..2000 {
+            let _ = socket.send_to(&datagram, ("127.0.0.1", port));
+        }
+        self.signal(libc::SIGCONT);
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.signal(libc::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
