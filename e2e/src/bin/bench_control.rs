@@ -7,6 +7,7 @@
 //! harness, and their delays are set by those periods, not by their code).
 //!
 //! ```text
+//! cargo build --release -p zerodrop-dataplane -p zerodrop-operator
 //! cargo run --release -p zerodrop-e2e --bin bench-control -- [--trials 20] [--seed 1]
 //! ```
 //!
@@ -83,6 +84,21 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.trials >= 1, "--trials must be at least 1");
     let root = results::workspace_root();
     let meta = ResultsMeta::start("bench-control", &root, true, args.allow_dirty)?;
+    // The binaries of this profile, beside this one (`cargo build --release
+    // -p zerodrop-dataplane -p zerodrop-operator`).
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("bench binary has no directory")?;
+    for bin in ["zerodrop", "zerodrop-operator"] {
+        anyhow::ensure!(
+            dir.join(bin).exists(),
+            "{} not found: cargo build --release -p zerodrop-dataplane -p zerodrop-operator first",
+            dir.join(bin).display()
+        );
+    }
+    if std::env::var_os("ZERODROP_BIN").is_none() {
+        // SAFETY: set before any thread is started; the e2e helpers read it.
+        unsafe { std::env::set_var("ZERODROP_BIN", dir.join("zerodrop")) };
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let cluster = TestCluster::start_with(ClusterOptions { pod_cidr: "127.1.0.1/16".into(), ..ClusterOptions::default() })?;
     install_crd(&cluster)?;
