@@ -144,7 +144,15 @@ fn main() -> anyhow::Result<()> {
         drop(pod);
         cluster.kubectl_ok(["delete", "sp", &name, "--wait=false"])?;
     }
-    let decisions = operator.metric("zerodrop_policy_decisions_total", &["action=\"scale_to\"", "reason=\"kernel_drops\""]);
+    // scale_to decisions for kernel drops, summed over the trials' pipelines
+    // (one each when every overload was answered once).
+    let decisions: f64 = operator
+        .metrics_text()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("zerodrop_policy_decisions_total{") && l.contains("action=\"scale_to\"") && l.contains("reason=\"kernel_drops\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
     let hpa: Vec<f64> = trials.iter().map(|t| t["hpa_s"].as_f64().unwrap()).collect();
     let keda: Vec<f64> = trials.iter().map(|t| t["keda_s"].as_f64().unwrap()).collect();
     let json = serde_json::json!({
