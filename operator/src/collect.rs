@@ -244,24 +244,22 @@ fn stream_entry<'a>(streams: &'a mut Vec<StreamSignals>, name: &str) -> &'a mut 
 
 /// Appends in time order (a sample older than the newest is dropped: the
 /// policy refuses windows out of order) and trims to `history`.
-fn push(shard: &mut ShardSignals, sample: ShardSample, now: Timestamp, history: Duration) {
-    if shard.samples.last().is_some_and(|last| last.at > sample.at) {
+fn push_sample<S>(samples: &mut Vec<S>, sample: S, at: fn(&S) -> Timestamp, now: Timestamp, history: Duration) {
+    if samples.last().is_some_and(|last| at(last) > at(&sample)) {
         return;
     }
-    shard.samples.push(sample);
+    samples.push(sample);
     let cut = now.saturating_sub(history);
-    let old = shard.samples.iter().take_while(|s| s.at < cut).count();
-    shard.samples.drain(..old);
+    let old = samples.iter().take_while(|s| at(s) < cut).count();
+    samples.drain(..old);
+}
+
+fn push(shard: &mut ShardSignals, sample: ShardSample, now: Timestamp, history: Duration) {
+    push_sample(&mut shard.samples, sample, |s| s.at, now, history);
 }
 
 fn push_stream(stream: &mut StreamSignals, sample: StreamSample, now: Timestamp, history: Duration) {
-    if stream.samples.last().is_some_and(|last| last.at > sample.at) {
-        return;
-    }
-    stream.samples.push(sample);
-    let cut = now.saturating_sub(history);
-    let old = stream.samples.iter().take_while(|s| s.at < cut).count();
-    stream.samples.drain(..old);
+    push_sample(&mut stream.samples, sample, |s| s.at, now, history);
 }
 
 #[cfg(test)]
