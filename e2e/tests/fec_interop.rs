@@ -207,8 +207,16 @@ fn fec_and_nack_together_nack_only_what_fec_cannot_rebuild_in_time() {
     // matrix later) were asked for at once, and FEC or the retransmission,
     // whichever came first, filled them.
     assert!(n("nacks_avoided") > n("packets_lost") / 5, "FEC rebuilt packets before any request");
+    // Over this 60 ms round trip a packet NACK repairs costs about two
+    // retransmissions (the first retry often leaves before the first answer
+    // is back: 168-171 retransmissions for the 80 NACK repaired in runs of
+    // this test), so without FEC the 170 losses would cost about 340. With
+    // FEC rebuilding about half before anyone asks, the total stays near the
+    // loss count; the bound leaves room for run-to-run spread, not for FEC
+    // doing nothing.
     let rtx_sent = sent_summary["rtx_sent"].as_u64().unwrap();
-    assert!(rtx_sent < n("packets_lost"), "FEC spared retransmissions: {rtx_sent} for {} lost", n("packets_lost"));
+    let lost = n("packets_lost");
+    assert!(rtx_sent < lost + lost / 5, "FEC spared retransmissions: {rtx_sent} for {lost} lost");
     let sent = read_digests(&hashes).unwrap();
     let received = read_digests(&outcome.au_log("fec", "gst")).unwrap();
     assert_eq!(zerodrop_e2e::compare_digests(&sent, &received), None);
