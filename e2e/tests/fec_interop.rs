@@ -209,7 +209,7 @@ fn fec_and_nack_together_nack_only_what_fec_cannot_rebuild_in_time() {
     assert!(n("nacks_avoided") > n("packets_lost") / 5, "FEC rebuilt packets before any request");
     // Over this 60 ms round trip a packet NACK repairs costs about two
     // retransmissions (the first retry often leaves before the first answer
-    // is back: 168-171 retransmissions for the 80 NACK repaired in runs of
+    // is back: 168-179 retransmissions for the ~80 NACK repaired in runs of
     // this test), so without FEC the 170 losses would cost about 340. With
     // FEC rebuilding about half before anyone asks, the total stays near the
     // loss count; the bound leaves room for run-to-run spread, not for FEC
