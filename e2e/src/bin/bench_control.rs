@@ -119,7 +119,9 @@ fn main() -> anyhow::Result<()> {
             }) && sp["status"]["policyReplicas"] == 1;
             Ok(healthy.then_some(()))
         })?;
-        // Every phase of the operator's round.
+        // Not a wait for anything: a seeded random offset, so that the onsets
+        // fall at every phase of the operator's 1 s round (the reaction
+        // depends on it).
         std::thread::sleep(interval.mul_f64(rng.random::<f64>()));
         pod.stall_and_flood(port);
         let onset = Instant::now();
