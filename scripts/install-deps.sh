@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what ZeroDrop needs to build and test on Debian bookworm:
 # GStreamer 1.22 with its plugin sets and dev headers, ffmpeg, and the tools
-# the tests drive. Safe to run again; skips apt when everything is present.
+# the tests drive (among them Prometheus 2.42 and promtool, which the chart's
+# alert and dashboard tests run). Safe to run again; skips apt when everything
+# is present.
 set -euo pipefail
 
 PACKAGES=(
@@ -11,6 +13,7 @@ PACKAGES=(
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   ffmpeg iproute2 nftables curl python3 openssl unzip
   clang libbpf-dev bpftool linux-libc-dev
+  prometheus
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
@@ -23,9 +26,25 @@ done
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
+# Debian's prometheus package starts a Prometheus daemon on :9090 from its
+# postinst (invoke-rc.d / deb-systemd-invoke). The tests only need the
+# binaries and start their own Prometheus on a free port, so while apt runs a
+# policy-rc.d (exit 101: "action forbidden") lets no package start a service.
+# One that is already there (container images ship one) is left alone.
+POLICY_RC_D=/usr/sbin/policy-rc.d
+OWN_POLICY=""
+remove_own_policy() { if [ -n "$OWN_POLICY" ]; then $SUDO rm -f "$POLICY_RC_D"; OWN_POLICY=""; fi; }
+trap remove_own_policy EXIT
+
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${#missing[@]} Debian package(s): ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  if [ ! -e "$POLICY_RC_D" ]; then
+    printf '#!/bin/sh\n# scripts/install-deps.sh: no service starts while it installs packages\nexit 101\n' \
+      | $SUDO tee "$POLICY_RC_D" >/dev/null
+    $SUDO chmod 755 "$POLICY_RC_D"
+    OWN_POLICY=1
+  fi
   $SUDO apt-get update -qq
   if ! $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
     # An interrupted earlier install leaves dpkg half-configured: repair once, retry once.
@@ -33,9 +52,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO dpkg --configure -a || true
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
+  remove_own_policy
+  if printf '%s\n' "${missing[@]}" | grep -qx prometheus && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    # Under systemd the package also enabled its unit for the next boot.
+    log "disabling the packaged prometheus service (the tests run their own)"
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 else
   log "Debian packages present"
 fi
+log "$(prometheus --version 2>&1 | head -1); promtool at $(command -v promtool)"
 
 if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"

@@ -1,14 +1,15 @@
 //! Support for the end-to-end tests in `tests/` and the `bench-repair`
 //! benchmark: a GStreamer reference sender (rtpbin + rtprtxsend + x264enc,
 //! nothing of ours on the sending side), GStreamer's own repairing receiver
-//! (rtpbin + rtprtxreceive) instrumented like ours, and a handle on a real
-//! `zerodrop run` process.
+//! (rtpbin + rtprtxreceive) instrumented like ours, a handle on a real
+//! `zerodrop run` process, and a real Prometheus to query.
 
 pub mod cluster;
 pub mod gst_fec_sender;
 pub mod gst_receiver;
 pub mod gst_sender;
 pub mod operator;
+pub mod prometheus;
 pub mod replay;
 pub mod results;
 pub mod runner;
