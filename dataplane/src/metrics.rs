@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,11 +21,30 @@ pub struct StreamLabels {
     pub stream: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+/// How a missing packet came back: the `method` label of
+/// `zerodrop_rtp_packets_recovered_total`, written lowercase as the README
+/// documents (`nack`, `reorder`, `fec`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum RepairMethod {
     Nack,
     Reorder,
     Fec,
+}
+
+impl RepairMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepairMethod::Nack => "nack",
+            RepairMethod::Reorder => "reorder",
+            RepairMethod::Fec => "fec",
+        }
+    }
+}
+
+impl EncodeLabelValue for RepairMethod {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -701,6 +720,21 @@ mod tests {
         assert!(text.contains("# TYPE zerodrop_frame_latency_seconds histogram"));
         assert!(text.trim_end().ends_with("# EOF"));
         assert_eq!(s.frames_dropped_total.get(), 2);
+    }
+
+    #[test]
+    fn repair_methods_are_written_lowercase_as_documented() {
+        let m = Metrics::new();
+        let s = m.stream("p", "s");
+        s.recovered_nack.inc();
+        s.recovered_reorder.inc_by(2);
+        s.recovered_fec.inc_by(3);
+        let text = m.encode();
+        for (method, n) in [("nack", 1), ("reorder", 2), ("fec", 3)] {
+            let line = format!(r#"zerodrop_rtp_packets_recovered_total{{pipeline="p",stream="s",method="{method}"}} {n}"#);
+            assert!(text.contains(&line), "{line} in:\n{text}");
+        }
+        assert!(!text.contains(r#"method="N"#) && !text.contains(r#"method="F"#) && !text.contains(r#"method="R"#), "{text}");
     }
 
     #[test]

@@ -208,6 +208,19 @@ impl DegradedReason {
             DegradedReason::SignalsStale => "SignalsStale",
         }
     }
+
+    /// The same reason as a metric label value, lowercase like every label
+    /// value the project exports: `at_max_replicas`, `kernel_drops`,
+    /// `shard_saturated`, `network_loss`, `signals_stale`.
+    pub fn label(self) -> &'static str {
+        match self {
+            DegradedReason::AtMaxReplicas => "at_max_replicas",
+            DegradedReason::KernelDrops => "kernel_drops",
+            DegradedReason::ShardSaturated => "shard_saturated",
+            DegradedReason::NetworkLoss => "network_loss",
+            DegradedReason::SignalsStale => "signals_stale",
+        }
+    }
 }
 
 /// The pipeline's health now, from the newest fresh samples: every reason that
