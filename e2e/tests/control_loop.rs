@@ -110,3 +110,180 @@ fn kernel_drops_scale_a_policy_owned_pipeline_within_5_s_and_an_hpa_owned_one_is
     drop((auto, hpa));
     Ok(())
 }
+
+/// The node agent (`zerodrop-agent`, eBPF) counts the kernel's drops by the
+/// packet's destination address and port and the kernel's reason; the
+/// operator joins them to the stream whose pod has that IP and whose sockets
+/// have that port, and shows them by reason in status, beside the pod's own
+/// per-socket count of the same drops.
+#[test]
+fn the_node_agents_drops_join_the_stream_by_pod_ip_and_port_with_the_kernels_reason() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true forbids skipping: the node agent needs root for eBPF");
+        eprintln!("SKIPPED: the node agent needs root for eBPF");
+        return Ok(());
+    }
+    let agent_bin = zerodrop_e2e::runner::zerodrop_bin().with_file_name("zerodrop-agent");
+    anyhow::ensure!(agent_bin.is_file(), "{} is missing: cargo build --workspace", agent_bin.display());
+    let cluster = TestCluster::start_with(ClusterOptions { pod_cidr: "127.1.0.1/16".into(), ..ClusterOptions::default() })?;
+    install_crd(&cluster)?;
+    let agent_addr = "127.0.0.1:27195";
+    let agent_log = std::fs::File::create(cluster.dir().join("agent.log"))?;
+    let mut agent = std::process::Command::new(&agent_bin)
+        .args(["--mode", "ebpf", "--listen", agent_addr])
+        .stdout(agent_log.try_clone()?)
+        .stderr(agent_log)
+        .spawn()?;
+    let result = (|| -> anyhow::Result<()> {
+        cluster.wait_for("the agent counting with eBPF", Duration::from_secs(30), || {
+            Ok(zerodrop_e2e::runner::http_get(agent_addr.parse()?, "/healthz").is_ok_and(|r| r.contains("ok (ebpf)")).then_some(()))
+        })?;
+        let operator = OperatorProcess::start(&cluster, 27196, "operator.log", &["--agent-endpoints", agent_addr, "--status-interval-s", "1"]);
+        // Bound to every address (the default), as in a pod: packets come to the pod's IP.
+        cluster.apply_yaml(
+            "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {name: joined}\nspec:\n  \
+             scaling: {minReplicas: 1, maxReplicas: 2, replicas: 1}\n  decode: {decoder: software}\n  sources:\n    \
+             - {name: cam-0, codec: h264, transport: {rtp: {port: 28030, receiveBufferBytes: 65536}}}\n",
+        )?;
+        let pod = PodProcess::start(&cluster, "joined")?;
+        let ip = cluster.kubectl_ok(["get", "pod", "joined-dataplane-0", "-o", "jsonpath={.status.podIP}"])?;
+        cluster.wait_for("the pipeline read and healthy", Duration::from_secs(60), || {
+            let sp = json(&cluster, &["get", "sp", "joined"]);
+            Ok((degraded(&sp) == Some(("False".into(), "AsExpected".into()))).then_some(()))
+        })?;
+        pod.stall_and_flood_to(format!("{}:28030", ip.trim()).parse()?);
+        let stream = cluster.wait_for("drops by reason in status", Duration::from_secs(20), || {
+            let sp = json(&cluster, &["get", "sp", "joined"]);
+            let s = sp["status"]["streams"][0].clone();
+            Ok((s["kernelDropsByReason"]["SOCKET_RCVBUFF"].as_u64().unwrap_or(0) > 0 && s["kernelDrops"].as_u64().unwrap_or(0) > 0).then_some(s))
+        })?;
+        let by_agent = stream["kernelDropsByReason"]["SOCKET_RCVBUFF"].as_u64().unwrap();
+        let by_pod = stream["kernelDrops"].as_u64().unwrap();
+        eprintln!("drops: agent {by_agent} (SOCKET_RCVBUFF), pod {by_pod}: {stream}");
+        assert_eq!(by_agent, by_pod, "the same drops, counted by the kernel's tracepoint and by the socket");
+        assert!(stream["kernelDropsByReason"].as_object().unwrap().keys().all(|r| r == "SOCKET_RCVBUFF"), "{stream}");
+        // The policy saw them: a replica change it may not make (replicas are fixed), reported.
+        cluster.wait_for("a would-scale Event", Duration::from_secs(20), || {
+            Ok(events(&cluster, "joined").into_iter().find(|(r, m)| r == "KernelDrops" && m.contains("would scale from 1 to 2")))
+        })?;
+        drop((pod, operator));
+        Ok(())
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    result
+}
+
+/// Path loss in the cluster: the pod that receives a stream runs the bitrate
+/// half of the policy (its RTCP session is there). Loss beyond repair steps
+/// the stream down its ladder by TMMBR to our sender; the operator reads the
+/// rendition from the pod and shows it in status; when the loss is over and
+/// `upgradeAfterSeconds` of health have passed, the stream steps back up and
+/// status follows.
+#[test]
+fn path_loss_steps_the_stream_down_in_its_pod_and_status_shows_the_rendition_until_it_recovers() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_with(ClusterOptions { pod_cidr: "127.1.0.1/16".into(), ..ClusterOptions::default() })?;
+    install_crd(&cluster)?;
+    let _operator = OperatorProcess::start(&cluster, 27197, "operator.log", &["--status-interval-s", "1"]);
+    let port = 28040;
+    cluster.apply_yaml(&format!(
+        "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: ladder}}\nspec:\n  \
+         scaling: {{minReplicas: 1, maxReplicas: 2, replicas: 1}}\n  decode: {{decoder: software}}\n  \
+         bitratePolicy:\n    downgradeLossPercent: 0.5\n    downgradeWindowSeconds: 2\n    upgradeAfterSeconds: 4\n    \
+         renditions:\n      - {{name: high, bitrateKbps: 1500}}\n      - {{name: low, bitrateKbps: 300}}\n  sources:\n    \
+         - {{name: cam, codec: h264, rtxPayloadType: 97, transport: {{rtp: {{listenAddress: 127.0.0.1, port: {port}}}}}}}\n"
+    ))?;
+    let pod = PodProcess::start(&cluster, "ladder")?;
+    // One packet in four lost for the first 1000 packets (about 6 s at
+    // 1.5 Mbit/s), then none.
+    let trace = cluster.dir().join("loss.txt");
+    std::fs::write(&trace, (0..1000).map(|i| if i % 4 == 1 { '1' } else { '0' }).collect::<String>())?;
+    let summary = cluster.dir().join("sent.json");
+    let mut sender = std::process::Command::new(zerodrop_e2e::runner::zerodrop_bin())
+        .args(["send", "--dest", &format!("127.0.0.1:{port}"), "--width", "320", "--height", "240", "--pattern", "snow"])
+        .args(["--bitrate", "1500", "--frames", "900", "--rtx-pt", "97", "--quiet"])
+        .arg("--loss")
+        .arg(format!("trace:{},end=stop", trace.display()))
+        .arg("--summary-json")
+        .arg(&summary)
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let rendition = |cluster: &TestCluster| json(cluster, &["get", "sp", "ladder"])["status"]["streams"][0]["rendition"].as_str().map(str::to_string);
+    let result = (|| -> anyhow::Result<()> {
+        cluster.wait_for("status: rendition low", Duration::from_secs(30), || Ok((rendition(&cluster).as_deref() == Some("low")).then_some(())))?;
+        cluster.wait_for("status: rendition high again", Duration::from_secs(40), || Ok((rendition(&cluster).as_deref() == Some("high")).then_some(())))?;
+        Ok(())
+    })();
+    let sent_ok = sender.wait()?.success();
+    drop(pod);
+    result?;
+    assert!(sent_ok, "the sender exits 0");
+    let sent: Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+    assert_eq!(sent["tmmbrs_received"].as_u64(), Some(2), "one TMMBR down, one up: {sent}");
+    Ok(())
+}
+
+/// The optional signal source: the operator reads the pods' figures from a
+/// real Prometheus (Debian's) that scrapes them, labelled as the chart's
+/// PodMonitor labels them, instead of scraping the pods itself. Status gets
+/// the figures, and a shard's kernel drops still scale the pipeline.
+#[test]
+fn with_prometheus_as_the_signal_source_the_loop_reads_the_pods_through_it_and_scales() -> anyhow::Result<()> {
+    let Some(prometheus_bin) = zerodrop_e2e::prometheus::require_tool("prometheus") else { return Ok(()) };
+    let cluster = TestCluster::start_with(ClusterOptions { pod_cidr: "127.1.0.1/16".into(), ..ClusterOptions::default() })?;
+    install_crd(&cluster)?;
+    // Prometheus finds the pod through a file, written once kwok gives the pod its IP
+    // (as a PodMonitor would find it, with the same namespace and pod labels).
+    let targets = cluster.dir().join("targets.json");
+    std::fs::write(&targets, "[]")?;
+    let prometheus = zerodrop_e2e::prometheus::Prometheus::start(
+        &prometheus_bin,
+        &format!(
+            "global: {{scrape_interval: 1s, scrape_timeout: 900ms}}\nscrape_configs:\n  - job_name: dataplane\n    \
+             file_sd_configs:\n      - files: ['{}']\n",
+            targets.display()
+        ),
+    )?;
+    let url = format!("http://{}", prometheus.addr);
+    let operator = OperatorProcess::start(
+        &cluster,
+        27198,
+        "operator.log",
+        &["--signal-source", "prometheus", "--prometheus-url", &url, "--signal-max-age-s", "5", "--status-interval-s", "1"],
+    );
+    cluster.apply_yaml(&pipeline("viaprom", 28050, None))?;
+    let pod = PodProcess::start(&cluster, "viaprom")?;
+    let ip = cluster.kubectl_ok(["get", "pod", "viaprom-dataplane-0", "-o", "jsonpath={.status.podIP}"])?;
+    let tmp = cluster.dir().join("targets.json.new");
+    std::fs::write(
+        &tmp,
+        format!(r#"[{{"targets": ["{}:9464"], "labels": {{"namespace": "default", "pod": "viaprom-dataplane-0"}}}}]"#, ip.trim()),
+    )?;
+    std::fs::rename(&tmp, &targets)?;
+    cluster.wait_for("figures through Prometheus, healthy", Duration::from_secs(60), || {
+        let sp = json(&cluster, &["get", "sp", "viaprom"]);
+        let healthy = degraded(&sp) == Some(("False".into(), "AsExpected".into())) && sp["status"]["streams"][0]["framesDecoded"].is_u64();
+        Ok(healthy.then_some(()))
+    })?;
+    assert_eq!(operator.metric("zerodrop_operator_scrape_targets", &[]), Some(1.0), "one query a round, no pod scraped");
+    // Status defaults the figures to 0 before any reading: wait until
+    // Prometheus holds the pod's series, then for two rounds of the loop, so
+    // that the drops below are a change between two readings.
+    cluster.wait_for("the pod's series in Prometheus", Duration::from_secs(30), || {
+        Ok((!prometheus.query("zerodrop_rtp_packets_lost_total{pod=\"viaprom-dataplane-0\"}", None)?.is_empty()).then_some(()))
+    })?;
+    let rounds = |op: &OperatorProcess| op.metric("zerodrop_operator_control_round_seconds_count", &[]).unwrap_or(0.0);
+    let r0 = rounds(&operator);
+    cluster.wait_for("two control rounds", Duration::from_secs(10), || Ok((rounds(&operator) >= r0 + 2.0).then_some(())))?;
+    pod.stall_and_flood(28050);
+    cluster.wait_for("viaprom's StatefulSet at 2 replicas", Duration::from_secs(30), || {
+        let sts = json(&cluster, &["get", "statefulset", "viaprom-dataplane"]);
+        Ok((sts["spec"]["replicas"] == 2).then_some(()))
+    })?;
+    let sp = json(&cluster, &["get", "sp", "viaprom"]);
+    let decision = sp["status"]["lastDecision"].as_str().unwrap_or_default();
+    assert!(decision.starts_with("scale from 1 to 2 replicas: kernel_drops"), "{decision}");
+    drop((pod, operator, prometheus));
+    Ok(())
+}

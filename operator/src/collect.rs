@@ -15,6 +15,7 @@
 //! history the policy's windows need, so a round copies nothing.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use zerodrop_policy::{ShardSample, ShardSignals, Signals, StreamSample, StreamSignals, Timestamp};
@@ -46,6 +47,9 @@ pub struct StreamCounters {
     pub rendition: Option<usize>,
     /// `zerodrop_decoder_info{decoder}`.
     pub decoder: Option<String>,
+    /// The node agents' drops for the stream's sockets by reason (cumulative
+    /// since each agent started); `None` when not every agent answered.
+    pub agent_drops: Option<BTreeMap<String, u64>>,
 }
 
 /// What one pod's `/metrics` says about one pipeline.
@@ -91,6 +95,85 @@ pub fn pod_figures(samples: &[MetricSample], pipeline: &str) -> PodFigures {
         }
     }
     out
+}
+
+/// Kernel drops the node agents counted, by the socket the packets were
+/// headed for: the packet's destination address (in a cluster, the pod's IP)
+/// and port, then the kernel's reason, with cumulative counts. Each node's
+/// agent counts its own pods' packets, so the sum over agents covers a pod
+/// on any node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentDrops {
+    by_socket: HashMap<(IpAddr, u16), BTreeMap<String, u64>>,
+    /// Agents asked, and those that answered this round.
+    pub expected: usize,
+    pub answered: usize,
+}
+
+impl AgentDrops {
+    pub fn new(expected: usize) -> Self {
+        Self { expected, ..Self::default() }
+    }
+
+    /// Adds one agent's answer: `zerodrop_kernel_udp_drops_total{address,
+    /// port,reason}`. A data-plane pod exports the same family with
+    /// `pipeline` and `stream` labels; those series are not an agent's.
+    pub fn add(&mut self, samples: &[MetricSample]) {
+        self.answered += 1;
+        self.add_series(samples);
+    }
+
+    /// Adds agents' series without counting an answer (the Prometheus
+    /// source reads every agent's series in one answer).
+    pub fn add_series(&mut self, samples: &[MetricSample]) {
+        for s in samples.iter().filter(|s| s.name == "zerodrop_kernel_udp_drops_total" && s.label("pipeline").is_none()) {
+            let (Some(address), Some(port), Some(reason)) = (s.label("address"), s.label("port"), s.label("reason")) else {
+                continue;
+            };
+            let (Ok(address), Ok(port)) = (address.parse::<IpAddr>(), port.parse::<u16>()) else { continue };
+            // The agent writes IPv4 addresses as such; an IPv4-mapped IPv6
+            // address is the same socket.
+            let address = match address {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+                v4 => v4,
+            };
+            let n = if s.value.is_finite() && s.value >= 0.0 { s.value as u64 } else { 0 };
+            *self.by_socket.entry((address, port)).or_default().entry(reason.to_string()).or_default() += n;
+        }
+    }
+
+    /// The drops for `ports` on `ip`, summed by reason; `None` unless every
+    /// agent answered (a missing agent may be the one on the pod's node:
+    /// its silence is not "no drops").
+    pub fn for_sockets(&self, ip: IpAddr, ports: &[u16]) -> Option<BTreeMap<String, u64>> {
+        if self.expected == 0 || self.answered < self.expected {
+            return None;
+        }
+        let mut out = BTreeMap::new();
+        for port in ports {
+            for (reason, n) in self.by_socket.get(&(ip, *port)).into_iter().flatten() {
+                *out.entry(reason.clone()).or_default() += n;
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Drops with a capacity reason in an agent's by-reason counts.
+fn capacity_drops(by_reason: &BTreeMap<String, u64>) -> u64 {
+    by_reason.iter().filter(|(r, _)| CAPACITY_DROP_REASONS.contains(&r.as_str())).map(|(_, n)| n).sum()
+}
+
+/// The capacity drops between two readings of a stream: the pod's own count,
+/// or the agents' where both readings have it and it is higher (the same
+/// drops, counted in the kernel; the pod's per-socket count can miss a
+/// socket it has just closed).
+fn capacity_delta(before: &StreamCounters, now: &StreamCounters) -> u64 {
+    let pod = delta(before.kernel_drops_capacity, now.kernel_drops_capacity);
+    match (&before.agent_drops, &now.agent_drops) {
+        (Some(b), Some(n)) => pod.max(delta(capacity_drops(b), capacity_drops(n))),
+        _ => pod,
+    }
 }
 
 /// A counter's increase from `before` to `now`; a decrease is a restart, and
@@ -162,7 +245,7 @@ impl Collector {
                     for (stream, counters) in &figures.streams {
                         match self.counters_before.get(stream) {
                             Some((was, before)) if *was == shard => {
-                                drops = drops.map(|d| d + delta(before.kernel_drops_capacity, counters.kernel_drops_capacity));
+                                drops = drops.map(|d| d + capacity_delta(before, counters));
                             }
                             // First reading of this stream on this shard:
                             // its drops so far happened since it started
@@ -352,6 +435,49 @@ mod tests {
         assert_eq!(c.signals.streams[0].samples[2].packets_lost, None);
         assert_eq!(c.signals.shards.len(), 2);
         assert_eq!(c.signals.shards.iter().find(|s| s.shard == 0).unwrap().samples.last().unwrap().busy, None, "shard 0 did not answer");
+    }
+
+    fn agent(text: &str) -> Vec<MetricSample> {
+        parse_text(text).0
+    }
+
+    #[test]
+    fn agent_drops_are_joined_by_pod_ip_and_every_port_of_the_stream() {
+        let mut drops = AgentDrops::new(2);
+        drops.add(&agent(
+            "zerodrop_kernel_udp_drops_total{address=\"10.1.0.7\",port=\"5000\",reason=\"SOCKET_RCVBUFF\",source=\"ebpf\"} 40\n\
+             zerodrop_kernel_udp_drops_total{address=\"10.1.0.7\",port=\"5002\",reason=\"SOCKET_RCVBUFF\",source=\"ebpf\"} 2\n\
+             zerodrop_kernel_udp_drops_total{address=\"10.1.0.7\",port=\"5002\",reason=\"NO_SOCKET\",source=\"ebpf\"} 3\n\
+             zerodrop_kernel_udp_drops_total{address=\"10.1.0.8\",port=\"5000\",reason=\"SOCKET_RCVBUFF\",source=\"ebpf\"} 900\n\
+             zerodrop_kernel_udp_drops_total{pipeline=\"p\",stream=\"a\",reason=\"SOCKET_OVERFLOW\",source=\"procfs\"} 77\n",
+        ));
+        assert_eq!(drops.for_sockets("10.1.0.7".parse().unwrap(), &[5000, 5002]), None, "one of two agents answered");
+        drops.add(&agent("zerodrop_kernel_udp_drops_total{address=\"::ffff:10.1.0.7\",port=\"5001\",reason=\"UDP_CSUM\",source=\"ebpf\"} 1\n"));
+        let a = drops.for_sockets("10.1.0.7".parse().unwrap(), &[5000, 5001, 5002]).unwrap();
+        assert_eq!(a, BTreeMap::from([("NO_SOCKET".into(), 3), ("SOCKET_RCVBUFF".into(), 42), ("UDP_CSUM".into(), 1)]));
+        assert_eq!(capacity_drops(&a), 42, "NO_SOCKET and UDP_CSUM are not the shard's capacity");
+        assert_eq!(drops.for_sockets("10.1.0.9".parse().unwrap(), &[5000]), Some(BTreeMap::new()), "every agent answered: none");
+        assert_eq!(AgentDrops::new(0).for_sockets("10.1.0.7".parse().unwrap(), &[5000]), None, "no agents: no figure");
+    }
+
+    #[test]
+    fn a_shards_capacity_drops_take_the_agents_count_when_it_is_higher() {
+        let with_agent = |kernel: u64, agent: Option<u64>| {
+            let mut f = pod(1.0, 0, 0, 0, kernel);
+            f.streams.get_mut("a").unwrap().agent_drops = agent.map(|n| BTreeMap::from([("SOCKET_RCVBUFF".to_string(), n)]));
+            f
+        };
+        let mut c = Collector::default();
+        let owners = vec![("a".to_string(), 0)];
+        let history = Duration::from_secs(60);
+        for (t, f) in [(1, with_agent(0, Some(100))), (2, with_agent(5, Some(130))), (3, with_agent(9, None)), (4, with_agent(9, Some(140)))] {
+            c.record(secs(t), 1, &owners, &HashMap::from([(0, ShardScrape { at: secs(t), figures: f })]), history);
+        }
+        let drops: Vec<Option<u64>> = c.signals.shards[0].samples.iter().map(|s| s.kernel_drops).collect();
+        // 1: first reading, the pod's own 0; 2: agent +30 over the pod's +5;
+        // 3: no agent figure, the pod's +4; 4: the agent's previous reading is
+        // missing, so the pod's +0.
+        assert_eq!(drops, [Some(0), Some(30), Some(4), Some(0)]);
     }
 
     #[test]

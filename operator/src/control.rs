@@ -41,9 +41,10 @@ use kube::{Resource, ResourceExt};
 use zerodrop_crds::{ConditionType, StreamPipeline, shard};
 use zerodrop_policy::{Action, Pipeline, PolicyState, Reason, ReplicasOwner, ScalingBounds, Settings, Verdict};
 
-use crate::collect::{Collector, ShardScrape, pod_figures};
+use crate::collect::{AgentDrops, Collector, ShardScrape, pod_figures};
 use crate::controller::{Context, condition, publish};
 use crate::desired::{self, METRICS_PORT, PIPELINE_LABEL};
+use crate::promsource::PrometheusSource;
 use crate::scrape;
 
 /// Field manager of the status fields this loop writes.
@@ -64,7 +65,37 @@ pub struct ControlOptions {
     pub status_interval: Duration,
     /// Port of the pods' `/metrics` (the pod template's `metrics` port).
     pub metrics_port: u16,
+    /// Where the node agents' `/metrics` are (kernel drops by socket and reason).
+    pub agents: Agents,
+    /// Where the figures come from: the pods themselves, or Prometheus.
+    pub source: SignalSource,
     pub settings: Settings,
+}
+
+/// Where a round's figures come from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum SignalSource {
+    /// Each data-plane pod's `/metrics`, read directly (the default: no
+    /// Prometheus needed, and a round sees figures at most one round old).
+    #[default]
+    Pods,
+    /// One instant query to a Prometheus server (`promsource.rs`); the node
+    /// agents' series come from it too.
+    Prometheus(PrometheusSource),
+}
+
+/// How the loop finds the node agents (`zerodrop-agent`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Agents {
+    /// No agents: kernel drops come from the pods' own per-socket counts.
+    #[default]
+    None,
+    /// Fixed addresses (`--agent-endpoints`).
+    Static(Vec<SocketAddr>),
+    /// The pods matching a label selector (`--agent-selector`; the chart's
+    /// DaemonSet), on `port`: they run on the host network, so a pod's IP is
+    /// its node's.
+    Pods { selector: String, port: u16 },
 }
 
 impl Default for ControlOptions {
@@ -75,6 +106,8 @@ impl Default for ControlOptions {
             concurrency: 64,
             status_interval: Duration::from_secs(10),
             metrics_port: METRICS_PORT as u16,
+            agents: Agents::None,
+            source: SignalSource::Pods,
             settings: Settings::default(),
         }
     }
@@ -141,10 +174,89 @@ fn targets(sp: &StreamPipeline, pods: &[Arc<Pod>], replicas: u32, port: u16) -> 
         .collect()
 }
 
+/// One round's figures from Prometheus: per target (pipeline, ordinal), its
+/// pod's series if Prometheus has a newer sample of them than the last round
+/// read, stamped with Prometheus' scrape time; and the node agents' series
+/// (those without a `pipeline` label) as the agents' drops. A failed query
+/// fails every target: missing data, never "no loss".
+async fn from_prometheus(
+    p: &PrometheusSource,
+    targets: Vec<((String, u32), SocketAddr)>,
+    seen: &mut HashMap<(String, u32), f64>,
+    opts: &ControlOptions,
+) -> (Vec<scrape::Scrape<(String, u32)>>, AgentDrops) {
+    let answer: Result<HashMap<(String, String), crate::promsource::PodSeries>, String> = async {
+        let addr = tokio::net::lookup_host((p.host.as_str(), p.port))
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", p.host))?
+            .next()
+            .ok_or_else(|| format!("{} has no address", p.host))?;
+        let body = scrape::http_get(addr, &p.query_path(), opts.scrape_timeout).await.map_err(|e| e.to_string())?;
+        crate::promsource::parse_response(&body)
+    }
+    .await;
+    let now = Instant::now();
+    let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let mut agents = AgentDrops::new(1);
+    let pods = match answer {
+        Ok(pods) => {
+            for series in pods.values() {
+                let agent_series: Vec<scrape::MetricSample> =
+                    series.samples.iter().filter(|s| s.label("pipeline").is_none()).cloned().collect();
+                agents.add_series(&agent_series);
+            }
+            agents.answered = 1;
+            Some(pods)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Prometheus query failed");
+            None
+        }
+    };
+    seen.retain(|k, _| targets.iter().any(|(t, _)| t == k));
+    let scrapes = targets
+        .into_iter()
+        .map(|(target, _)| {
+            let (pipeline_key, ordinal) = &target;
+            let (ns, name) = pipeline_key.split_once('/').unwrap_or(("", pipeline_key));
+            let pod = format!("{}-{ordinal}", desired::statefulset_name(name));
+            let (result, at) = match pods.as_ref().map(|m| m.get(&(ns.to_string(), pod))) {
+                None => (Err(scrape::ScrapeError::Io("the Prometheus query failed".into())), now),
+                Some(None) => (Err(scrape::ScrapeError::Io("no series of the pod in Prometheus".into())), now),
+                Some(Some(series)) => {
+                    let age = (now_unix - series.at_unix).max(0.0);
+                    let at = now.checked_sub(Duration::from_secs_f64(age)).unwrap_or(now);
+                    if seen.get(&target).is_some_and(|&t| t >= series.at_unix) {
+                        (Err(scrape::ScrapeError::NotNew), at)
+                    } else {
+                        seen.insert(target.clone(), series.at_unix);
+                        (Ok(series.samples.clone()), at)
+                    }
+                }
+            };
+            scrape::Scrape { target, at, result, bad_lines: 0 }
+        })
+        .collect();
+    (scrapes, agents)
+}
+
+/// Puts the node agents' drops for each stream's sockets (the pod's IP and
+/// the stream's ports: RTP, RTCP, FEC) into the pod's figures.
+fn join_agent_drops(sp: &StreamPipeline, figures: &mut crate::collect::PodFigures, ip: IpAddr, agents: &AgentDrops) {
+    for source in &sp.spec.sources {
+        let Some(rtp) = source.transport.rtp.as_ref() else { continue };
+        if let Some(counters) = figures.streams.get_mut(&source.name) {
+            counters.agent_drops = agents.for_sockets(ip, &rtp.socket_ports());
+        }
+    }
+}
+
 /// Runs rounds until the process ends.
-pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Store<Pod>, opts: ControlOptions) {
+pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Store<Pod>, agent_pods: Option<Store<Pod>>, opts: ControlOptions) {
     let origin = Instant::now();
     let mut tracks: HashMap<String, Track> = HashMap::new();
+    // With the Prometheus source: the newest sample time read per shard.
+    let mut prometheus_seen: HashMap<(String, u32), f64> = HashMap::new();
     let mut ticker = tokio::time::interval(opts.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tracing::info!(interval_ms = opts.interval.as_millis() as u64, concurrency = opts.concurrency, "control loop starting");
@@ -179,13 +291,48 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
             }
             plan.push((sp.clone(), k, pipeline, replicas));
         }
-        let target_count = scrape_targets.len();
-        let scrapes = scrape::scrape_all(scrape_targets, "/metrics", opts.concurrency, opts.scrape_timeout).await;
+        let pod_ips: HashMap<(String, u32), IpAddr> = scrape_targets.iter().map(|(k, addr)| (k.clone(), addr.ip())).collect();
+        let agent_targets: Vec<SocketAddr> = match (&opts.agents, &agent_pods) {
+            (Agents::Static(addrs), _) => addrs.clone(),
+            (Agents::Pods { port, .. }, Some(store)) => store
+                .state()
+                .iter()
+                .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, *port))
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut failures = 0u64;
+        let (target_count, mut agents, scrapes, agent_scrapes) = match &opts.source {
+            SignalSource::Pods => {
+                let target_count = scrape_targets.len() + agent_targets.len();
+                let agents = AgentDrops::new(agent_targets.len());
+                let (scrapes, agent_scrapes) = futures::join!(
+                    scrape::scrape_all(scrape_targets, "/metrics", opts.concurrency, opts.scrape_timeout),
+                    scrape::scrape_all(agent_targets.into_iter().map(|a| (a, a)).collect(), "/metrics", opts.concurrency, opts.scrape_timeout),
+                );
+                (target_count, agents, scrapes, agent_scrapes)
+            }
+            SignalSource::Prometheus(p) => {
+                let (scrapes, agents) = from_prometheus(p, scrape_targets, &mut prometheus_seen, &opts).await;
+                (1, agents, scrapes, Vec::new())
+            }
+        };
+        for s in agent_scrapes {
+            match s.result {
+                Ok(samples) => agents.add(&samples),
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(agent = %s.target, error = %e, "agent scrape failed");
+                }
+            }
+        }
         let mut by_pipeline: HashMap<String, Vec<(u32, Instant, Vec<scrape::MetricSample>)>> = HashMap::new();
         for s in scrapes {
             match s.result {
                 Ok(samples) => by_pipeline.entry(s.target.0).or_default().push((s.target.1, s.at, samples)),
+                // Prometheus has not scraped the pod again since the last round.
+                Err(scrape::ScrapeError::NotNew) => {}
                 Err(e) => {
                     failures += 1;
                     tracing::debug!(pipeline = %s.target.0, shard = s.target.1, error = %e, "scrape failed");
@@ -201,12 +348,30 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
             let mut shard_scrapes = HashMap::new();
             for (ordinal, at, samples) in by_pipeline.remove(&k).unwrap_or_default() {
                 let at = at.saturating_duration_since(origin);
-                shard_scrapes.insert(ordinal, ShardScrape { at, figures: pod_figures(&samples, &name) });
+                let mut figures = pod_figures(&samples, &name);
+                if let Some(ip) = pod_ips.get(&(k.clone(), ordinal)) {
+                    join_agent_drops(&sp, &mut figures, *ip, &agents);
+                }
+                shard_scrapes.insert(ordinal, ShardScrape { at, figures });
             }
             let owners: Vec<(String, u32)> =
                 sp.spec.sources.iter().map(|s| (s.name.clone(), shard::owner(&s.name, replicas as i32))).collect();
             let history = opts.settings.history(&pipeline);
-            track.collector.record(now, replicas, &owners, &shard_scrapes, history);
+            match &opts.source {
+                SignalSource::Pods => track.collector.record(now, replicas, &owners, &shard_scrapes, history),
+                // Readings carry Prometheus' scrape times, up to an interval
+                // old: a shard without a new one is missing data as of the
+                // newest reading (not as of now, which would put it after
+                // readings still to come and lose them). A round with no new
+                // reading records nothing; staleness is judged by age.
+                SignalSource::Prometheus(_) => {
+                    match shard_scrapes.values().map(|s| s.at).max() {
+                        Some(newest) => track.collector.record(newest, replicas, &owners, &shard_scrapes, history),
+                        // The running count still holds (a change of it is what the cooldown counts from).
+                        None => track.collector.signals.replicas = replicas,
+                    }
+                }
+            }
             let verdict = zerodrop_policy::decide(&opts.settings, &pipeline, &track.collector.signals, &track.state, now);
             track.state = verdict.state.clone();
             act(&ctx, &sp, &k, track, &verdict, &opts).await;
@@ -231,10 +396,23 @@ async fn act(ctx: &Context, sp: &StreamPipeline, k: &str, track: &mut Track, ver
         track.last_decision = Some(note);
         decided = true;
     }
-    ctx.metrics.degraded(k, verdict.degraded.primary().map(|r| r.as_str()));
+    ctx.metrics.degraded(k, verdict.degraded.primary().map(|r| r.label()));
     let patch = policy_status(sp, track, verdict);
     let due = match &track.written_status {
-        None => true,
+        // The first round of this process: write unless the object already
+        // shows it (an operator restart over a steady pipeline writes nothing).
+        None => {
+            match crate::drift::first_difference(&patch["status"], &live_projection(sp, &patch["status"])) {
+                None => {
+                    track.written_status = Some((patch, Instant::now()));
+                    return;
+                }
+                Some(d) => {
+                    tracing::info!(pipeline = %k, difference = %d, "status differs from what this loop would write");
+                    true
+                }
+            }
+        }
         Some((last, at)) => {
             decided
                 || essentials(last) != essentials(&patch)
@@ -252,6 +430,23 @@ async fn act(ctx: &Context, sp: &StreamPipeline, k: &str, track: &mut Track, ver
         }
         Err(e) => tracing::warn!(pipeline = %k, error = %e, "cannot write the policy's status"),
     }
+}
+
+/// The object's status shaped like `patch`: its conditions and streams are
+/// lists keyed by `type` and `name` that two field managers share, so only
+/// the entries the patch names, in the patch's order, are compared.
+fn live_projection(sp: &StreamPipeline, patch: &serde_json::Value) -> serde_json::Value {
+    let mut live = serde_json::to_value(&sp.status).unwrap_or_default();
+    for (list, key) in [("conditions", "type"), ("streams", "name")] {
+        let wanted: Vec<serde_json::Value> = patch[list].as_array().map(|a| a.iter().map(|e| e[key].clone()).collect()).unwrap_or_default();
+        let entries: Vec<serde_json::Value> = live[list].as_array().cloned().unwrap_or_default();
+        let picked: Vec<serde_json::Value> =
+            wanted.iter().filter_map(|k| entries.iter().find(|e| &e[key] == k).cloned()).collect();
+        if let Some(obj) = live.as_object_mut() {
+            obj.insert(list.to_string(), picked.into());
+        }
+    }
+    live
 }
 
 /// The parts of the policy's status that are written as soon as they change:
@@ -307,6 +502,9 @@ fn policy_status(sp: &StreamPipeline, track: &Track, verdict: &Verdict) -> serde
             });
             if let Some(d) = &c.decoder {
                 v["decoder"] = d.clone().into();
+            }
+            if let Some(by_reason) = c.agent_drops.as_ref().filter(|m| !m.is_empty()) {
+                v["kernelDropsByReason"] = serde_json::json!(by_reason);
             }
             if let (Some(r), Some(policy)) = (c.rendition, &sp.spec.bitrate_policy)
                 && let Some(rendition) = policy.renditions.get(r)

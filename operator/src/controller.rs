@@ -1,9 +1,13 @@
 //! The reconcile of one `StreamPipeline`, as a pipeline of small steps:
-//! read → validate → build desired objects (pure, `desired.rs`) → apply the
-//! ones that changed with server-side apply → prune → write status.
+//! read → validate → build desired objects (pure, `desired.rs`) → compare
+//! them with what the watch caches hold (`drift.rs`) → apply the ones that
+//! changed or drifted with server-side apply → prune → write status.
+//!
+//! The owned objects are read from the reflector stores of the controller's
+//! own watches, never with a GET per object: a steady pipeline costs no
+//! request at all, and a restarted operator's first reconciles write nothing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,23 +16,29 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zerodrop_crds::{ConditionType, StreamPipeline, StreamPipelineStatus, StreamStatus, shard};
 
-use crate::desired::{self, BuildSettings, Desired, PIPELINE_LABEL, SOURCE_LABEL};
+use crate::desired::{self, BuildSettings, PIPELINE_LABEL};
+use crate::drift;
 use crate::metrics::OperatorMetrics;
 
 pub const FIELD_MANAGER: &str = "zerodrop-operator";
 /// Annotation holding the hash of what the operator last applied to an
-/// object: an unchanged object is not written again.
+/// object (FNV-1a of its JSON, `drift::stable_hash`): a change of the desired
+/// object is seen even where it only removes a field.
 pub const APPLIED_HASH: &str = "zerodrop.dev/applied-hash";
+/// How long a write the watch has not shown yet holds back another write of
+/// the same object (the watch normally shows it within milliseconds).
+const WRITE_SETTLE: Duration = Duration::from_secs(10);
 /// Stream ownership entries kept in status; larger pipelines are truncated.
 pub const MAX_STATUS_STREAMS: usize = 256;
 
@@ -47,13 +57,82 @@ pub struct Context {
     pub settings: BuildSettings,
     pub metrics: Arc<OperatorMetrics>,
     pub recorder: Recorder,
+    /// What the controller's watches of the owned kinds hold.
+    pub caches: Caches,
+    /// Set once every cache has its first full list.
+    caches_ready: std::sync::atomic::AtomicBool,
+    writers: Mutex<Option<Writers>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Objects written and not yet seen back through the watch: kind/ns/name
+    /// → the resourceVersion the write replaced, and when.
+    in_flight: Mutex<HashMap<String, (Option<String>, Instant)>>,
+}
+
+/// The reflector stores of the kinds a pipeline owns.
+#[derive(Clone)]
+pub struct Caches {
+    pub statefulsets: Store<StatefulSet>,
+    pub services: Store<Service>,
+    pub configmaps: Store<ConfigMap>,
+    pub pdbs: Store<PodDisruptionBudget>,
+}
+
+struct Writers {
+    statefulsets: reflector::store::Writer<StatefulSet>,
+    services: reflector::store::Writer<Service>,
+    configmaps: reflector::store::Writer<ConfigMap>,
+    pdbs: reflector::store::Writer<PodDisruptionBudget>,
+}
+
+impl Caches {
+    /// Waits until every store has its first full list: before that an
+    /// object missing from a store may exist in the cluster. One task waits
+    /// (`run`); reconciles read the flag it sets.
+    async fn ready(&self) {
+        // A dropped writer means the controller is shutting down.
+        let _ = self.statefulsets.wait_until_ready().await;
+        let _ = self.services.wait_until_ready().await;
+        let _ = self.configmaps.wait_until_ready().await;
+        let _ = self.pdbs.wait_until_ready().await;
+    }
 }
 
 impl Context {
     pub fn new(client: Client, settings: BuildSettings, metrics: Arc<OperatorMetrics>) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
-        Self { client, settings, metrics, recorder, failures: Mutex::default() }
+        let (statefulsets, sts_w) = reflector::store();
+        let (services, svc_w) = reflector::store();
+        let (configmaps, cm_w) = reflector::store();
+        let (pdbs, pdb_w) = reflector::store();
+        Self {
+            client,
+            settings,
+            metrics,
+            recorder,
+            caches: Caches { statefulsets, services, configmaps, pdbs },
+            caches_ready: std::sync::atomic::AtomicBool::new(false),
+            writers: Mutex::new(Some(Writers { statefulsets: sts_w, services: svc_w, configmaps: cm_w, pdbs: pdb_w })),
+            failures: Mutex::default(),
+            in_flight: Mutex::default(),
+        }
+    }
+
+    /// Whether the cache still shows the version `key` had when this
+    /// operator last wrote it (the write has not come back yet).
+    fn awaiting_watch(&self, key: &str, live_version: Option<&str>) -> bool {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        match in_flight.get(key) {
+            Some((version, at)) if version.as_deref() == live_version && at.elapsed() < WRITE_SETTLE => true,
+            Some(_) => {
+                in_flight.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn wrote(&self, key: String, replaced_version: Option<String>) {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (replaced_version, Instant::now()));
     }
 }
 
@@ -72,11 +151,34 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, control: Option<c
     };
     let (sts, svc, cm, pdb) = owned(&client);
     let labelled = watcher::Config::default().labels(PIPELINE_LABEL);
+    let writers = ctx.writers.lock().unwrap_or_else(|e| e.into_inner()).take().expect("controller::run runs once per Context");
+    // One watch per owned kind: it fills the store the reconcile reads and
+    // triggers the owner's reconcile on every change, deletions included.
+    // Managed fields are dropped from the cached copies: the reconcile never
+    // reads them and they are most of an object's size.
+    fn watch_into<K>(api: Api<K>, config: watcher::Config, writer: reflector::store::Writer<K>) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    {
+        watcher::watcher(api, config)
+            .default_backoff()
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+            .reflect(writer)
+            .touched_objects()
+    }
     let controller = Controller::new(api, watcher::Config::default())
-        .owns(sts, labelled.clone())
-        .owns(svc, labelled.clone())
-        .owns(cm, labelled.clone())
-        .owns(pdb, labelled.clone());
+        .owns_stream(watch_into(sts, labelled.clone(), writers.statefulsets))
+        .owns_stream(watch_into(svc, labelled.clone(), writers.services))
+        .owns_stream(watch_into(cm, labelled.clone(), writers.configmaps))
+        .owns_stream(watch_into(pdb, labelled.clone(), writers.pdbs));
+    {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            ctx.caches.ready().await;
+            ctx.caches_ready.store(true, std::sync::atomic::Ordering::Release);
+            tracing::info!("caches of owned objects filled");
+        });
+    }
     if let Some(opts) = control {
         // The data-plane pods, for their IPs: one watch, shared by every round.
         let pods: Api<Pod> = match &namespace {
@@ -86,7 +188,23 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, control: Option<c
         let (pod_store, writer) = reflector::store();
         let pod_watch = watcher::watcher(pods, labelled).default_backoff().reflect(writer).for_each(|_| async {});
         tokio::spawn(pod_watch);
-        tokio::spawn(crate::control::run(ctx.clone(), controller.store(), pod_store, opts));
+        // The node agents, when found by label: their own watch, in every
+        // namespace (the chart puts them in its release namespace).
+        let agent_store = match &opts.agents {
+            crate::control::Agents::Pods { selector, .. } => {
+                let (store, writer) = reflector::store();
+                let config = watcher::Config::default().labels(selector);
+                let watch = watcher::watcher(Api::<Pod>::all(client.clone()), config)
+                    .default_backoff()
+                    .modify(|p: &mut Pod| p.meta_mut().managed_fields = None)
+                    .reflect(writer)
+                    .for_each(|_| async {});
+                tokio::spawn(watch);
+                Some(store)
+            }
+            _ => None,
+        };
+        tokio::spawn(crate::control::run(ctx.clone(), controller.store(), pod_store, agent_store, opts));
     }
     controller
         .shutdown_on_signal()
@@ -132,18 +250,34 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action, E
         }
     };
 
-    // apply
-    let client = &ctx.client;
-    let mut writes = 0;
-    writes += apply(client, &ns, &desired.config).await? as u32;
-    writes += apply(client, &ns, &desired.headless).await? as u32;
-    let previous_replicas = current_replicas(client, &ns, &desired::statefulset_name(&name)).await?;
-    writes += apply(client, &ns, &desired.statefulset).await? as u32;
-    for s in &desired.source_services {
-        writes += apply(client, &ns, s).await? as u32;
+    // apply what changed or drifted, reading the live objects from the caches
+    if !ctx.caches_ready.load(std::sync::atomic::Ordering::Acquire) {
+        // Until the caches hold the cluster's objects, a missing one may
+        // exist: compare nothing, write nothing, come back shortly.
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    writes += apply(client, &ns, &desired.pdb).await? as u32;
-    writes += prune_source_services(client, &ns, &name, &desired).await?;
+    let caches = &ctx.caches;
+    let sts_name = desired::statefulset_name(&name);
+    let previous_replicas = cached(&caches.statefulsets, &ns, &sts_name).and_then(|s| s.spec.as_ref()?.replicas);
+    let mut outcomes = vec![
+        apply(ctx, sp, &caches.configmaps, &ns, &desired.config).await?,
+        apply(ctx, sp, &caches.services, &ns, &desired.headless).await?,
+        apply(ctx, sp, &caches.statefulsets, &ns, &desired.statefulset).await?,
+    ];
+    for s in &desired.source_services {
+        outcomes.push(apply(ctx, sp, &caches.services, &ns, s).await?);
+    }
+    outcomes.push(apply(ctx, sp, &caches.pdbs, &ns, &desired.pdb).await?);
+    let mut writes = outcomes.iter().filter(|o| **o == Outcome::Wrote).count() as u32;
+    // An object whose last write the watch has not shown yet is compared
+    // again soon (normally its watch event brings the next reconcile first).
+    let pending = outcomes.contains(&Outcome::AwaitingWatch);
+    let services: Vec<&ObjectMeta> =
+        std::iter::once(&desired.headless.metadata).chain(desired.source_services.iter().map(|s| &s.metadata)).collect();
+    writes += prune(ctx, sp, &caches.services, &ns, &services).await?;
+    writes += prune(ctx, sp, &caches.configmaps, &ns, &[&desired.config.metadata]).await?;
+    writes += prune(ctx, sp, &caches.statefulsets, &ns, &[&desired.statefulset.metadata]).await?;
+    writes += prune(ctx, sp, &caches.pdbs, &ns, &[&desired.pdb.metadata]).await?;
     ctx.metrics.writes.inc_by(writes as u64);
     ctx.metrics.objects_managed(&key(sp), 4 + desired.source_services.len() as i64);
 
@@ -154,14 +288,14 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action, E
             publish(ctx, sp, EventType::Normal, "Scaling", &note).await;
         }
 
-    // status
-    let observed = Api::<StatefulSet>::namespaced(client.clone(), &ns).get_opt(&desired::statefulset_name(&name)).await?;
-    let status = observed_status(sp, observed.as_ref());
+    // status, from the cached StatefulSet (its status changes trigger a reconcile)
+    let observed = cached(&caches.statefulsets, &ns, &sts_name);
+    let status = observed_status(sp, observed.as_deref());
     write_status(ctx, sp, status).await?;
     if writes > 0 {
         tracing::info!(pipeline = %key(sp), writes, "reconciled");
     }
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(Action::requeue(if pending { WRITE_SETTLE } else { Duration::from_secs(300) }))
 }
 
 pub fn error_policy(sp: Arc<StreamPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -175,51 +309,105 @@ pub fn error_policy(sp: Arc<StreamPipeline>, error: &Error, ctx: Arc<Context>) -
 }
 
 fn object_hash<K: Serialize>(obj: &K) -> Result<String, serde_json::Error> {
-    let text = serde_json::to_string(obj)?;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    Ok(format!("{:016x}", h.finish()))
+    Ok(drift::stable_hash(serde_json::to_string(obj)?.as_bytes()))
 }
 
-/// Server-side applies `obj` unless the live object already carries the hash
-/// of this exact desired state. Returns whether it wrote.
-async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<bool, Error>
+/// The cached copy of `ns/name`.
+fn cached<K>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    store.get(&ObjectRef::new(name).within(ns))
+}
+
+/// What [`apply`] did with one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Wrote,
+    Unchanged,
+    /// Not compared: the cache does not show this operator's last write yet.
+    AwaitingWatch,
+}
+
+/// Server-side applies `obj` when the cached live object is missing, carries
+/// the hash of another desired state, or has drifted from it on a field the
+/// operator sets (someone edited it: put back, with a Warning Event naming
+/// the field).
+async fn apply<K>(ctx: &Context, sp: &StreamPipeline, store: &Store<K>, ns: &str, obj: &K) -> Result<Outcome, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
     let name = obj.meta().name.clone().unwrap_or_default();
+    let kind = K::kind(&());
+    let key = format!("{kind}/{ns}/{name}");
+    let live = cached(store, ns, &name);
+    let live_version = live.as_ref().and_then(|l| l.meta().resource_version.clone());
+    if ctx.awaiting_watch(&key, live_version.as_deref()) {
+        return Ok(Outcome::AwaitingWatch);
+    }
     let hash = object_hash(obj)?;
-    if let Some(live) = api.get_opt(&name).await?
-        && live.meta().annotations.as_ref().and_then(|a| a.get(APPLIED_HASH)) == Some(&hash) {
-            return Ok(false);
+    let mut drifted = None;
+    if let Some(live) = &live {
+        let applied = live.meta().annotations.as_ref().and_then(|a| a.get(APPLIED_HASH)) == Some(&hash);
+        if applied {
+            match drift::first_difference(&serde_json::to_value(obj)?, &serde_json::to_value(live.as_ref())?) {
+                None => return Ok(Outcome::Unchanged),
+                Some(d) => drifted = Some(d),
+            }
         }
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let mut obj = obj.clone();
     obj.meta_mut().annotations.get_or_insert_with(BTreeMap::new).insert(APPLIED_HASH.into(), hash);
     let mut value = serde_json::to_value(&obj)?;
     value["apiVersion"] = K::api_version(&()).into();
-    value["kind"] = K::kind(&()).into();
+    value["kind"] = kind.clone().into();
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(value)).await?;
-    Ok(true)
+    ctx.wrote(key, live_version);
+    if let Some(d) = drifted {
+        tracing::warn!(pipeline = %format!("{ns}/{}", sp.name_any()), object = %format!("{kind}/{name}"), drift = %d, "put back a hand edit");
+        ctx.metrics.drift_corrected(&kind);
+        let note = format!("{kind} {name}: {d}; put back");
+        let related = live.as_ref().map(|l| l.object_ref(&()));
+        publish_unique(ctx, sp, EventType::Warning, "DriftCorrected", &note, related).await;
+    }
+    Ok(Outcome::Wrote)
 }
 
-async fn current_replicas(client: &Client, ns: &str, name: &str) -> Result<Option<i32>, Error> {
-    let sts = Api::<StatefulSet>::namespaced(client.clone(), ns).get_opt(name).await?;
-    Ok(sts.and_then(|s| s.spec).and_then(|s| s.replicas))
-}
-
-/// Deletes per-source Services of sources that left the spec.
-async fn prune_source_services(client: &Client, ns: &str, pipeline: &str, desired: &Desired) -> Result<u32, Error> {
-    let api: Api<Service> = Api::namespaced(client.clone(), ns);
-    let wanted: Vec<String> = desired.source_services.iter().filter_map(|s| s.metadata.name.clone()).collect();
-    let lp = ListParams::default().labels(&format!("{PIPELINE_LABEL}={pipeline},{SOURCE_LABEL}"));
+/// Deletes the objects of one kind that this pipeline owns (its label and
+/// its owner reference) and no longer wants: a per-source Service whose
+/// source left the spec, an object of an older layout.
+async fn prune<K>(ctx: &Context, sp: &StreamPipeline, store: &Store<K>, ns: &str, wanted: &[&ObjectMeta]) -> Result<u32, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let pipeline = sp.name_any();
+    let uid = sp.meta().uid.clone();
+    let wanted: Vec<&str> = wanted.iter().filter_map(|m| m.name.as_deref()).collect();
+    let stale: Vec<String> = store
+        .state()
+        .iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(ns) && o.meta().deletion_timestamp.is_none())
+        .filter(|o| o.labels().get(PIPELINE_LABEL) == Some(&pipeline))
+        .filter(|o| o.owner_references().iter().any(|r| Some(&r.uid) == uid.as_ref() && r.controller == Some(true)))
+        .map(|o| o.name_any())
+        .filter(|n| !wanted.contains(&n.as_str()))
+        .collect();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let mut deleted = 0;
-    for svc in api.list(&lp).await? {
-        let n = svc.name_any();
-        if !wanted.contains(&n) {
-            api.delete(&n, &DeleteParams::default()).await?;
-            deleted += 1;
+    for n in stale {
+        let key = format!("{}/{ns}/{n}/delete", K::kind(&()));
+        if ctx.awaiting_watch(&key, None) {
+            continue;
         }
+        match api.delete(&n, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        ctx.wrote(key, None);
+        tracing::info!(object = %format!("{}/{n}", K::kind(&())), "pruned");
+        deleted += 1;
     }
     Ok(deleted)
 }
@@ -327,6 +515,18 @@ async fn write_status(ctx: &Context, sp: &StreamPipeline, status: StreamPipeline
     api.patch_status(&sp.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
     ctx.metrics.writes.inc();
     Ok(())
+}
+
+/// An Event never folded into an earlier one. The shared recorder folds a
+/// repeat of the same reason about the same object into the first Event (a
+/// count), keeping the first message; hand edits are rare and each one's
+/// message names its own field, so each gets an Event of its own.
+async fn publish_unique(ctx: &Context, sp: &StreamPipeline, type_: EventType, reason: &str, note: &str, related: Option<k8s_openapi::api::core::v1::ObjectReference>) {
+    let recorder = Recorder::new(ctx.client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+    let event = Event { type_, reason: reason.into(), note: Some(note.into()), action: "Reconcile".into(), secondary: related };
+    if let Err(e) = recorder.publish(&event, &sp.object_ref(&())).await {
+        tracing::debug!(error = %e, "event not published");
+    }
 }
 
 pub(crate) async fn publish(ctx: &Context, sp: &StreamPipeline, type_: EventType, reason: &str, note: &str) {

@@ -5,5 +5,7 @@ pub mod collect;
 pub mod control;
 pub mod controller;
 pub mod desired;
+pub mod drift;
 pub mod metrics;
+pub mod promsource;
 pub mod scrape;

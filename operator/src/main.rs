@@ -3,7 +3,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use kube_lease_manager::LeaseManagerBuilder;
-use zerodrop_operator::control::ControlOptions;
+use zerodrop_operator::control::{Agents, ControlOptions, SignalSource};
+use zerodrop_operator::promsource::PrometheusSource;
 use zerodrop_operator::controller::{self, Context};
 use zerodrop_operator::desired::BuildSettings;
 use zerodrop_operator::metrics::{self, OperatorMetrics};
@@ -54,6 +55,31 @@ struct Args {
     /// Per-stream figures in status are written at most this often, in seconds.
     #[arg(long, default_value_t = 10)]
     status_interval_s: u64,
+    /// Label selector of the node agents' pods (zerodrop-agent, host network),
+    /// whose kernel drops by socket and reason join the pods' own figures.
+    /// The chart sets it to its agent DaemonSet's labels.
+    #[arg(long)]
+    agent_selector: Option<String>,
+    /// Port of the agents' /metrics.
+    #[arg(long, default_value_t = 9410)]
+    agent_port: u16,
+    /// Fixed agent addresses (host:port, comma-separated) instead of
+    /// `--agent-selector`.
+    #[arg(long, value_delimiter = ',')]
+    agent_endpoints: Vec<std::net::SocketAddr>,
+    /// Where the control loop's figures come from: `pods` (each pod's
+    /// /metrics, read directly every round) or `prometheus` (one query per
+    /// round to --prometheus-url; set --signal-max-age-s above its scrape
+    /// interval).
+    #[arg(long, default_value = "pods", value_parser = ["pods", "prometheus"])]
+    signal_source: String,
+    /// The Prometheus server of `--signal-source prometheus`: http://host[:port][/prefix].
+    #[arg(long)]
+    prometheus_url: Option<String>,
+    /// A figure older than this is stale, never "no loss" (the policy's
+    /// `stale_after`; also the longest gap allowed inside a window).
+    #[arg(long, default_value_t = 10)]
+    signal_max_age_s: u64,
 }
 
 #[tokio::main]
@@ -104,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         let settings = zerodrop_policy::Settings {
             cooldown: Duration::from_secs(args.scale_cooldown_s),
             scale_down_window: Duration::from_secs(args.scale_down_window_s),
+            stale_after: Duration::from_secs(args.signal_max_age_s.max(1)),
             ..zerodrop_policy::Settings::default()
         };
         settings.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -113,6 +140,16 @@ async fn main() -> anyhow::Result<()> {
             concurrency: args.scrape_concurrency.max(1),
             status_interval: Duration::from_secs(args.status_interval_s),
             metrics_port: args.pod_metrics_port,
+            source: match (args.signal_source.as_str(), &args.prometheus_url) {
+                ("prometheus", Some(url)) => SignalSource::Prometheus(PrometheusSource::parse(url).map_err(|e| anyhow::anyhow!(e))?),
+                ("prometheus", None) => anyhow::bail!("--signal-source prometheus needs --prometheus-url http://host:port"),
+                _ => SignalSource::Pods,
+            },
+            agents: match (&args.agent_selector, args.agent_endpoints.is_empty()) {
+                (_, false) => Agents::Static(args.agent_endpoints.clone()),
+                (Some(selector), true) => Agents::Pods { selector: selector.clone(), port: args.agent_port },
+                (None, true) => Agents::None,
+            },
             settings,
         })
     } else {

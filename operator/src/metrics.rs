@@ -21,6 +21,11 @@ struct PipelineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     pipeline: String,
     action: String,
@@ -48,6 +53,7 @@ pub struct OperatorMetrics {
     reconciles: Family<ResultLabels, Counter>,
     duration: Histogram,
     objects: Family<PipelineLabels, Gauge>,
+    drift: Family<KindLabels, Counter>,
     /// Write requests sent to the apiserver (applies, deletes, status patches).
     pub writes: Counter,
     pub leader: Gauge,
@@ -65,12 +71,14 @@ impl OperatorMetrics {
         let reconciles = Family::<ResultLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         let objects = Family::<PipelineLabels, Gauge>::default();
+        let drift = Family::<KindLabels, Counter>::default();
         let leader = Gauge::default();
         let writes = Counter::default();
         registry.register("api_writes", "Write requests sent to the apiserver: applies, deletes, status patches", writes.clone());
         registry.register("reconciles", "Reconciles by result (ok, error)", reconciles.clone());
         registry.register_with_unit("reconcile_duration", "Time one reconcile took", Unit::Seconds, duration.clone());
         registry.register("objects_managed", "Kubernetes objects owned, per pipeline", objects.clone());
+        registry.register("drift_corrections", "Owned objects found edited by hand on a field the operator sets and put back, by kind", drift.clone());
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
         let control_round = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let scrape_targets = Gauge::default();
@@ -82,7 +90,7 @@ impl OperatorMetrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         let degraded = Family::<DegradedLabels, Gauge>::default();
         policy_registry.register("policy_decisions", "Control policy decisions by pipeline (namespace/name), action and reason", decisions.clone());
-        policy_registry.register("policy_degraded", "1 for the reason a pipeline is Degraded now (AtMaxReplicas, KernelDrops, ShardSaturated, NetworkLoss, SignalsStale); 0 once it is not", degraded.clone());
+        policy_registry.register("policy_degraded", "1 for the reason a pipeline is Degraded now (at_max_replicas, kernel_drops, shard_saturated, network_loss, signals_stale: the condition's reason in lowercase); 0 once it is not", degraded.clone());
         Self {
             registry,
             policy_registry,
@@ -95,6 +103,7 @@ impl OperatorMetrics {
             reconciles,
             duration,
             objects,
+            drift,
             writes,
             leader,
         }
@@ -136,6 +145,11 @@ impl OperatorMetrics {
         let result = if ok { "ok" } else { "error" };
         self.reconciles.get_or_create(&ResultLabels { result: result.into() }).inc();
         self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one owned object of `kind` put back after a hand edit.
+    pub fn drift_corrected(&self, kind: &str) {
+        self.drift.get_or_create(&KindLabels { kind: kind.to_lowercase() }).inc();
     }
 
     pub fn objects_managed(&self, pipeline: &str, n: i64) {
@@ -180,11 +194,11 @@ mod tests {
     fn policy_series_carry_the_documented_names_in_one_exposition() {
         let m = OperatorMetrics::new();
         m.policy_decision("video/fleet", "scale_to", "kernel_drops");
-        m.degraded("video/fleet", Some("KernelDrops"));
+        m.degraded("video/fleet", Some("kernel_drops"));
         m.degraded("video/fleet", None);
         let text = m.encode();
         assert!(text.contains(r#"zerodrop_policy_decisions_total{pipeline="video/fleet",action="scale_to",reason="kernel_drops"} 1"#), "{text}");
-        assert!(text.contains(r#"zerodrop_policy_degraded{pipeline="video/fleet",reason="KernelDrops"} 0"#), "{text}");
+        assert!(text.contains(r#"zerodrop_policy_degraded{pipeline="video/fleet",reason="kernel_drops"} 0"#), "{text}");
         assert!(text.contains("zerodrop_operator_reconciles_total") || text.contains("zerodrop_operator_api_writes_total"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     }

@@ -42,6 +42,9 @@ pub enum ScrapeError {
     Http(&'static str),
     #[error("response larger than 16 MiB")]
     TooLarge,
+    /// From the Prometheus source: no sample newer than the last round's.
+    #[error("no sample newer than the last round's")]
+    NotNew,
 }
 
 /// Parses the text exposition format. Comment and `# EOF` lines are skipped;

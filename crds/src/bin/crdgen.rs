@@ -2,7 +2,7 @@
 //!
 //! `crdgen` writes `crds/streampipeline.crd.yaml` (the committed copy, which a
 //! test compares with the types) and the Helm chart's copy,
-//! `charts/zerodrop/crds/streampipeline.crd.yaml`; `crdgen -` prints it to
+//! `charts/zerodrop/files/streampipeline.crd.yaml`; `crdgen -` prints it to
 //! stdout; `crdgen PATH` writes it to PATH.
 
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         Some(p) => vec![PathBuf::from(p)],
         None => vec![
             crate_dir.join("streampipeline.crd.yaml"),
-            crate_dir.join("../charts/zerodrop/crds/streampipeline.crd.yaml"),
+            crate_dir.join("../charts/zerodrop/files/streampipeline.crd.yaml"),
         ],
     };
     for path in paths {
