@@ -215,6 +215,7 @@ fn main() -> anyhow::Result<()> {
                 memory_mib(pid, "VmRSS:").unwrap_or(0.0)
             );
         }
+        // The poll interval of the audit log and the memory sample (the times are this precise).
         std::thread::sleep(Duration::from_millis(250));
     }
     let status = apply.wait()?;
