@@ -273,6 +273,7 @@ impl Relay {
         let addrs = sockets.addrs()?;
         let counters = Arc::new(RelayCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let loss_paused = Arc::new(AtomicBool::new(false));
         let drop_log = match &config.drop_log {
             Some(path) => Some(io::BufWriter::new(
                 std::fs::File::create(path).with_context(|| format!("creating the drop log {}", path.display()))?,
@@ -293,6 +294,7 @@ impl Relay {
             sockets,
             counters: counters.clone(),
             stop: stop.clone(),
+            loss_paused: loss_paused.clone(),
             sender_rtp_src: None,
             sender_rtcp_src: None,
         };
@@ -300,7 +302,7 @@ impl Relay {
             .name("zerodrop-relay".into())
             .spawn(move || worker.run())
             .context("spawning the relay thread")?;
-        Ok(RelayHandle { addrs, counters, stop, thread: Some(thread) })
+        Ok(RelayHandle { addrs, counters, stop, loss_paused, thread: Some(thread) })
     }
 }
 
@@ -309,6 +311,7 @@ pub struct RelayHandle {
     addrs: RelayAddrs,
     counters: Arc<RelayCounters>,
     stop: Arc<AtomicBool>,
+    loss_paused: Arc<AtomicBool>,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
@@ -323,6 +326,13 @@ impl RelayHandle {
 
     pub fn stats(&self) -> RelayStats {
         self.counters.snapshot()
+    }
+
+    /// Pauses the loss (`true`: every datagram is forwarded and the loss
+    /// models stand still) or resumes it, from now on: a test switches a
+    /// path's loss on and off in time, whatever the packet rate.
+    pub fn pause_loss(&self, paused: bool) {
+        self.loss_paused.store(paused, Ordering::Relaxed);
     }
 
     /// True once the relay thread has ended (it only ends on its own after a
@@ -474,6 +484,8 @@ struct RelayWorker {
     delayed_up: std::collections::VecDeque<(Instant, Vec<u8>)>,
     counters: Arc<RelayCounters>,
     stop: Arc<AtomicBool>,
+    /// While set, nothing is dropped (`RelayHandle::pause_loss`).
+    loss_paused: Arc<AtomicBool>,
     sender_rtp_src: Option<SocketAddr>,
     sender_rtcp_src: Option<SocketAddr>,
 }
@@ -553,7 +565,7 @@ impl RelayWorker {
     fn handle(&mut self, kind: Ingress, data: &[u8], src: SocketAddr) {
         match kind {
             Ingress::Fec(i) => {
-                if self.fec_port_models[i].should_drop() {
+                if !self.loss_paused.load(Ordering::Relaxed) && self.fec_port_models[i].should_drop() {
                     self.counters.fec_dropped.fetch_add(1, Ordering::Relaxed);
                 } else {
                     let sent = send_to_waiting(&self.sockets.down_rtp, data, self.config.fec_forward[i]);
@@ -599,9 +611,13 @@ impl RelayWorker {
     /// from its own model; anything else (media, or a datagram too short to
     /// carry a payload type) from the media model.
     fn should_drop(&mut self, rtp: &[u8]) -> bool {
+        let paused = self.loss_paused.load(Ordering::Relaxed);
         let pt = rtp.get(1).map(|b| b & 0x7f);
         if pt.is_some() && pt == self.config.fec_payload_type && let Some(m) = &mut self.fec_model {
-            return m.should_drop();
+            return !paused && m.should_drop();
+        }
+        if paused && pt.is_some() && pt == self.config.rtx_payload_type {
+            return false;
         }
         if pt.is_some() && pt == self.config.rtx_payload_type {
             // An RTX packet too short to name its original is not a
@@ -614,7 +630,7 @@ impl RelayWorker {
         if let Some(seq) = rtp.get(2..4) {
             self.rtx_fates.saw_media(u16::from_be_bytes([seq[0], seq[1]]));
         }
-        self.model.should_drop()
+        !paused && self.model.should_drop()
     }
 
     fn pass_up(&mut self, data: &[u8]) {

@@ -224,6 +224,136 @@ fn path_loss_steps_the_stream_down_in_its_pod_and_status_shows_the_rendition_unt
     Ok(())
 }
 
+/// Loss that comes and goes faster than the policy's windows: spells of 25%
+/// loss (beyond repair: above the 10% ceiling of loss before repair) for 3 s,
+/// with 2 s clean between them, for about 20 s, switched on and off in time
+/// at a seeded relay between our sender and the pod. With a 2 s downgrade
+/// window and 5 s of health asked before a step up, the stream steps down
+/// (at most once per window, at most to the ladder's end), never steps up
+/// while the spells keep coming back, and climbs back one step at a time
+/// once they stop. The times are the sender's: it changes its encoder's bit
+/// rate on each TMMBR, and the test reads the rate every 20 ms.
+#[test]
+fn loss_coming_and_going_steps_down_at_most_once_a_window_and_up_only_after_it_stops() -> anyhow::Result<()> {
+    use zerodrop_dataplane::loss::LossSpec;
+    use zerodrop_dataplane::relay::{Relay, RelayConfig};
+    use zerodrop_dataplane::sender::{SendArgs, Sender};
+    use clap::Parser as _;
+
+    let cluster = TestCluster::start_with(ClusterOptions { pod_cidr: "127.1.0.1/16".into(), ..ClusterOptions::default() })?;
+    install_crd(&cluster)?;
+    let _operator = OperatorProcess::start(&cluster, 27198, "operator.log", &["--status-interval-s", "1"]);
+    let port = 28050;
+    let (window, upgrade_after) = (Duration::from_secs(2), Duration::from_secs(5));
+    cluster.apply_yaml(&format!(
+        "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: flaky}}\nspec:\n  \
+         scaling: {{minReplicas: 1, maxReplicas: 2, replicas: 1}}\n  decode: {{decoder: software}}\n  \
+         bitratePolicy:\n    downgradeLossPercent: 0.5\n    downgradeWindowSeconds: {}\n    upgradeAfterSeconds: {}\n    \
+         renditions:\n      - {{name: high, bitrateKbps: 1500}}\n      - {{name: mid, bitrateKbps: 700}}\n      \
+         - {{name: low, bitrateKbps: 300}}\n  sources:\n    \
+         - {{name: cam, codec: h264, rtxPayloadType: 97, transport: {{rtp: {{listenAddress: 127.0.0.1, port: {port}}}}}}}\n",
+        window.as_secs(),
+        upgrade_after.as_secs(),
+    ))?;
+    let pod = PodProcess::start(&cluster, "flaky")?;
+    let relay = Relay::start(RelayConfig {
+        loss: LossSpec::parse("uniform:0.25")?,
+        seed: 7,
+        rtx_payload_type: Some(97),
+        ..RelayConfig::new("127.0.0.1:0".parse()?, format!("127.0.0.1:{port}").parse()?)
+    })?;
+    relay.pause_loss(true);
+    let addrs = relay.addrs();
+    let sender = Sender::start(SendArgs::try_parse_from([
+        "send", "--dest", &addrs.rtp.to_string(), "--rtcp-dest", &addrs.rtcp.to_string(),
+        "--width", "320", "--height", "240", "--pattern", "snow", "--bitrate", "1500",
+        "--frames", "3000", "--rtx-pt", "97", "--quiet",
+    ])?)?;
+
+    // The encoder's bit rate, read every 20 ms, with the time it changed.
+    let started = Instant::now();
+    let mut changes: Vec<(Duration, u64)> = Vec::new();
+    let mut last = sender.stats().bitrate_kbps;
+    let watch = |last: &mut u64, changes: &mut Vec<(Duration, u64)>, until: Instant| {
+        while Instant::now() < until {
+            let now = sender.stats().bitrate_kbps;
+            if now != *last {
+                changes.push((started.elapsed(), now));
+                *last = now;
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    };
+    let result = (|| -> anyhow::Result<()> {
+        // Healthy first: the pod reports on the stream (its receiver reports
+        // reach the sender) and status shows it at the top rendition.
+        let mut seen = Value::Null;
+        cluster
+            .wait_for("flaky received at rendition high", Duration::from_secs(60), || {
+                seen = json(&cluster, &["get", "sp", "flaky"])["status"].clone();
+                let s = &seen["streams"][0];
+                Ok((s["rendition"] == "high" && relay.stats().rtcp_up > 0).then_some(()))
+            })
+            .map_err(|e| e.context(format!("status: {seen}")))?;
+        let healthy_at = started.elapsed();
+        // Four spells of loss, 3 s on and 2 s off.
+        for spell in 0..4 {
+            relay.pause_loss(false);
+            watch(&mut last, &mut changes, Instant::now() + Duration::from_secs(3));
+            relay.pause_loss(true);
+            if spell < 3 {
+                watch(&mut last, &mut changes, Instant::now() + Duration::from_secs(2));
+            }
+        }
+        let loss_ended = started.elapsed();
+        let during: Vec<_> = changes.clone();
+        eprintln!("healthy at {healthy_at:?}, loss ended at {loss_ended:?}; bit rate changes while it came and went: {during:?}");
+        anyhow::ensure!(!during.is_empty(), "25% loss for 3 s at a time never stepped the stream down");
+        let mut rate = 1500;
+        for &(at, kbps) in &during {
+            anyhow::ensure!(kbps < rate, "stepped up at {at:?} to {kbps} kbit/s while the loss kept coming back: {changes:?}");
+            rate = kbps;
+        }
+        anyhow::ensure!(during.len() <= 2, "more steps down than the ladder has: {changes:?}");
+        // Then clean: back up, one step at a time, to the top rendition.
+        cluster.wait_for("flaky back at rendition high", Duration::from_secs(40), || {
+            watch(&mut last, &mut changes, Instant::now() + Duration::from_millis(200));
+            let sp = json(&cluster, &["get", "sp", "flaky"]);
+            Ok((sp["status"]["streams"][0]["rendition"] == "high" && changes.len() >= 2 * during.len()).then_some(()))
+        })?;
+        eprintln!("all changes: {changes:?}");
+        for w in changes.windows(2) {
+            // The policy decides on whole seconds of samples; a TMMBR reaches
+            // the sender within milliseconds.
+            anyhow::ensure!(
+                w[1].0 - w[0].0 >= window - Duration::from_millis(200),
+                "two changes {:?} apart, within one {window:?} window: {changes:?}",
+                w[1].0 - w[0].0
+            );
+        }
+        let after: Vec<_> = changes[during.len()..].to_vec();
+        anyhow::ensure!(
+            after.len() == during.len() && after.windows(2).all(|w| w[1].1 > w[0].1) && after[0].1 > rate,
+            "once the loss stopped, one step up per step down: {changes:?}"
+        );
+        anyhow::ensure!(
+            after[0].0 - loss_ended >= upgrade_after - Duration::from_millis(1200),
+            "the first step up came {:?} after the loss ended, before {upgrade_after:?} of health: {changes:?}",
+            after[0].0 - loss_ended
+        );
+        Ok(())
+    })();
+    sender.request_stop();
+    let summary = sender.stop()?;
+    let relayed = relay.stop()?;
+    drop(pod);
+    eprintln!("relay: {relayed:?}; sender: {:?}", summary.stats);
+    result?;
+    assert_eq!(summary.stats.tmmbrs_received as usize, changes.len(), "one TMMBR per change: {changes:?}");
+    assert!(relayed.dropped > 0, "the relay dropped nothing");
+    Ok(())
+}
+
 /// The optional signal source: the operator reads the pods' figures from a
 /// real Prometheus (Debian's) that scrapes them, labelled as the chart's
 /// PodMonitor labels them, instead of scraping the pods itself. Status gets
