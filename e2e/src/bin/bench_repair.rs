@@ -1181,12 +1181,13 @@ fn run_envelope(args: &Args, sides: &[Side], meta: &ResultsMeta, out: Option<&Pa
                     break;
                 }
                 // A receiver that failed at a lower level of this axis has its
-                // envelope: it is not run higher. One that fails on a seed at
-                // this level has failed the level: its other seeds are not run.
-                let mut failed_here = vec![false; sides.len()];
+                // envelope: it is not run higher. At the level where it fails
+                // it runs every seed all the same, so that the frames counted
+                // at that level are over the same seeds for every receiver
+                // and can be compared.
                 for seed in 1..=args.seeds {
                     for (i, &side) in sides.iter().enumerate() {
-                        if outcome[i].first_failure.is_some() || failed_here[i] {
+                        if outcome[i].first_failure.is_some() {
                             total -= 1;
                             continue;
                         }
@@ -1194,7 +1195,6 @@ fn run_envelope(args: &Args, sides: &[Side], meta: &ResultsMeta, out: Option<&Pa
                         let r = run_once(side, spec, Mode::Nack, seed, budget, args)
                             .with_context(|| format!("{} at loss {spec}, {budget} ms, seed {seed}", side.name()))?;
                         eprintln!("[run {n} of {total}] {} | {}", progress_line(&r), eta(started, n, total));
-                        failed_here[i] = !totals_where(std::slice::from_ref(&r), |_| true).clean();
                         runs.push(r);
                     }
                 }
@@ -1260,7 +1260,7 @@ fn run_envelope(args: &Args, sides: &[Side], meta: &ResultsMeta, out: Option<&Pa
          level, the same seeded loss for every receiver: media by the seed's model, the n-th retransmission of a packet \
          by a seeded rule of (seed, packet, n)). Uniform levels {}; Gilbert–Elliott families at mean loss {} with the \
          mean burst length (packets) named. Levels are tried in ascending order; a receiver that failed at a level is not \
-         run at higher levels of that axis (nor on the remaining seeds of the level it failed), and an axis stops once \
+         run at higher levels of that axis (at the level where it failed it runs every seed, so the frames counted there are over the same seeds for every receiver), and an axis stops once \
          {} receiver has failed at a level, so \"≥ x\" means clean at every level run, x the highest. Budget = our repair.latencyMs = rtpbin \
          latency.\n",
         args.seeds,
