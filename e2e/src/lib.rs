@@ -9,6 +9,7 @@ pub mod gst_fec_sender;
 pub mod gst_receiver;
 pub mod gst_sender;
 pub mod operator;
+pub mod procstat;
 pub mod prometheus;
 pub mod replay;
 pub mod results;

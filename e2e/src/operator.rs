@@ -201,3 +201,17 @@ impl Drop for PodProcess {
     }
 }
 
+/// `n` StreamPipelines `cam-0000`.. in namespace `fleet`, one source each
+/// (RTP on port 5004), as one multi-document YAML: the fleet benchmarks'
+/// input.
+pub fn fleet_yaml(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        s += &format!(
+            "---\napiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: cam-{i:04}, namespace: fleet}}\nspec:\n  \
+             scaling: {{minReplicas: 1, maxReplicas: 4}}\n  decode: {{decoder: software}}\n  sources:\n    \
+             - {{name: cam, codec: h264, transport: {{rtp: {{port: 5004}}}}}}\n"
+        );
+    }
+    s
+}

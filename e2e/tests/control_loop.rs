@@ -63,6 +63,10 @@ fn kernel_drops_scale_a_policy_owned_pipeline_within_5_s_and_an_hpa_owned_one_is
     })?;
     assert!(json(&cluster, &["get", "sp", "hpa"])["status"].get("policyReplicas").is_none(), "another owner's replicas are not the policy's");
     assert_eq!(operator.metric("zerodrop_operator_scrape_targets", &[]), Some(2.0));
+    // Each decision used a reading from its own round: well under the 1 s interval old.
+    let ages = operator.metric("zerodrop_operator_signal_age_seconds_count", &[]).unwrap_or(0.0);
+    let age_sum = operator.metric("zerodrop_operator_signal_age_seconds_sum", &[]).unwrap_or(f64::NAN);
+    assert!(ages >= 2.0 && age_sum / ages < 1.0, "signal age: {age_sum} s over {ages} decisions");
 
     // Capacity: the shard stalls and its socket overflows. Replicas go up
     // within 5 s of the drops.
@@ -242,8 +246,8 @@ fn loss_coming_and_going_steps_down_at_most_once_a_window_and_up_only_after_it_s
 
     let cluster = TestCluster::start_with(ClusterOptions { pod_cidr: "127.1.0.1/16".into(), ..ClusterOptions::default() })?;
     install_crd(&cluster)?;
-    let _operator = OperatorProcess::start(&cluster, 27198, "operator.log", &["--status-interval-s", "1"]);
-    let port = 28050;
+    let _operator = OperatorProcess::start(&cluster, 27199, "operator.log", &["--status-interval-s", "1"]);
+    let port = 28060;
     let (window, upgrade_after) = (Duration::from_secs(2), Duration::from_secs(5));
     cluster.apply_yaml(&format!(
         "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: flaky}}\nspec:\n  \

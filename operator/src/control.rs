@@ -354,6 +354,9 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
                 }
                 shard_scrapes.insert(ordinal, ShardScrape { at, figures });
             }
+            if let Some(newest) = shard_scrapes.values().map(|s| s.at).max() {
+                ctx.metrics.signal_age.observe(now.saturating_sub(newest).as_secs_f64());
+            }
             let owners: Vec<(String, u32)> =
                 sp.spec.sources.iter().map(|s| (s.name.clone(), shard::owner(&s.name, replicas as i32))).collect();
             let history = opts.settings.history(&pipeline);

@@ -48,6 +48,8 @@ pub struct OperatorMetrics {
     degraded_now: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Time one control round took: scraping every pod and deciding.
     pub control_round: Histogram,
+    /// Per pipeline and round, the age of the newest reading its decision used.
+    pub signal_age: Histogram,
     scrape_targets: Gauge,
     scrape_failures: Counter,
     reconciles: Family<ResultLabels, Counter>,
@@ -81,9 +83,16 @@ impl OperatorMetrics {
         registry.register("drift_corrections", "Owned objects found edited by hand on a field the operator sets and put back, by kind", drift.clone());
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
         let control_round = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let signal_age = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let scrape_targets = Gauge::default();
         let scrape_failures = Counter::default();
         registry.register_with_unit("control_round", "Time one control round took: scraping every data-plane pod and deciding", Unit::Seconds, control_round.clone());
+        registry.register_with_unit(
+            "signal_age",
+            "Per pipeline and control round, the age of the newest reading of its pods the decision used (a round with no reading observes nothing)",
+            Unit::Seconds,
+            signal_age.clone(),
+        );
         registry.register("scrape_targets", "Data-plane pods scraped in the last control round", scrape_targets.clone());
         registry.register("scrape_failures", "Data-plane pod scrapes that failed or timed out (their figures count as missing, never as no loss)", scrape_failures.clone());
         let mut policy_registry = Registry::with_prefix("zerodrop");
@@ -98,6 +107,7 @@ impl OperatorMetrics {
             degraded,
             degraded_now: std::sync::Mutex::default(),
             control_round,
+            signal_age,
             scrape_targets,
             scrape_failures,
             reconciles,
