@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use crate::cluster::TestCluster;
 use crate::runner::{http_get, metric_value, zerodrop_bin};
 
@@ -214,4 +215,35 @@ pub fn fleet_yaml(n: usize) -> String {
         );
     }
     s
+}
+
+/// For a benchmark binary: the operator and `zerodrop` it runs are the ones
+/// built beside it (a release build), not the debug ones the tests use.
+/// Call before any thread is started.
+pub fn use_release_binaries_beside_this_one() -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("bench binary has no directory")?;
+    anyhow::ensure!(
+        dir.join("zerodrop-operator").exists(),
+        "{} not found: cargo build --release -p zerodrop-dataplane -p zerodrop-operator first",
+        dir.join("zerodrop-operator").display()
+    );
+    if std::env::var_os("ZERODROP_BIN").is_none() {
+        // SAFETY: the caller starts no thread before this; the e2e helpers read it.
+        unsafe { std::env::set_var("ZERODROP_BIN", dir.join("zerodrop")) };
+    }
+    Ok(())
+}
+
+/// The chart installed in `namespace` with no in-cluster operator and no
+/// agents (the benchmark runs the operator itself), its CRD established, and
+/// the namespace `fleet` for [`fleet_yaml`]'s pipelines.
+pub fn install_chart_for_a_fleet(cluster: &TestCluster, namespace: &str) -> anyhow::Result<()> {
+    helm(
+        cluster,
+        &["install", "zerodrop", "charts/zerodrop", "--namespace", namespace, "--create-namespace", "--set", "operator.replicas=0,agent.enabled=false"],
+    )?;
+    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
+    cluster.kubectl_ok(["create", "namespace", "fleet"])?;
+    Ok(())
 }

@@ -47,7 +47,7 @@ use anyhow::Context;
 use clap::Parser;
 use zerodrop_dataplane::metrics::{Metrics, StreamMetrics};
 use zerodrop_e2e::cluster::{ClusterOptions, TestCluster};
-use zerodrop_e2e::operator::{OperatorProcess, fleet_yaml, helm, service_account_kubeconfig};
+use zerodrop_e2e::operator::{OperatorProcess, fleet_yaml, install_chart_for_a_fleet, use_release_binaries_beside_this_one, service_account_kubeconfig};
 use zerodrop_e2e::procstat::{cpu_seconds, memory_mib};
 use zerodrop_e2e::results::{self, ResultsMeta};
 
@@ -256,17 +256,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(n >= 1 && args.agents >= 1, "--pipelines and --agents must be at least 1");
     let root = results::workspace_root();
     let meta = ResultsMeta::start("bench-control-fleet", &root, true, args.allow_dirty)?;
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("bench binary has no directory")?;
-    anyhow::ensure!(
-        dir.join("zerodrop-operator").exists(),
-        "{} not found: cargo build --release -p zerodrop-dataplane -p zerodrop-operator first",
-        dir.join("zerodrop-operator").display()
-    );
-    if std::env::var_os("ZERODROP_BIN").is_none() {
-        // SAFETY: set before any thread is started; the e2e helpers read it.
-        unsafe { std::env::set_var("ZERODROP_BIN", dir.join("zerodrop")) };
-    }
+    use_release_binaries_beside_this_one()?;
     let cluster = TestCluster::start_with(ClusterOptions {
         kube_api_qps: 500,
         kube_api_burst: 1000,
@@ -276,12 +266,7 @@ fn main() -> anyhow::Result<()> {
         ..ClusterOptions::default()
     })?;
     eprintln!("bench-control-fleet: control plane up; installing the chart");
-    helm(
-        &cluster,
-        &["install", "zerodrop", "charts/zerodrop", "--namespace", NS, "--create-namespace", "--set", "operator.replicas=0,agent.enabled=false"],
-    )?;
-    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
-    cluster.kubectl_ok(["create", "namespace", "fleet"])?;
+    install_chart_for_a_fleet(&cluster, NS)?;
 
     // The operator, its control loop on from the start (until the fixture
     // answers, its scrapes fail; the window begins long after).

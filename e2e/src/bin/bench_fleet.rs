@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use zerodrop_e2e::cluster::{AuditEvent, ClusterOptions, TestCluster};
-use zerodrop_e2e::operator::{OperatorProcess, fleet_yaml, helm, kubectl_json, service_account_kubeconfig};
+use zerodrop_e2e::operator::{OperatorProcess, fleet_yaml, install_chart_for_a_fleet, use_release_binaries_beside_this_one, kubectl_json, service_account_kubeconfig};
 use zerodrop_e2e::procstat::memory_mib;
 use zerodrop_e2e::results::{self, ResultsMeta};
 
@@ -108,17 +108,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(n >= 1, "--pipelines must be at least 1");
     let root = results::workspace_root();
     let meta = ResultsMeta::start("bench-fleet", &root, true, args.allow_dirty)?;
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("bench binary has no directory")?;
-    anyhow::ensure!(
-        dir.join("zerodrop-operator").exists(),
-        "{} not found: cargo build --release -p zerodrop-dataplane -p zerodrop-operator first",
-        dir.join("zerodrop-operator").display()
-    );
-    if std::env::var_os("ZERODROP_BIN").is_none() {
-        // SAFETY: set before any thread is started; the e2e helpers read it.
-        unsafe { std::env::set_var("ZERODROP_BIN", dir.join("zerodrop")) };
-    }
+    use_release_binaries_beside_this_one()?;
     let nodes = n.div_ceil(500).max(1);
     let cluster = TestCluster::start_with(ClusterOptions {
         kube_api_qps: args.kube_api_qps,
@@ -128,12 +118,7 @@ fn main() -> anyhow::Result<()> {
         ..ClusterOptions::default()
     })?;
     eprintln!("bench-fleet: control plane up ({nodes} fake nodes); installing the chart");
-    helm(
-        &cluster,
-        &["install", "zerodrop", "charts/zerodrop", "--namespace", NS, "--create-namespace", "--set", "operator.replicas=0,agent.enabled=false"],
-    )?;
-    cluster.kubectl_ok(["wait", "--for=condition=Established", "crd/streampipelines.zerodrop.dev", "--timeout=60s"])?;
-    cluster.kubectl_ok(["create", "namespace", "fleet"])?;
+    install_chart_for_a_fleet(&cluster, NS)?;
     let kubeconfig = service_account_kubeconfig(&cluster, NS, "zerodrop-operator", "operator-sa.kubeconfig")?;
     let operator = OperatorProcess::start_as(&cluster, &kubeconfig, 27380, "operator.log", &["--control", "false"]);
     cluster.wait_for("the operator to lead", Duration::from_secs(60), || {
