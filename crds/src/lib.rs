@@ -15,7 +15,7 @@ pub mod manifest;
 pub mod pipeline;
 pub mod rules;
 mod schema_check;
-pub mod shard;
+pub use zerodrop_core::shard;
 pub mod status;
 
 pub use manifest::{API_VERSION, KIND, ManifestError, ManifestProblem, parse_manifests};

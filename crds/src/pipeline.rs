@@ -9,6 +9,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use zerodrop_core::{SourcePorts, limits};
+
+pub use zerodrop_core::{Codec, DecoderChoice, FecScheme};
+
 use crate::rules;
 use crate::status::StreamPipelineStatus;
 
@@ -250,29 +254,28 @@ fn default_listen_address() -> String {
 }
 
 impl RtpTransport {
+    /// The source's ports, for every question about them (which RTCP port,
+    /// which sockets, which Service ports).
+    pub fn ports(&self) -> SourcePorts {
+        SourcePorts {
+            rtp: self.port,
+            rtcp: self.rtcp_port,
+            rtcp_mux: self.rtcp_mux,
+            fec: self.fec.as_ref().map(|f| f.ports.clone()).unwrap_or_default(),
+        }
+    }
+
     /// The port RTCP arrives on: the RTP port itself with rtcp-mux, else the
     /// explicit RTCP port, else RTP port + 1 (RFC 3550 §11).
     pub fn effective_rtcp_port(&self) -> u16 {
-        if self.rtcp_mux {
-            self.port
-        } else {
-            self.rtcp_port.unwrap_or(self.port.saturating_add(1))
-        }
+        self.ports().rtcp_port()
     }
 
     /// Every UDP port the source's sockets listen on: RTP, RTCP (unless
     /// muxed), and the FEC ports. Kernel drops on any of them are the
     /// stream's.
     pub fn socket_ports(&self) -> Vec<u16> {
-        let mut ports = vec![self.port];
-        if !self.rtcp_mux {
-            ports.push(self.effective_rtcp_port());
-        }
-        if let Some(fec) = &self.fec {
-            ports.extend(fec.ports.iter().copied());
-        }
-        ports.dedup();
-        ports
+        self.ports().all()
     }
 }
 
@@ -295,27 +298,6 @@ pub struct FecTransport {
     pub payload_type: Option<u8>,
 }
 
-/// A forward error correction scheme.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum FecScheme {
-    /// SMPTE ST 2022-1: XOR column and row FEC, each on a port of its own.
-    #[serde(rename = "st2022-1")]
-    St2022_1,
-    /// RFC 5109 ULPFEC, in-band with the media under its own payload type.
-    Ulpfec,
-}
-
-/// A video codec.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Codec {
-    /// H.264 / AVC, RTP payload format RFC 6184.
-    H264,
-    /// H.265 / HEVC, RTP payload format RFC 7798.
-    H265,
-}
-
 /// How packet loss is repaired before decoding.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -324,7 +306,7 @@ pub struct RepairSpec {
     /// before it is decoded anyway, 20 to 10000. Repair must finish within it: allow a few
     /// round trips to the sender for NACK/RTX. Defaults to 200.
     #[serde(default = "default_latency_ms")]
-    #[schemars(range(min = 20, max = 10_000))]
+    #[schemars(range(min = limits::MIN_LATENCY_MS, max = limits::MAX_LATENCY_MS))]
     pub latency_ms: u32,
     /// Retransmission requests (RTCP NACK, RFC 4585) for lost packets.
     #[serde(default)]
@@ -335,7 +317,7 @@ pub struct RepairSpec {
 }
 
 fn default_latency_ms() -> u32 {
-    200
+    limits::DEFAULT_LATENCY_MS
 }
 
 impl Default for RepairSpec {
@@ -358,7 +340,7 @@ pub struct NackSpec {
     /// How many times one lost packet is requested again before it is given up, 0 to 64.
     /// Defaults to 5.
     #[serde(default = "default_max_retries")]
-    #[schemars(range(max = 64))]
+    #[schemars(range(max = limits::MAX_NACK_RETRIES))]
     pub max_retries: u32,
 }
 
@@ -366,7 +348,7 @@ fn default_true() -> bool {
     true
 }
 fn default_max_retries() -> u32 {
-    5
+    limits::DEFAULT_NACK_RETRIES
 }
 
 impl Default for NackSpec {
@@ -398,19 +380,6 @@ pub struct DecodeSpec {
     pub decoder: DecoderChoice,
 }
 
-/// A decoder choice.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DecoderChoice {
-    /// NVDEC when the GPU elements load, software otherwise.
-    #[default]
-    Auto,
-    /// Software decoding (libav).
-    Software,
-    /// NVIDIA NVDEC; the pipeline reports Degraded when it is missing.
-    Nvdec,
-}
-
 /// How many data-plane replicas (shards) run the streams.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -418,19 +387,19 @@ pub enum DecoderChoice {
 pub struct ScalingSpec {
     /// Fewest replicas the operator's policy runs, 1 to 1000. Defaults to 1.
     #[serde(default = "default_one")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = limits::MAX_REPLICAS))]
     pub min_replicas: i32,
     /// Most replicas the operator's policy scales out to, 1 to 1000 and at least minReplicas.
     /// Defaults to 1.
     #[serde(default = "default_one")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = limits::MAX_REPLICAS))]
     pub max_replicas: i32,
     /// A fixed replica count, 0 to 1000. When set, the operator runs exactly this many replicas
     /// and leaves scaling to whoever sets it (kubectl scale, an HPA or KEDA through the scale
     /// subresource); when unset, the operator's policy scales between minReplicas and
     /// maxReplicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = 0, max = limits::MAX_REPLICAS))]
     pub replicas: Option<i32>,
 }
 

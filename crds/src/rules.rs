@@ -25,7 +25,7 @@ pub const MAX_SOURCES: usize = 128;
 /// Most per-stream entries `status.streams` carries; `status.streamCount`
 /// still counts them all and `status.streamsTruncated` says when the list
 /// was cut. Keeps the status object far below etcd's object size limit.
-pub const MAX_STREAM_STATUSES: usize = 256;
+pub use zerodrop_core::limits::MAX_STREAM_STATUSES;
 
 /// Longest source or rendition name: a DNS-1123 label.
 pub const MAX_NAME_LENGTH: usize = 63;

@@ -5,14 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
-use zerodrop_crds::{Codec, DecoderChoice, FecScheme as CrdFecScheme, StreamPipeline};
+use zerodrop_core::limits::DEFAULT_RECEIVE_BUFFER_BYTES;
+use zerodrop_crds::{Codec, DecoderChoice, FecScheme, StreamPipeline};
 
-use crate::fec::FecScheme;
 use crate::jitter::JitterSettings;
-
-/// Receive buffer requested when the spec names none: about 1 s of a
-/// 30 Mbit/s stream, so a scheduling hiccup does not overflow the socket.
-pub const DEFAULT_RECEIVE_BUFFER: usize = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceConfig {
@@ -49,6 +45,16 @@ impl SourceConfig {
     pub fn id(&self) -> String {
         format!("{}/{}", self.pipeline, self.name)
     }
+
+    /// Every UDP socket the source binds: RTP, RTCP unless muxed, and the FEC
+    /// sockets when FEC is decoded. Kernel drops on any of them are the
+    /// stream's, and no other source may bind any of them.
+    pub fn sockets(&self) -> Vec<SocketAddr> {
+        let mut s = vec![self.rtp_bind];
+        s.extend(self.rtcp_bind);
+        s.extend(self.fec.iter().flat_map(|f| f.binds.iter().copied()));
+        s
+    }
 }
 
 /// Every RTP source of a pipeline, in spec order.
@@ -68,10 +74,7 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
         })?;
         let fec = match &rtp.fec {
             Some(fec) if spec.repair.fec.enabled => Some(FecSource {
-                scheme: match fec.scheme {
-                    CrdFecScheme::St2022_1 => FecScheme::St2022_1,
-                    CrdFecScheme::Ulpfec => FecScheme::Ulpfec,
-                },
+                scheme: fec.scheme,
                 binds: fec.ports.iter().map(|&p| SocketAddr::new(ip, p)).collect(),
                 payload_type: fec.payload_type,
             }),
@@ -98,7 +101,7 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             rtx_payload_type: source.rtx_payload_type,
             rtp_bind: SocketAddr::new(ip, rtp.port),
             rtcp_bind: (!rtp.rtcp_mux).then(|| SocketAddr::new(ip, rtp.effective_rtcp_port())),
-            receive_buffer: rtp.receive_buffer_bytes.map_or(DEFAULT_RECEIVE_BUFFER, |b| b as usize),
+            receive_buffer: rtp.receive_buffer_bytes.map_or(DEFAULT_RECEIVE_BUFFER_BYTES, |b| b as usize),
             jitter: JitterSettings {
                 latency: Duration::from_millis(spec.repair.latency_ms as u64),
                 nack: spec.repair.nack.enabled,

@@ -35,9 +35,9 @@ pub struct JitterSettings {
 impl Default for JitterSettings {
     fn default() -> Self {
         Self {
-            latency: Duration::from_millis(200),
+            latency: Duration::from_millis(zerodrop_core::limits::DEFAULT_LATENCY_MS as u64),
             nack: true,
-            max_nack_retries: 5,
+            max_nack_retries: zerodrop_core::limits::DEFAULT_NACK_RETRIES,
             capacity: 4096,
         }
     }

@@ -78,3 +78,48 @@ impl KernelDrops {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// A source's FEC sockets are its own: packets the kernel drops on them
+    /// (here a full receive buffer nobody reads) count for the stream, as
+    /// drops on its RTP socket do.
+    #[test]
+    fn drops_on_a_fec_socket_count_for_the_stream() {
+        let fec = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let row = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket2::SockRef::from(&fec).set_recv_buffer_size(1).unwrap();
+        let (fec_port, row_port) = (fec.local_addr().unwrap().port(), row.local_addr().unwrap().port());
+        let manifest = format!(
+            "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: contribution}}\n\
+             spec:\n  repair: {{fec: {{enabled: true}}}}\n  sources:\n\
+             \x20   - {{name: studio, codec: h264, transport: {{rtp: {{listenAddress: 127.0.0.1, port: 1, rtcpMux: true, \
+             fec: {{scheme: st2022-1, ports: [{fec_port}, {row_port}]}}}}}}}}\n"
+        );
+        let pipeline = zerodrop_crds::parse_manifests(&manifest).unwrap().remove(0);
+        let cfg = crate::config::sources(&pipeline).unwrap().remove(0);
+        assert!(cfg.sockets().contains(&fec.local_addr().unwrap()), "{:?}", cfg.sockets());
+
+        let metrics = Metrics::new();
+        let stream = metrics.stream(&cfg.pipeline, &cfg.name);
+        let mut drops = KernelDrops::start(KernelDropMode::Procfs);
+        drops.update(&[(stream.clone(), cfg.sockets())]);
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..64 {
+            sender.send_to(&[0u8; 1200], fec.local_addr().unwrap()).unwrap();
+        }
+        drops.update(&[(stream, cfg.sockets())]);
+        let text = metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("zerodrop_kernel_udp_drops_total{") && l.contains("stream=\"studio\""))
+            .unwrap_or_else(|| panic!("no kernel drops counted for the stream:\n{text}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 32.0, "64 datagrams into a full FEC socket, {n} counted: {line}");
+    }
+}

@@ -41,12 +41,20 @@ pub struct PodArgs {
     pub kernel_drops: crate::kernel_drops::KernelDropMode,
 }
 
+/// The shard count of a pipeline as the operator rendered it: it writes the
+/// count it runs into `spec.scaling.replicas` of the mounted copy, so both
+/// sides split the streams over the same number of shards.
+fn rendered_replicas(p: &zerodrop_crds::StreamPipeline) -> i32 {
+    let s = &p.spec.scaling;
+    zerodrop_core::scaling::replicas(s.replicas, None, s.min_replicas, s.max_replicas)
+}
+
 /// The pipelines of `text` cut down to the sources shard `ordinal` owns: what
 /// the pod's bitrate policy steps.
 pub fn owned_pipelines(text: &str, ordinal: u32) -> anyhow::Result<Vec<zerodrop_crds::StreamPipeline>> {
     let mut pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     for p in &mut pipelines {
-        let replicas = p.spec.scaling.replicas.unwrap_or(p.spec.scaling.min_replicas);
+        let replicas = rendered_replicas(p);
         p.spec.sources.retain(|s| zerodrop_crds::shard::owner(&s.name, replicas) == ordinal);
     }
     Ok(pipelines)
@@ -57,7 +65,7 @@ pub fn owned_sources(text: &str, ordinal: u32) -> anyhow::Result<Vec<SourceConfi
     let pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut out = Vec::new();
     for p in &pipelines {
-        let replicas = p.spec.scaling.replicas.unwrap_or(p.spec.scaling.min_replicas);
+        let replicas = rendered_replicas(p);
         out.extend(
             config::sources(p)?
                 .into_iter()

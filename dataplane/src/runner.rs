@@ -2,6 +2,7 @@
 //! on this machine, with metrics, a live table and a final report.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -175,7 +176,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 fn check_port_clashes(sources: &[SourceConfig]) -> anyhow::Result<()> {
     let mut seen: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
     for s in sources {
-        for port in [Some(s.rtp_bind.port()), s.rtcp_bind.map(|a| a.port())].into_iter().flatten() {
+        for port in s.sockets().iter().map(SocketAddr::port) {
             if let Some(other) = seen.insert(port, s.id())
                 && other != s.id() {
                     anyhow::bail!("UDP port {port} is used by both {other} and {}: give each source its own ports", s.id());

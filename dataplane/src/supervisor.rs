@@ -94,11 +94,7 @@ impl Supervisor {
     pub fn sockets(&self) -> Vec<(StreamMetrics, Vec<std::net::SocketAddr>)> {
         self.running
             .values()
-            .map(|r| {
-                let mut s = vec![r.cfg.rtp_bind];
-                s.extend(r.cfg.rtcp_bind);
-                (self.metrics.stream(&r.cfg.pipeline, &r.cfg.name), s)
-            })
+            .map(|r| (self.metrics.stream(&r.cfg.pipeline, &r.cfg.name), r.cfg.sockets()))
             .collect()
     }
 

@@ -40,7 +40,7 @@ pub const APPLIED_HASH: &str = "zerodrop.dev/applied-hash";
 /// the same object (the watch normally shows it within milliseconds).
 const WRITE_SETTLE: Duration = Duration::from_secs(10);
 /// Stream ownership entries kept in status; larger pipelines are truncated.
-pub const MAX_STATUS_STREAMS: usize = 256;
+pub use zerodrop_core::limits::MAX_STREAM_STATUSES as MAX_STATUS_STREAMS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

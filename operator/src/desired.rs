@@ -68,11 +68,8 @@ pub fn source_service_name(pipeline: &str, source: &str) -> String {
 /// floor, minReplicas.
 pub fn replicas(sp: &StreamPipeline) -> i32 {
     let s = &sp.spec.scaling;
-    s.replicas.unwrap_or_else(|| {
-        let floor = s.min_replicas.max(1);
-        let ceiling = s.max_replicas.max(floor);
-        sp.status.as_ref().and_then(|st| st.policy_replicas).unwrap_or(floor).clamp(floor, ceiling)
-    })
+    let chosen = sp.status.as_ref().and_then(|st| st.policy_replicas);
+    zerodrop_core::scaling::replicas(s.replicas, chosen, s.min_replicas, s.max_replicas)
 }
 
 pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, BuildError> {
@@ -140,15 +137,7 @@ pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, B
     for (index, source) in sp.spec.sources.iter().enumerate() {
         let rtp = source.transport.rtp.as_ref().ok_or(BuildError::NoTransport { index })?;
         let owner_pod = format!("{sts_name}-{}", shard::owner(&source.name, replicas));
-        let mut ports = vec![udp_port("rtp", rtp.port)];
-        if !rtp.rtcp_mux {
-            ports.push(udp_port("rtcp", rtp.effective_rtcp_port()));
-        }
-        if let Some(fec) = &rtp.fec {
-            for (i, p) in fec.ports.iter().enumerate() {
-                ports.push(udp_port(&format!("fec-{i}"), *p));
-            }
-        }
+        let ports = rtp.ports().roles().into_iter().map(|(role, port)| udp_port(&role.name(), port)).collect();
         let service_type = sp.spec.exposure.service_type;
         let mut selector = labels.clone();
         selector.insert("statefulset.kubernetes.io/pod-name".into(), owner_pod);
@@ -249,16 +238,11 @@ fn pod_spec(sp: &StreamPipeline, name: &str, settings: &BuildSettings) -> PodSpe
         protocol: Some("TCP".into()),
         ..ContainerPort::default()
     }];
-    for source in &sp.spec.sources {
-        if let Some(rtp) = &source.transport.rtp {
-            ports.push(ContainerPort { container_port: rtp.port as i32, protocol: Some("UDP".into()), ..Default::default() });
-            if !rtp.rtcp_mux {
-                ports.push(ContainerPort {
-                    container_port: rtp.effective_rtcp_port() as i32,
-                    protocol: Some("UDP".into()),
-                    ..Default::default()
-                });
-            }
+    // Every socket of every source, FEC included: what the pod listens on is
+    // what it declares.
+    for rtp in sp.spec.sources.iter().filter_map(|s| s.transport.rtp.as_ref()) {
+        for port in rtp.socket_ports() {
+            ports.push(ContainerPort { container_port: port as i32, protocol: Some("UDP".into()), ..Default::default() });
         }
     }
     let resources = sp.spec.resources.as_ref().map(|r| ResourceRequirements {
@@ -437,5 +421,30 @@ spec:
         let b = build(&pipeline(Some(2), "ClusterIP"), &settings()).unwrap();
         assert_eq!(serde_json::to_value(&a.statefulset).unwrap(), serde_json::to_value(&b.statefulset).unwrap());
         assert_eq!(serde_json::to_value(&a.config).unwrap(), serde_json::to_value(&b.config).unwrap());
+    }
+
+    /// The pod declares every port its sources listen on, FEC included, and
+    /// each source's Service forwards them, named by what they carry.
+    #[test]
+    fn fec_ports_are_declared_on_the_pod_and_forwarded_by_the_service() {
+        let sp: StreamPipeline = serde_yaml::from_str(
+            "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {name: contribution, namespace: video, uid: 1}\n\
+             spec:\n  sources:\n    - {name: studio, codec: h264, transport: {rtp: {port: 5004, fec: {scheme: st2022-1, ports: [5006, 5008]}}}}\n",
+        )
+        .unwrap();
+        let d = build(&sp, &settings()).unwrap();
+        let pod = d.statefulset.spec.unwrap().template.spec.unwrap();
+        let udp: Vec<i32> = pod.containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref() == Some("UDP"))
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(udp, [5004, 5005, 5006, 5008]);
+        let service: Vec<(String, i32)> = d.source_services[0].spec.as_ref().unwrap().ports.iter().flatten()
+            .map(|p| (p.name.clone().unwrap(), p.port))
+            .collect();
+        assert_eq!(service, [("rtp".into(), 5004), ("rtcp".into(), 5005), ("fec-0".into(), 5006), ("fec-1".into(), 5008)]);
     }
 }

@@ -100,11 +100,7 @@ pub(crate) fn parse_rtp(datagram: &[u8]) -> Result<RtpPacket<'_>, NotRtp> {
     Ok(RtpPacket::parse(datagram)?)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FecScheme {
-    St2022_1,
-    Ulpfec,
-}
+pub use zerodrop_core::FecScheme;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FecCounters {

@@ -45,15 +45,8 @@ use repair::{RtcpResponder, SendShared};
 /// XORed into `--seed` for the retransmission loss model.
 pub const RTX_SEED_SALT: u64 = 0x5254_585f_4c4f_5353; // "RTX_LOSS"
 
-/// RTP clock rate of both video payload formats.
-const VIDEO_CLOCK_RATE: u32 = 90_000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Codec {
-    H264,
-    H265,
-}
+use zerodrop_core::limits::VIDEO_CLOCK_RATE;
+pub use zerodrop_core::Codec;
 
 /// The payloader's `aggregate-mode` (STAP/AP packets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -131,7 +124,8 @@ pub struct SendArgs {
     /// Send RTP and RTCP on one port (RFC 5761).
     #[arg(long)]
     pub rtcp_mux: bool,
-    #[arg(long, value_enum, default_value = "h264")]
+    /// h264 or h265.
+    #[arg(long, default_value = "h264")]
     pub codec: Codec,
     #[arg(long, default_value_t = 1280)]
     pub width: u32,
