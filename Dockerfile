@@ -14,7 +14,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p zerodrop-dataplane --bin zerodrop \
+RUN cargo build --release --locked -p zerodrop --bin zerodrop \
  && cargo build --release --locked -p zerodrop-operator --bin zerodrop-operator \
  && cargo build --release --locked -p zerodrop-ebpf --bin zerodrop-agent \
  && strip target/release/zerodrop target/release/zerodrop-operator target/release/zerodrop-agent

@@ -14,7 +14,7 @@ LOSS="${LOSS:-uniform:0.12+ge:loss=0.03,burst=8}"
 bash scripts/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 echo "== building (release)" >&2
-cargo build --release --locked -p zerodrop-dataplane --bin zerodrop 2>&1 | tail -n 2
+cargo build --release --locked -p zerodrop --bin zerodrop 2>&1 | tail -n 2
 BIN=target/release/zerodrop
 
 out=$(mktemp -d)

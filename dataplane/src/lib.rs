@@ -1,11 +1,8 @@
 //! ZeroDrop data plane: receive RTP, repair loss, decode, count every frame.
 
 pub mod au;
-pub mod loss;
-pub mod relay;
 pub mod rtp;
 pub mod fec;
-pub mod sender;
 pub mod depay;
 pub mod jitter;
 pub mod metrics;

@@ -1,17 +1,13 @@
-//! Support for the end-to-end tests in `tests/` and the `bench-repair`
-//! benchmark: a GStreamer reference sender (rtpbin + rtprtxsend + x264enc,
-//! nothing of ours on the sending side), GStreamer's own repairing receiver
-//! (rtpbin + rtprtxreceive) instrumented like ours, a handle on a real
-//! `zerodrop run` process, and a real Prometheus to query.
+//! Support for the end-to-end tests in `tests/` and the benchmarks in
+//! `src/bin/`: a handle on a real `zerodrop run` process, a real control
+//! plane and operator, a real Prometheus to query, process statistics, and
+//! the results files. The traffic (test sender, relay, replay) and the
+//! GStreamer reference peers live in the test bench (`zerodrop-testbench`).
 
 pub mod cluster;
-pub mod gst_fec_sender;
-pub mod gst_receiver;
-pub mod gst_sender;
 pub mod operator;
 pub mod procstat;
 pub mod prometheus;
-pub mod replay;
 pub mod results;
 pub mod runner;
 

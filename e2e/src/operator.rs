@@ -225,7 +225,7 @@ pub fn use_release_binaries_beside_this_one() -> anyhow::Result<()> {
     let dir = exe.parent().context("bench binary has no directory")?;
     anyhow::ensure!(
         dir.join("zerodrop-operator").exists(),
-        "{} not found: cargo build --release -p zerodrop-dataplane -p zerodrop-operator first",
+        "{} not found: cargo build --release -p zerodrop -p zerodrop-operator first",
         dir.join("zerodrop-operator").display()
     );
     if std::env::var_os("ZERODROP_BIN").is_none() {

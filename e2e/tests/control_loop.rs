@@ -239,9 +239,9 @@ fn path_loss_steps_the_stream_down_in_its_pod_and_status_shows_the_rendition_unt
 /// rate on each TMMBR, and the test reads the rate every 20 ms.
 #[test]
 fn loss_coming_and_going_steps_down_at_most_once_a_window_and_up_only_after_it_stops() -> anyhow::Result<()> {
-    use zerodrop_dataplane::loss::LossSpec;
-    use zerodrop_dataplane::relay::{Relay, RelayConfig};
-    use zerodrop_dataplane::sender::{SendArgs, Sender};
+    use zerodrop_testbench::loss::LossSpec;
+    use zerodrop_testbench::relay::{Relay, RelayConfig};
+    use zerodrop_testbench::sender::{SendArgs, Sender};
     use clap::Parser as _;
 
     let cluster = TestCluster::start_with(ClusterOptions { pod_cidr: "127.1.0.1/16".into(), ..ClusterOptions::default() })?;

@@ -14,9 +14,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use zerodrop_dataplane::loss::LossSpec;
-use zerodrop_dataplane::relay::{Relay, RelayConfig};
-use zerodrop_e2e::gst_fec_sender::{self, GstFec, GstFecSenderConfig};
+use zerodrop_testbench::loss::LossSpec;
+use zerodrop_testbench::relay::{Relay, RelayConfig};
+use zerodrop_testbench::gst_fec_sender::{self, GstFec, GstFecSenderConfig};
 use zerodrop_e2e::read_digests;
 use zerodrop_e2e::runner::RunnerProcess;
 

@@ -7,8 +7,8 @@
 
 use std::process::{Command, Stdio};
 
-use zerodrop_dataplane::loss::LossSpec;
-use zerodrop_dataplane::relay::{Relay, RelayConfig};
+use zerodrop_testbench::loss::LossSpec;
+use zerodrop_testbench::relay::{Relay, RelayConfig};
 use zerodrop_e2e::runner::RunnerProcess;
 
 const FRAMES: u64 = 300;

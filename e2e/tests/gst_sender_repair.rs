@@ -2,9 +2,9 @@
 //! the seeded lossy relay to a real `zerodrop run` process. Every frame must
 //! reach the decoder, byte-identical to what the encoder produced.
 
-use zerodrop_dataplane::loss::LossSpec;
-use zerodrop_dataplane::relay::{Relay, RelayConfig};
-use zerodrop_e2e::gst_sender::{self, GstSenderConfig};
+use zerodrop_testbench::loss::LossSpec;
+use zerodrop_testbench::relay::{Relay, RelayConfig};
+use zerodrop_testbench::gst_sender::{self, GstSenderConfig};
 use zerodrop_e2e::runner::RunnerProcess;
 use zerodrop_e2e::{compare_digests, read_digests};
 

@@ -305,8 +305,8 @@ fn the_demo_loss_profile_drops_no_frame_and_every_frame_is_accounted_for() {
 /// took shows as `zerodrop_join_to_first_frame_seconds` and in the report.
 #[test]
 fn a_receiver_joining_mid_gop_gets_its_first_frame_in_well_under_a_gop() {
-    use zerodrop_dataplane::loss::LossSpec;
-    use zerodrop_dataplane::relay::{Relay, RelayConfig};
+    use zerodrop_testbench::loss::LossSpec;
+    use zerodrop_testbench::relay::{Relay, RelayConfig};
     let port = 25004;
     // The relay forwards to a port nobody listens on yet, as a sender would
     // stream to a receiver that is not up.

@@ -36,7 +36,7 @@
 //! Needs root (the agent's eBPF programs), `prometheus`
 //! (scripts/install-deps.sh), the control-plane binaries
 //! (scripts/controlplane.sh build) and the workspace's binaries
-//! (`cargo build -p zerodrop-dataplane -p zerodrop-ebpf -p zerodrop-operator`).
+//! (`cargo build -p zerodrop -p zerodrop-ebpf -p zerodrop-operator`).
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -50,8 +50,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 use serde_yaml::Value as Yaml;
-use zerodrop_dataplane::loss::LossSpec;
-use zerodrop_dataplane::relay::{Relay, RelayAddrs, RelayConfig, RelayHandle};
+use zerodrop_testbench::loss::LossSpec;
+use zerodrop_testbench::relay::{Relay, RelayAddrs, RelayConfig, RelayHandle};
 use zerodrop_e2e::cluster::TestCluster;
 use zerodrop_e2e::operator::{OperatorProcess, install_crd};
 use zerodrop_e2e::prometheus::{

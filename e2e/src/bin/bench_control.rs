@@ -7,7 +7,7 @@
 //! harness, and their delays are set by those periods, not by their code).
 //!
 //! ```text
-//! cargo build --release -p zerodrop-dataplane -p zerodrop-operator
+//! cargo build --release -p zerodrop -p zerodrop-operator
 //! cargo run --release -p zerodrop-e2e --bin bench-control -- [--trials 20] [--seed 1]
 //! ```
 //!
@@ -85,13 +85,13 @@ fn main() -> anyhow::Result<()> {
     let root = results::workspace_root();
     let meta = ResultsMeta::start("bench-control", &root, true, args.allow_dirty)?;
     // The binaries of this profile, beside this one (`cargo build --release
-    // -p zerodrop-dataplane -p zerodrop-operator`).
+    // -p zerodrop -p zerodrop-operator`).
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("bench binary has no directory")?;
     for bin in ["zerodrop", "zerodrop-operator"] {
         anyhow::ensure!(
             dir.join(bin).exists(),
-            "{} not found: cargo build --release -p zerodrop-dataplane -p zerodrop-operator first",
+            "{} not found: cargo build --release -p zerodrop -p zerodrop-operator first",
             dir.join(bin).display()
         );
     }

@@ -5,7 +5,7 @@
 //! pipeline" costs it.
 //!
 //! ```text
-//! cargo build --release -p zerodrop-dataplane -p zerodrop-operator
+//! cargo build --release -p zerodrop -p zerodrop-operator
 //! cargo run --release -p zerodrop-e2e --bin bench-control-fleet -- [--pipelines 1000] [--window-s 120]
 //! ```
 //!

@@ -3,7 +3,7 @@
 //! with the chart's ServiceAccount, as a cluster user would install it.
 //!
 //! ```text
-//! cargo build --release -p zerodrop-dataplane -p zerodrop-operator
+//! cargo build --release -p zerodrop -p zerodrop-operator
 //! cargo run --release -p zerodrop-e2e --bin bench-fleet -- [--pipelines 1000]
 //! ```
 //!

@@ -15,7 +15,7 @@
 //! also `wait-for-keyframe`, dropping what follows an unrepaired loss until
 //! the next keyframe, as ours does) and with its defaults
 //! (`gstreamer-defaults`). Both ask for keyframes (PLI) after a loss they
-//! could not repair, as ours does; see `zerodrop_e2e::gst_receiver`.
+//! could not repair, as ours does; see `zerodrop_testbench::gst_receiver`.
 //!
 //! For each loss rate × seed × receiver: start the receiver, a seeded lossy
 //! relay (media drops by the seed's model in arrival order, so every receiver
@@ -61,10 +61,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Serialize;
-use zerodrop_dataplane::loss::LossSpec;
-use zerodrop_dataplane::relay::{Relay, RelayConfig, RelayStats};
+use zerodrop_testbench::loss::LossSpec;
+use zerodrop_testbench::relay::{Relay, RelayConfig, RelayStats};
 use zerodrop_dataplane::udp::bind_rtp_rtcp_pair;
-use zerodrop_e2e::gst_receiver::{self, GstReceiverConfig, GstReceiverProcess, GstReceiverReport};
+use zerodrop_testbench::gst_receiver::{self, GstReceiverConfig, GstReceiverProcess, GstReceiverReport};
 use zerodrop_e2e::results::{self, ResultsMeta};
 use zerodrop_e2e::runner::{RunnerProcess, metric_value};
 
@@ -449,7 +449,7 @@ fn ensure_zerodrop_built() -> anyhow::Result<PathBuf> {
     let bin = dir.join("zerodrop");
     if let Ok(cargo) = std::env::var("CARGO") {
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "zerodrop-dataplane", "--bin", "zerodrop"]);
+        cmd.args(["build", "--quiet", "-p", "zerodrop", "--bin", "zerodrop"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

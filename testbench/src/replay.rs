@@ -37,9 +37,9 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use serde::Serialize;
-use zerodrop_dataplane::loss::{LossModel, LossSpec};
+use crate::loss::{LossModel, LossSpec};
 use zerodrop_dataplane::rtp::{self, RtcpEvent, RtpPacket};
-use zerodrop_dataplane::sender::RTX_SEED_SALT;
+use crate::sender::RTX_SEED_SALT;
 use zerodrop_dataplane::udp::{self, RecvBatch};
 
 /// `UDP_SEGMENT` from `<linux/udp.h>` (the libc crate defines it for uclibc

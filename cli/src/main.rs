@@ -15,9 +15,9 @@ enum Command {
     /// Data-plane pod: run this pod's shard of the operator-rendered pipeline.
     Pod(zerodrop_dataplane::pod::PodArgs),
     /// Test source: encode with GStreamer and send RTP, answering NACKs with RTX.
-    Send(zerodrop_dataplane::sender::SendArgs),
+    Send(zerodrop_testbench::sender::SendArgs),
     /// Seeded lossy relay between any RTP sender and receiver, passing RTCP back.
-    Relay(zerodrop_dataplane::relay::RelayArgs),
+    Relay(zerodrop_testbench::relay::RelayArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,8 +29,8 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => zerodrop_dataplane::runner::run(args),
         Command::Pod(args) => zerodrop_dataplane::pod::run(args),
-        Command::Send(args) => zerodrop_dataplane::sender::run(args),
-        Command::Relay(args) => zerodrop_dataplane::relay::run(args),
+        Command::Send(args) => zerodrop_testbench::sender::run(args),
+        Command::Relay(args) => zerodrop_testbench::relay::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

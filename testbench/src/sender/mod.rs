@@ -33,13 +33,13 @@ use serde::Serialize;
 pub use pipeline::AuRecord;
 pub use repair::PacketHistory;
 
-use crate::fec::st2022_1::{Direction, St2022Encoder};
-use crate::fec::ulpfec::{UlpfecEncoder, UlpfecOutput, UlpfecSettings};
+use zerodrop_dataplane::fec::st2022_1::{Direction, St2022Encoder};
+use zerodrop_dataplane::fec::ulpfec::{UlpfecEncoder, UlpfecOutput, UlpfecSettings};
 use crate::loss::{LossModel, LossSpec};
-use crate::udp::{
+use zerodrop_dataplane::udp::{
     bind_rtp_rtcp_pair, bind_udp, send_to_waiting, unspecified, with_port_offset,
 };
-use crate::rtp::RtpPacket;
+use zerodrop_dataplane::rtp::RtpPacket;
 use repair::{RtcpResponder, SendShared};
 
 /// XORed into `--seed` for the retransmission loss model.
@@ -513,7 +513,7 @@ impl Drop for SenderHandle {
 
 /// `zerodrop send`.
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
-    let stop_signal = crate::shutdown::on_signal()?;
+    let stop_signal = zerodrop_dataplane::shutdown::on_signal()?;
     let summary_path = args.summary_json.clone();
     let dest = args.dest;
     let handle = Sender::start(args)?;

@@ -59,9 +59,9 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::loss::{LossModel, LossSpec};
-use crate::rtp;
+use zerodrop_dataplane::rtp;
 use crate::sender::RTX_SEED_SALT;
-use crate::udp::{self, bind_rtp_rtcp_pair, bind_udp, is_transient, send_to_waiting, unspecified, with_port_offset};
+use zerodrop_dataplane::udp::{self, bind_rtp_rtcp_pair, bind_udp, is_transient, send_to_waiting, unspecified, with_port_offset};
 
 /// Command-line arguments of `zerodrop relay`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -367,7 +367,7 @@ impl Drop for RelayHandle {
 
 /// `zerodrop relay`: runs until SIGINT/SIGTERM or `--duration`.
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
-    let stop = crate::shutdown::on_signal()?;
+    let stop = zerodrop_dataplane::shutdown::on_signal()?;
     let config = RelayConfig::from(&args);
     let relay = Relay::start(config)
         .with_context(|| format!("starting the relay on {} towards {}", args.listen, args.forward))?;

@@ -14,8 +14,8 @@ use gstreamer::prelude::*;
 
 use super::SendCounters;
 use crate::loss::LossModel;
-use crate::udp::{is_transient, send_to_waiting, wait_readable};
-use crate::rtp::{self, RtcpEvent, RtpPacket};
+use zerodrop_dataplane::udp::{is_transient, send_to_waiting, wait_readable};
+use zerodrop_dataplane::rtp::{self, RtcpEvent, RtpPacket};
 
 /// The last `capacity` sent RTP packets, by sequence number.
 pub struct PacketHistory {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use zerodrop_dataplane::udp::{bind_rtp_rtcp_pair, with_port_offset};
 use zerodrop_dataplane::rtp::{self, ReceiverFeedback, RtcpEvent, RtpPacket};
-use zerodrop_dataplane::sender::{SendArgs, Sender};
+use zerodrop_testbench::sender::{SendArgs, Sender};
 
 const SSRC: u32 = 0x1234_5678;
 const RTX_SSRC: u32 = 0x0bad_cafe;

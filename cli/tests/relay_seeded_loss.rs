@@ -4,8 +4,8 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use zerodrop_dataplane::loss::LossSpec;
-use zerodrop_dataplane::relay::{Relay, RelayConfig, RelayHandle};
+use zerodrop_testbench::loss::LossSpec;
+use zerodrop_testbench::relay::{Relay, RelayConfig, RelayHandle};
 use zerodrop_dataplane::udp::bind_rtp_rtcp_pair;
 use zerodrop_dataplane::rtp::{self, ReceiverFeedback, RtcpEvent, RtpPacket, RtpPacketBuilder};
 
