@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use zerodrop_testbench::loss::LossSpec;
 use zerodrop_testbench::relay::{Relay, RelayConfig, RelayHandle};
-use zerodrop_dataplane::udp::bind_rtp_rtcp_pair;
+use zerodrop_dataplane::ingest::udp::bind_rtp_rtcp_pair;
 use zerodrop_dataplane::rtp::{self, ReceiverFeedback, RtcpEvent, RtpPacket, RtpPacketBuilder};
 
 const DEADLINE: Duration = Duration::from_secs(10);

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use zerodrop_dataplane::udp::{bind_rtp_rtcp_pair, with_port_offset};
+use zerodrop_dataplane::ingest::udp::{bind_rtp_rtcp_pair, with_port_offset};
 use zerodrop_dataplane::rtp::{self, ReceiverFeedback, RtcpEvent, RtpPacket};
 use zerodrop_testbench::sender::{SendArgs, Sender};
 

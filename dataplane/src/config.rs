@@ -8,7 +8,7 @@ use anyhow::Context;
 use zerodrop_core::limits::DEFAULT_RECEIVE_BUFFER_BYTES;
 use zerodrop_crds::{Codec, DecoderChoice, FecScheme, StreamPipeline};
 
-use crate::jitter::JitterSettings;
+use crate::repair::jitter::JitterSettings;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceConfig {

@@ -16,11 +16,11 @@ use serde::Serialize;
 use crate::config::SourceConfig;
 use crate::decode::Decoder;
 use crate::depay::{Depacketizer, DepayEvent};
-use crate::fec::{FecDecoder, FecScheme, Outlook};
-use crate::jitter::{JitterBuffer, NackBudget, Output, PushOutcome, StoredPacket};
+use crate::repair::fec::{FecDecoder, FecScheme, Outlook};
+use crate::repair::jitter::{JitterBuffer, NackBudget, Output, PushOutcome, StoredPacket};
 use crate::metrics::StreamMetrics;
 use crate::rtp::{self, RtcpEvent, RtpPacket, SeqExtender};
-use crate::udp::{self, RecvBatch};
+use crate::ingest::udp::{self, RecvBatch};
 
 /// A source is reported silent after this long without a media packet.
 const SILENCE: Duration = Duration::from_secs(2);
@@ -155,7 +155,7 @@ impl LatencySummary {
 /// slow path (60 ms) before any measurement, the first answers come after
 /// the first retry, and the upper bound finds the round trip at once.
 fn rtt_sample(
-    state: crate::jitter::NackState,
+    state: crate::repair::jitter::NackState,
     now: Instant,
     estimate: Option<Duration>,
 ) -> Option<Duration> {
@@ -302,7 +302,7 @@ pub fn run(
     stop: Arc<AtomicBool>,
     options: ReceiverOptions,
 ) -> anyhow::Result<StreamReport> {
-    let mut worker = crate::worker::Worker::new()?;
+    let mut worker = crate::ingest::worker::Worker::new()?;
     let id = cfg.id();
     worker.add(Receiver::open(cfg, metrics, &options)?, id, 0)?;
     while !stop.load(Ordering::Relaxed) {
@@ -1423,7 +1423,7 @@ impl LatencySamples {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jitter::NackState;
+    use crate::repair::jitter::NackState;
 
     #[test]
     fn rtt_samples_take_exact_answers_and_bounded_upper_bounds() {

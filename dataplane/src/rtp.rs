@@ -648,7 +648,7 @@ mod tests {
             }
             let _ = parse_rtcp(&data, &mut events);
             let _ = is_rtcp(&data);
-            let _ = crate::au::annexb_digest(&data);
+            let _ = crate::depay::au::annexb_digest(&data);
         }
 
         #[test]

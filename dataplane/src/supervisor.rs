@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::config::SourceConfig;
 use crate::metrics::{Metrics, Readiness, StreamMetrics};
 use crate::receiver::{ReceiverOptions, StreamReport};
-use crate::worker::{Done, WorkerThread};
+use crate::ingest::worker::{Done, WorkerThread};
 
 #[derive(Debug, Clone, Default)]
 pub struct SupervisorOptions {

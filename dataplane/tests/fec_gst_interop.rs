@@ -18,9 +18,9 @@ use std::time::Duration;
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use zerodrop_dataplane::fec::st2022_1::{Direction, FecPacket, St2022Encoder};
-use zerodrop_dataplane::fec::ulpfec::{UlpfecEncoder, UlpfecOutput, UlpfecPacket, UlpfecSettings};
-use zerodrop_dataplane::fec::{FecDecoder, FecScheme, Outlook};
+use zerodrop_dataplane::repair::fec::st2022_1::{Direction, FecPacket, St2022Encoder};
+use zerodrop_dataplane::repair::fec::ulpfec::{UlpfecEncoder, UlpfecOutput, UlpfecPacket, UlpfecSettings};
+use zerodrop_dataplane::repair::fec::{FecDecoder, FecScheme, Outlook};
 use zerodrop_dataplane::rtp::{RtpPacket, SeqExtender};
 
 /// Matrix of the ST 2022-1 runs: L columns, D rows.

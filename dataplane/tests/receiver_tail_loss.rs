@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use zerodrop_crds::{Codec, DecoderChoice};
 use zerodrop_dataplane::config::SourceConfig;
-use zerodrop_dataplane::jitter::JitterSettings;
+use zerodrop_dataplane::repair::jitter::JitterSettings;
 use zerodrop_dataplane::metrics::Metrics;
 use zerodrop_dataplane::receiver::{self, ReceiverOptions};
 use zerodrop_dataplane::rtp::{self, RtcpEvent, RtpPacket, RtpPacketBuilder};

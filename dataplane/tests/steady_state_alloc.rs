@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use zerodrop_crds::{Codec, DecoderChoice};
 use zerodrop_dataplane::config::SourceConfig;
-use zerodrop_dataplane::jitter::JitterSettings;
+use zerodrop_dataplane::repair::jitter::JitterSettings;
 use zerodrop_dataplane::metrics::Metrics;
 use zerodrop_dataplane::receiver::{Receiver, ReceiverOptions};
 use zerodrop_dataplane::rtp::RtpPacketBuilder;
-use zerodrop_dataplane::worker::Worker;
+use zerodrop_dataplane::ingest::worker::Worker;
 
 struct Counting;
 

@@ -21,8 +21,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use libfuzzer_sys::fuzz_target;
-use zerodrop_dataplane::fec::st2022_1::{FecPacket, St2022Encoder};
-use zerodrop_dataplane::fec::{FecDecoder, FecScheme};
+use zerodrop_dataplane::repair::fec::st2022_1::{FecPacket, St2022Encoder};
+use zerodrop_dataplane::repair::fec::{FecDecoder, FecScheme};
 use zerodrop_dataplane::rtp::{RtpPacket, RtpPacketBuilder, SeqExtender};
 
 /// Records of the layout above: (op, bytes).

@@ -23,8 +23,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use libfuzzer_sys::fuzz_target;
-use zerodrop_dataplane::fec::ulpfec::{FecRtpHeader, UlpfecEncoder, UlpfecOutput, UlpfecPacket, UlpfecSettings};
-use zerodrop_dataplane::fec::{FecDecoder, FecScheme};
+use zerodrop_dataplane::repair::fec::ulpfec::{FecRtpHeader, UlpfecEncoder, UlpfecOutput, UlpfecPacket, UlpfecSettings};
+use zerodrop_dataplane::repair::fec::{FecDecoder, FecScheme};
 use zerodrop_dataplane::rtp::{RtpPacket, RtpPacketBuilder, SeqExtender};
 
 const SSRC: u32 = 0x00c0_ffee;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use zerodrop_dataplane::jitter::{JitterBuffer, JitterSettings, Output, StoredPacket};
+use zerodrop_dataplane::repair::jitter::{JitterBuffer, JitterSettings, Output, StoredPacket};
 use zerodrop_dataplane::rtp::SeqExtender;
 
 #[derive(Debug, Arbitrary)]
@@ -86,7 +86,7 @@ fuzz_target!(|input: Input| {
     let mut outputs = Vec::new();
     let mut check = ReleaseCheck::default();
     let mut nacks = Vec::new();
-    let mut budget = zerodrop_dataplane::jitter::NackBudget::new(std::time::Duration::from_millis(200));
+    let mut budget = zerodrop_dataplane::repair::jitter::NackBudget::new(std::time::Duration::from_millis(200));
 
     for op in input.ops {
         match op {

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use arbitrary::{Arbitrary, Unstructured};
 use zerodrop_crds::Codec;
-use zerodrop_dataplane::au::annexb_digest;
+use zerodrop_dataplane::depay::au::annexb_digest;
 use zerodrop_dataplane::depay::{DepayEvent, Depacketizer};
 
 /// RTP clock ticks per unit of a packet's timestamp step (half a frame at

@@ -103,7 +103,7 @@ pub fn run(cfg: &GstFecSenderConfig) -> anyhow::Result<GstSenderReport> {
             if let Some(buffer) = info.buffer()
                 && let Ok(map) = buffer.map_readable()
             {
-                digests.lock().expect("lock").push(zerodrop_dataplane::au::annexb_digest(&map));
+                digests.lock().expect("lock").push(zerodrop_dataplane::depay::au::annexb_digest(&map));
             }
             gst::PadProbeReturn::Ok
         });

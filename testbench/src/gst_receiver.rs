@@ -44,7 +44,7 @@ use gstreamer as gst;
 use gstreamer::glib;
 use gstreamer::prelude::*;
 use serde::{Deserialize, Serialize};
-use zerodrop_dataplane::au::annexb_digest;
+use zerodrop_dataplane::depay::au::annexb_digest;
 use zerodrop_dataplane::rtp::{self, RtpPacket};
 
 /// The hidden subcommand the bench binary answers with [`child_main`].

@@ -164,7 +164,7 @@ pub fn run(cfg: &GstSenderConfig) -> anyhow::Result<GstSenderReport> {
             if let Some(buffer) = info.buffer()
                 && let Ok(map) = buffer.map_readable()
             {
-                digests.lock().expect("lock").push(zerodrop_dataplane::au::annexb_digest(&map));
+                digests.lock().expect("lock").push(zerodrop_dataplane::depay::au::annexb_digest(&map));
             }
             gst::PadProbeReturn::Ok
         });

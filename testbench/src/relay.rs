@@ -61,7 +61,7 @@ use serde::Serialize;
 use crate::loss::{LossModel, LossSpec};
 use zerodrop_dataplane::rtp;
 use crate::sender::RTX_SEED_SALT;
-use zerodrop_dataplane::udp::{self, bind_rtp_rtcp_pair, bind_udp, is_transient, send_to_waiting, unspecified, with_port_offset};
+use zerodrop_dataplane::ingest::udp::{self, bind_rtp_rtcp_pair, bind_udp, is_transient, send_to_waiting, unspecified, with_port_offset};
 
 /// Command-line arguments of `zerodrop relay`.
 #[derive(Debug, Clone, clap::Parser)]

@@ -40,7 +40,7 @@ use serde::Serialize;
 use crate::loss::{LossModel, LossSpec};
 use zerodrop_dataplane::rtp::{self, RtcpEvent, RtpPacket};
 use crate::sender::RTX_SEED_SALT;
-use zerodrop_dataplane::udp::{self, RecvBatch};
+use zerodrop_dataplane::ingest::udp::{self, RecvBatch};
 
 /// `UDP_SEGMENT` from `<linux/udp.h>` (the libc crate defines it for uclibc
 /// and Android only).

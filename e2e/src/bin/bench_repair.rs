@@ -63,7 +63,7 @@ use clap::Parser;
 use serde::Serialize;
 use zerodrop_testbench::loss::LossSpec;
 use zerodrop_testbench::relay::{Relay, RelayConfig, RelayStats};
-use zerodrop_dataplane::udp::bind_rtp_rtcp_pair;
+use zerodrop_dataplane::ingest::udp::bind_rtp_rtcp_pair;
 use zerodrop_testbench::gst_receiver::{self, GstReceiverConfig, GstReceiverProcess, GstReceiverReport};
 use zerodrop_e2e::results::{self, ResultsMeta};
 use zerodrop_e2e::runner::{RunnerProcess, metric_value};

@@ -56,7 +56,7 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use serde::Serialize;
 use zerodrop_testbench::loss::LossSpec;
-use zerodrop_dataplane::udp::{self, RecvBatch, bind_rtp_rtcp_pair};
+use zerodrop_dataplane::ingest::udp::{self, RecvBatch, bind_rtp_rtcp_pair};
 use zerodrop_testbench::replay::{
     self, Clip, ClipSettings, ClipSummary, GsoSupport, OfferedCounts, PacedSettings, PhaseOffered, RatePhase,
     ReplaySender, monotonic_ns,

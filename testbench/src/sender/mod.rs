@@ -33,10 +33,10 @@ use serde::Serialize;
 pub use pipeline::AuRecord;
 pub use repair::PacketHistory;
 
-use zerodrop_dataplane::fec::st2022_1::{Direction, St2022Encoder};
-use zerodrop_dataplane::fec::ulpfec::{UlpfecEncoder, UlpfecOutput, UlpfecSettings};
+use zerodrop_dataplane::repair::fec::st2022_1::{Direction, St2022Encoder};
+use zerodrop_dataplane::repair::fec::ulpfec::{UlpfecEncoder, UlpfecOutput, UlpfecSettings};
 use crate::loss::{LossModel, LossSpec};
-use zerodrop_dataplane::udp::{
+use zerodrop_dataplane::ingest::udp::{
     bind_rtp_rtcp_pair, bind_udp, send_to_waiting, unspecified, with_port_offset,
 };
 use zerodrop_dataplane::rtp::RtpPacket;

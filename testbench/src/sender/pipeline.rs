@@ -13,7 +13,7 @@ use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 
 use super::{AggregateMode, Codec, SendArgs};
-use zerodrop_dataplane::au;
+use zerodrop_dataplane::depay::au;
 
 /// One access unit as the encoder produced it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use gstreamer::prelude::*;
 
 use super::SendCounters;
 use crate::loss::LossModel;
-use zerodrop_dataplane::udp::{is_transient, send_to_waiting, wait_readable};
+use zerodrop_dataplane::ingest::udp::{is_transient, send_to_waiting, wait_readable};
 use zerodrop_dataplane::rtp::{self, RtcpEvent, RtpPacket};
 
 /// The last `capacity` sent RTP packets, by sequence number.

@@ -9,11 +9,13 @@
 //! NAL unit, AP and FU without DONL (sprop-max-don-diff = 0). STAP-B, MTAP,
 //! FU-B and PACI are counted as unsupported and drop their frame.
 
+pub mod au;
+
 use std::time::Instant;
 
 use zerodrop_crds::Codec;
 
-use crate::au::au_digest;
+use crate::depay::au::au_digest;
 
 const START_CODE: [u8; 4] = [0, 0, 0, 1];
 
@@ -36,7 +38,7 @@ impl AccessUnit {
     }
 
     pub fn nal_units(&self) -> impl Iterator<Item = &[u8]> {
-        crate::au::annexb_nal_units(&self.data)
+        crate::depay::au::annexb_nal_units(&self.data)
     }
 }
 
@@ -824,7 +826,7 @@ mod tests {
             vec![aud, SPS, PPS, sei, SPS, PPS, idr1, idr2]
         );
         assert_eq!(d.counters().repeated_parameter_sets, 2);
-        assert_eq!(au.content_digest(), crate::au::au_digest([aud, SPS, PPS, sei, idr1, idr2]), "copies count once");
+        assert_eq!(au.content_digest(), crate::depay::au::au_digest([aud, SPS, PPS, sei, idr1, idr2]), "copies count once");
         // A parameter set that changed is not a repeat.
         let sps2: &[u8] = &[0x67, 0x42, 0, 0x20];
         for p in [SPS, PPS, idr1, sps2] {

@@ -295,7 +295,7 @@ impl JitterBuffer {
             counters: JitterCounters::default(),
             spare: {
                 let mut spare = Vec::with_capacity(MAX_SPARE_BUFFERS);
-                spare.extend((0..PREALLOCATED_BUFFERS).map(|_| vec![0; crate::udp::MAX_DATAGRAM]));
+                spare.extend((0..PREALLOCATED_BUFFERS).map(|_| vec![0; crate::ingest::udp::MAX_DATAGRAM]));
                 spare
             },
             resync_loss: None,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::config::SourceConfig;
 use crate::metrics::{SecondsCounter, StreamMetrics};
 use crate::receiver::{BATCH, Finishing, Receiver, ReceiverOptions, SocketRole, StreamReport};
-use crate::udp::RecvBatch;
+use crate::ingest::udp::RecvBatch;
 
 /// Batches one socket may read per turn before others get theirs.
 const BATCHES_PER_TURN: usize = 8;

@@ -1,0 +1,1 @@
+//! The RTCP session.
