@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::{self, SourceConfig};
 use crate::metrics::Metrics;
-use crate::receiver::StreamReport;
+use crate::stream::StreamReport;
 use crate::supervisor::{Supervisor, SupervisorOptions};
 use crate::table;
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::SourceConfig;
 use crate::metrics::{Metrics, Readiness, StreamMetrics};
-use crate::receiver::{ReceiverOptions, StreamReport};
+use crate::stream::{StreamOptions, StreamReport};
 use crate::ingest::worker::{Done, WorkerThread};
 
 #[derive(Debug, Clone, Default)]
@@ -171,7 +171,7 @@ impl Supervisor {
             }
         };
         let metrics = self.metrics.stream(&cfg.pipeline, &cfg.name);
-        let options = ReceiverOptions {
+        let options = StreamOptions {
             au_log: self.options.au_log_dir.as_ref().map(|d| d.join(format!("{}.{}.au", cfg.pipeline, cfg.name))),
             recovered_log: self.options.au_log_dir.as_ref().and_then(|d| {
                 cfg.fec.is_some().then(|| d.join(format!("{}.{}.recovered", cfg.pipeline, cfg.name)))

@@ -11,7 +11,8 @@ use zerodrop_crds::{Codec, DecoderChoice};
 use zerodrop_dataplane::config::SourceConfig;
 use zerodrop_dataplane::repair::jitter::JitterSettings;
 use zerodrop_dataplane::metrics::Metrics;
-use zerodrop_dataplane::receiver::{self, ReceiverOptions};
+use zerodrop_dataplane::ingest::worker;
+use zerodrop_dataplane::stream::StreamOptions;
 use zerodrop_dataplane::rtp::{self, RtcpEvent, RtpPacket, RtpPacketBuilder};
 
 const SSRC: u32 = 0x1234_5678;
@@ -76,10 +77,10 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
     let stop = Arc::new(AtomicBool::new(false));
     let readiness = Arc::new(zerodrop_dataplane::metrics::Readiness::new());
     readiness.set_expected(["t/tail".to_string()]);
-    let options = ReceiverOptions { no_decode: true, readiness: Some(readiness.clone()), ..Default::default() };
+    let options = StreamOptions { no_decode: true, readiness: Some(readiness.clone()), ..Default::default() };
     let handle = {
         let stop = stop.clone();
-        std::thread::spawn(move || receiver::run(cfg, stream, stop, options))
+        std::thread::spawn(move || worker::run_one(cfg, stream, stop, options))
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     while !readiness.is_ready() {

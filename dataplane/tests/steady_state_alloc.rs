@@ -18,7 +18,8 @@ use zerodrop_crds::{Codec, DecoderChoice};
 use zerodrop_dataplane::config::SourceConfig;
 use zerodrop_dataplane::repair::jitter::JitterSettings;
 use zerodrop_dataplane::metrics::Metrics;
-use zerodrop_dataplane::receiver::{Receiver, ReceiverOptions};
+use zerodrop_dataplane::ingest::rtp_udp::UdpSource;
+use zerodrop_dataplane::stream::StreamOptions;
 use zerodrop_dataplane::rtp::RtpPacketBuilder;
 use zerodrop_dataplane::ingest::worker::Worker;
 
@@ -129,8 +130,8 @@ fn the_receive_thread_allocates_nothing_per_packet_in_steady_state() {
         fec: None,
         parameter_sets: Vec::new(),
     };
-    let options = ReceiverOptions { no_decode: true, ..ReceiverOptions::default() };
-    let receiver = Receiver::open(cfg, stream.clone(), &options).unwrap();
+    let options = StreamOptions { no_decode: true, ..StreamOptions::default() };
+    let receiver = UdpSource::open(cfg, stream.clone(), &options).unwrap();
     let to: SocketAddr = receiver.local_rtp_addr().unwrap();
 
     // Every datagram is built before the clock starts.

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::SourceConfig;
 use crate::metrics::{SecondsCounter, StreamMetrics};
-use crate::receiver::{BATCH, Finishing, Receiver, ReceiverOptions, SocketRole, StreamReport};
+use crate::ingest::rtp_udp::{SocketRole, UdpSource};
+use crate::stream::{BATCH, Finishing, StreamOptions, StreamReport};
 use crate::ingest::udp::RecvBatch;
 
 /// Batches one socket may read per turn before others get theirs.
@@ -26,13 +27,13 @@ const WAKE_TOKEN: u64 = u64::MAX;
 const MAX_EVENTS: usize = 64;
 
 struct Slot {
-    receiver: Receiver,
+    source: UdpSource,
     id: String,
     generation: u64,
     wake_at: Instant,
 }
 
-/// The event loop of one thread: many receivers, one epoll set.
+/// The event loop of one thread: many sources, one epoll set.
 pub struct Worker {
     epoll: OwnedFd,
     slots: Vec<Option<Slot>>,
@@ -41,6 +42,24 @@ pub struct Worker {
     /// Where the time spent on packets and timers (not waiting) is counted:
     /// the capacity signal of the control policy.
     busy: Option<SecondsCounter>,
+}
+
+/// Runs one source on the calling thread until `stop` is set; returns its
+/// final report (tests and tools; the supervisor runs workers shared by many
+/// sources).
+pub fn run_one(
+    cfg: SourceConfig,
+    metrics: StreamMetrics,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    options: StreamOptions,
+) -> anyhow::Result<StreamReport> {
+    let mut worker = Worker::new()?;
+    let id = cfg.id();
+    worker.add(UdpSource::open(cfg, metrics, &options)?, id, 0)?;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        worker.turn(Duration::from_millis(100))?;
+    }
+    Ok(worker.take_all().pop().map(|(_, _, f)| f.complete()).expect("one source was added"))
 }
 
 /// epoll user data: the slot, and the socket's role in the low 8 bits.
@@ -106,10 +125,10 @@ impl Worker {
         self.len() == 0
     }
 
-    /// Starts serving an opened receiver.
-    pub fn add(&mut self, receiver: Receiver, id: String, generation: u64) -> io::Result<()> {
+    /// Starts serving an opened source.
+    pub fn add(&mut self, source: UdpSource, id: String, generation: u64) -> io::Result<()> {
         let index = self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len());
-        let sockets: Vec<_> = receiver.sockets().collect();
+        let sockets: Vec<_> = source.sockets().collect();
         for (n, &(fd, role)) in sockets.iter().enumerate() {
             if let Err(e) = self.watch(fd, token(index, role)) {
                 for &(fd, _) in &sockets[..n] {
@@ -118,7 +137,7 @@ impl Worker {
                 return Err(e);
             }
         }
-        let slot = Slot { wake_at: Instant::now(), receiver, id, generation };
+        let slot = Slot { wake_at: Instant::now(), source, id, generation };
         if index == self.slots.len() {
             self.slots.push(Some(slot));
         } else {
@@ -131,17 +150,17 @@ impl Worker {
     pub fn remove(&mut self, id: &str, generation: u64) -> Option<Finishing> {
         let index = self.slots.iter().position(|s| s.as_ref().is_some_and(|s| s.id == id && s.generation == generation))?;
         let slot = self.slots[index].take()?;
-        for (fd, _) in slot.receiver.sockets() {
+        for (fd, _) in slot.source.sockets() {
             self.unwatch(fd);
         }
-        Some(slot.receiver.finish())
+        Some(slot.source.finish())
     }
 
     /// Asks source `id`'s sender for at most `bitrate_bps` (TMMBR), at its
     /// next turn. False when no such source is served here.
     pub fn request_bitrate(&mut self, id: &str, bitrate_bps: u64) -> bool {
         let Some(slot) = self.slots.iter_mut().flatten().find(|s| s.id == id) else { return false };
-        slot.receiver.request_bitrate(bitrate_bps);
+        slot.source.request_bitrate(bitrate_bps);
         slot.wake_at = Instant::now();
         true
     }
@@ -182,7 +201,7 @@ impl Worker {
             }
             let (index, role) = untoken(t);
             let Some(Some(slot)) = self.slots.get_mut(index) else { continue };
-            if let Err(e) = slot.receiver.on_readable(role, &mut self.batch, BATCHES_PER_TURN) {
+            if let Err(e) = slot.source.on_readable(role, &mut self.batch, BATCHES_PER_TURN) {
                 // A socket error (ICMP unreachable reported late, ...) must
                 // not take down the other sources on this thread.
                 tracing::debug!(stream = %slot.id, error = %e, "receive error");
@@ -193,8 +212,8 @@ impl Worker {
         let now = Instant::now();
         for slot in self.slots.iter_mut().flatten() {
             if now >= slot.wake_at {
-                slot.receiver.on_timers(now);
-                slot.wake_at = slot.receiver.next_wake(now);
+                slot.source.on_timers(now);
+                slot.wake_at = slot.source.next_wake(now);
             }
         }
         if let (Some(busy), Some(since)) = (&self.busy, working_since) {
@@ -207,13 +226,13 @@ impl Worker {
 /// What a worker thread is told to do.
 #[allow(clippy::large_enum_variant, reason = "a few per source lifetime, not per packet")]
 enum Command {
-    Start { cfg: Box<SourceConfig>, metrics: StreamMetrics, options: ReceiverOptions, generation: u64 },
+    Start { cfg: Box<SourceConfig>, metrics: StreamMetrics, options: StreamOptions, generation: u64 },
     Stop { id: String, generation: u64 },
     RequestBitrate { id: String, bitrate_bps: u64 },
     Exit,
 }
 
-/// A receiver's end: its id, generation and report (or why it failed).
+/// A source's end: its id, generation and report (or why it failed).
 pub type Done = (String, u64, anyhow::Result<StreamReport>);
 
 /// A worker running on a thread of its own, told what to serve through a
@@ -248,7 +267,7 @@ impl WorkerThread {
         unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    pub fn start(&self, cfg: SourceConfig, metrics: StreamMetrics, options: ReceiverOptions, generation: u64) {
+    pub fn start(&self, cfg: SourceConfig, metrics: StreamMetrics, options: StreamOptions, generation: u64) {
         self.send(Command::Start { cfg: Box::new(cfg), metrics, options, generation });
     }
 
@@ -312,7 +331,7 @@ fn serve(mut worker: Worker, commands: crossbeam_channel::Receiver<Command>, wak
             match command {
                 Command::Start { cfg, metrics, options, generation } => {
                     let id = cfg.id();
-                    match Receiver::open(*cfg, metrics, &options).and_then(|r| Ok(worker.add(r, id.clone(), generation)?)) {
+                    match UdpSource::open(*cfg, metrics, &options).and_then(|r| Ok(worker.add(r, id.clone(), generation)?)) {
                         Ok(()) => {}
                         Err(e) => {
                             let _ = done.send((id, generation, Err(e)));

@@ -1,1 +1,57 @@
-//! Outputs.
+//! Outputs: where a stream's access units go besides the decoder. An output
+//! takes each access unit as the depacketiser hands it on, whole and in
+//! order, after the frame accounting.
+//!
+//! Today these are the logs the tests judge the receive path by, compared
+//! with what the sender encoded: [`AuLog`], one line per access unit, and
+//! [`RecoveredLog`], one line per packet FEC rebuilt. Player-facing outputs
+//! (HLS, an RTP restream, frames for analytics) belong here too.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+use crate::depay::AccessUnit;
+
+/// `index rtp_timestamp content-digest keyframe`, one line per access unit
+/// handed on (the test sender writes the same for what it encoded).
+pub struct AuLog {
+    out: BufWriter<File>,
+    index: u64,
+}
+
+impl AuLog {
+    pub fn create(path: &Path) -> io::Result<Self> {
+        Ok(Self { out: BufWriter::new(File::create(path)?), index: 0 })
+    }
+
+    pub fn write(&mut self, au: &AccessUnit) {
+        // A full disk costs the log, not the stream.
+        let _ = writeln!(self.out, "{} {} {:016x} {}", self.index, au.rtp_timestamp, au.content_digest(), au.keyframe as u8);
+        self.index += 1;
+    }
+
+    pub fn flush(&mut self) {
+        let _ = self.out.flush();
+    }
+}
+
+/// `seq xxh3-digest-of-datagram`, one line per media packet FEC rebuilt, to
+/// compare byte for byte with what was sent.
+pub struct RecoveredLog {
+    out: BufWriter<File>,
+}
+
+impl RecoveredLog {
+    pub fn create(path: &Path) -> io::Result<Self> {
+        Ok(Self { out: BufWriter::new(File::create(path)?) })
+    }
+
+    pub fn write(&mut self, seq: u16, datagram: &[u8]) {
+        let _ = writeln!(self.out, "{seq} {:016x}", xxhash_rust::xxh3::xxh3_64(datagram));
+    }
+
+    pub fn flush(&mut self) {
+        let _ = self.out.flush();
+    }
+}
