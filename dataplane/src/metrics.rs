@@ -656,41 +656,18 @@ pub fn serve(
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
 ) -> anyhow::Result<std::net::SocketAddr> {
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| anyhow::anyhow!("metrics listener on {addr} is not an IP socket"))?;
-    std::thread::Builder::new()
-        .name("metrics-http".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let path = request.url().split('?').next().unwrap_or("");
-                let response = match path {
-                    "/metrics" => tiny_http::Response::from_string(metrics.encode()).with_header(
-                        tiny_http::Header::from_bytes(
-                            &b"Content-Type"[..],
-                            &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
-                        )
-                        .expect("static header is valid"),
-                    ),
-                    "/healthz" => tiny_http::Response::from_string("ok\n"),
-                    "/readyz" if readiness.is_ready() => {
-                        tiny_http::Response::from_string("ready\n")
-                    }
-                    "/readyz" => tiny_http::Response::from_string({
-                        let (ready, expected) = readiness.counts();
-                        format!("not ready: {ready}/{expected} sources receiving\n")
-                    })
-                    .with_status_code(503),
-                    _ => tiny_http::Response::from_string("not found: try /metrics or /healthz\n")
-                        .with_status_code(404),
-                };
-                let _ = request.respond(response);
-            }
-        })?;
-    Ok(bound)
+    use zerodrop_telemetry::{Reply, Server};
+    let server = Server::bind(addr).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    server.spawn("metrics-http", move |path| match path {
+        "/metrics" => Reply::Metrics(metrics.encode()),
+        "/healthz" => Reply::ok("ok\n"),
+        "/readyz" if readiness.is_ready() => Reply::ok("ready\n"),
+        "/readyz" => {
+            let (ready, expected) = readiness.counts();
+            Reply::Text(503, format!("not ready: {ready}/{expected} sources receiving\n"))
+        }
+        _ => Reply::not_found("try /metrics or /healthz"),
+    })
 }
 
 #[cfg(test)]
@@ -739,26 +716,19 @@ mod tests {
 
     #[test]
     fn http_endpoint_serves_metrics_and_health() {
-        use std::io::{Read, Write};
         let m = Arc::new(Metrics::new());
         m.stream("p", "s").packets_received.inc();
         let readiness = Arc::new(Readiness::new());
         readiness.set_expected(["p/s".to_string()]);
         let addr = serve("127.0.0.1:0", m, readiness.clone()).unwrap();
-        let get = |path: &str| {
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            write!(c, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-            let mut s = String::new();
-            c.read_to_string(&mut s).unwrap();
-            s
-        };
+        let get = |path: &str| zerodrop_telemetry::get(addr, path).unwrap();
         let metrics = get("/metrics");
-        assert!(metrics.contains("application/openmetrics-text"));
-        assert!(metrics.contains("zerodrop_rtp_packets_received_total"));
-        assert!(get("/healthz").contains("200 OK"));
-        assert!(get("/readyz").contains("503"));
+        assert_eq!(metrics.content_type.as_deref(), Some(zerodrop_telemetry::OPENMETRICS));
+        assert!(metrics.body.contains("zerodrop_rtp_packets_received_total"));
+        assert_eq!(get("/healthz").status, 200);
+        assert_eq!(get("/readyz").status, 503);
         readiness.mark_ready("p/s");
-        assert!(get("/readyz").contains("200 OK"));
-        assert!(get("/nope").contains("404"));
+        assert_eq!(get("/readyz").status, 200);
+        assert_eq!(get("/nope").status, 404);
     }
 }

@@ -22,7 +22,7 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -421,18 +421,6 @@ fn first_service_ip(cidr: &str) -> Result<String> {
     Ok(std::net::Ipv4Addr::from(u32::from(base) + 1).to_string())
 }
 
-/// A plain-HTTP GET on loopback (etcd's /health), returning the body.
-fn http_get(port: u16, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    Ok(resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default())
-}
 
 impl TestCluster {
     /// Starts a control plane with [`ClusterOptions::default`].
@@ -508,9 +496,9 @@ impl TestCluster {
             ],
         )?;
         cluster.wait_until("etcd /health", deadline, || {
-            Ok(http_get(etcd_client, "/health")
+            Ok(zerodrop_telemetry::get(SocketAddr::from(([127, 0, 0, 1], etcd_client)), "/health")
                 .ok()
-                .filter(|b| b.contains("\"true\""))
+                .filter(|r| r.body.contains("\"true\""))
                 .map(|_| ()))
         })?;
 

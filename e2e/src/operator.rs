@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use crate::cluster::TestCluster;
-use crate::runner::{http_get, metric_value, zerodrop_bin};
+use crate::runner::{metric_value, zerodrop_bin};
+use zerodrop_telemetry::get as http_get;
 
 /// The repository's file at `path`.
 pub fn repo(path: &str) -> PathBuf {
@@ -64,7 +65,7 @@ impl OperatorProcess {
 
     /// The operator's `/metrics` text, if it answers.
     pub fn metrics_text(&self) -> Option<String> {
-        http_get(self.metrics.parse().unwrap(), "/metrics").ok()
+        http_get(self.metrics.parse().unwrap(), "/metrics").ok().map(|r| r.body)
     }
 
     /// A series' value (`needles`: label pairs it must contain).
@@ -165,7 +166,7 @@ impl PodProcess {
             .spawn()?;
         let process = PodProcess { child };
         cluster.wait_for(&format!("{pod} ready"), Duration::from_secs(30), || {
-            Ok(http_get(metrics.parse()?, "/readyz").is_ok_and(|r| r.contains(" 200 ")).then_some(()))
+            Ok(http_get(metrics.parse()?, "/readyz").is_ok_and(|r| r.status == 200).then_some(()))
         })?;
         Ok(process)
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value as Json;
 
-use crate::runner::http_get;
+use zerodrop_telemetry::get as http_get;
 
 /// Whether this is CI (`CI=true`), where nothing may be skipped.
 pub fn ci() -> bool {
@@ -177,7 +177,7 @@ impl Prometheus {
             if let Some(status) = prometheus.child.try_wait()? {
                 bail!("prometheus exited ({status}) before it was ready: {}", prometheus.log());
             }
-            if http_get(addr, "/-/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200")) {
+            if http_get(addr, "/-/ready").is_ok_and(|r| r.status == 200) {
                 return Ok(prometheus);
             }
             if Instant::now() > deadline {
@@ -195,9 +195,8 @@ impl Prometheus {
     /// GET `path_and_query` of the API; the `data` of a successful answer.
     pub fn api(&self, path_and_query: &str) -> anyhow::Result<Json> {
         let response = http_get(self.addr, path_and_query)?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-        let json: Json =
-            serde_json::from_str(body).with_context(|| format!("GET {path_and_query}: not JSON: {response}"))?;
+        let json: Json = serde_json::from_str(&response.body)
+            .with_context(|| format!("GET {path_and_query}: not JSON ({}): {}", response.status, response.body))?;
         if json["status"] != "success" {
             bail!("GET {path_and_query}: {} {}", json["errorType"], json["error"]);
         }

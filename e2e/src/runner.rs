@@ -2,8 +2,7 @@
 //! `/readyz` says every source receives, stopped with a signal, and read back
 //! (exit status, JSON report, access-unit logs, metrics).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -92,7 +91,7 @@ impl RunnerProcess {
             if let Ok(Some(status)) = self.child.as_mut().expect("child").try_wait() {
                 bail!("zerodrop run exited before it was ready ({status}): {}", self.stderr());
             }
-            if http_get(self.metrics_addr, "/readyz").is_ok_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200")) {
+            if zerodrop_telemetry::get(self.metrics_addr, "/readyz").is_ok_and(|r| r.status == 200) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -108,7 +107,7 @@ impl RunnerProcess {
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {
-        http_get(self.metrics_addr, "/metrics")
+        Ok(zerodrop_telemetry::get(self.metrics_addr, "/metrics")?.body)
     }
 
     pub fn pid(&self) -> u32 {
@@ -155,15 +154,6 @@ impl Drop for RunnerProcess {
     }
 }
 
-/// A minimal HTTP/1.0 GET, enough for /metrics and /readyz.
-pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    c.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut s = String::new();
-    c.read_to_string(&mut s)?;
-    Ok(s)
-}
 
 /// Value of a metric sample line `name{labels} value` whose name and labels
 /// contain all of `needles`.

@@ -141,7 +141,7 @@ fn the_node_agents_drops_join_the_stream_by_pod_ip_and_port_with_the_kernels_rea
         .spawn()?;
     let result = (|| -> anyhow::Result<()> {
         cluster.wait_for("the agent counting with eBPF", Duration::from_secs(30), || {
-            Ok(zerodrop_e2e::runner::http_get(agent_addr.parse()?, "/healthz").is_ok_and(|r| r.contains("ok (ebpf)")).then_some(()))
+            Ok(zerodrop_telemetry::get(agent_addr.parse()?, "/healthz").is_ok_and(|r| r.body.contains("ok (ebpf)")).then_some(()))
         })?;
         let operator = OperatorProcess::start(&cluster, 27196, "operator.log", &["--agent-endpoints", agent_addr, "--status-interval-s", "1"]);
         // Bound to every address (the default), as in a pod: packets come to the pod's IP.

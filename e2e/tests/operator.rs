@@ -15,7 +15,8 @@ use anyhow::Context;
 use serde_json::Value;
 use zerodrop_e2e::cluster::TestCluster;
 use zerodrop_e2e::operator::{OperatorProcess as Operator, install_crd};
-use zerodrop_e2e::runner::{http_get, metric_value, zerodrop_bin};
+use zerodrop_e2e::runner::{metric_value, zerodrop_bin};
+use zerodrop_telemetry::get as http_get;
 
 fn json(cluster: &TestCluster, args: &[&str]) -> Value {
     let mut all = args.to_vec();
@@ -194,9 +195,9 @@ fn dataplane_pod_mode_runs_its_shard_from_the_rendered_config_and_decodes() -> a
     let metrics_addr = "127.0.0.1:27090".parse()?;
     let result = (|| -> anyhow::Result<()> {
         cluster.wait_for("the pod to be ready", Duration::from_secs(30), || {
-            Ok(http_get(metrics_addr, "/readyz").is_ok_and(|r| r.contains(" 200 ")).then_some(()))
+            Ok(http_get(metrics_addr, "/readyz").is_ok_and(|r| r.status == 200).then_some(()))
         })?;
-        let metrics = http_get(metrics_addr, "/metrics")?;
+        let metrics = http_get(metrics_addr, "/metrics")?.body;
         assert!(metrics.contains(&format!("stream=\"{stream}\"")), "the pod runs {stream}");
         let status = Command::new(zerodrop_bin())
             .args(["send", "--dest", &format!("127.0.0.1:{port}"), "--frames", "90", "--width", "640", "--height", "360"])
@@ -204,12 +205,12 @@ fn dataplane_pod_mode_runs_its_shard_from_the_rendered_config_and_decodes() -> a
             .status()?;
         assert!(status.success());
         let decoded = cluster.wait_for("90 decoded frames", Duration::from_secs(20), || {
-            let m = http_get(metrics_addr, "/metrics")?;
+            let m = http_get(metrics_addr, "/metrics")?.body;
             let d = metric_value(&m, "zerodrop_frames_decoded_total", &[&format!("stream=\"{stream}\"")]).unwrap_or(0.0);
             Ok((d >= 90.0).then_some(d))
         })?;
         assert_eq!(decoded, 90.0);
-        let m = http_get(metrics_addr, "/metrics")?;
+        let m = http_get(metrics_addr, "/metrics")?.body;
         let dropped: f64 = m
             .lines()
             .filter(|l| l.starts_with("zerodrop_frames_dropped_total") && l.contains(&format!("stream=\"{stream}\"")))

@@ -58,7 +58,8 @@ use zerodrop_e2e::prometheus::{
     PanelQuery, Prometheus, Sample, dashboard_queries, dashboard_variables, free_port, grafana_expr, render_prometheus_rule,
     repo, require_tool, skip, unix_now,
 };
-use zerodrop_e2e::runner::{RunnerProcess, http_get, zerodrop_bin};
+use zerodrop_e2e::runner::{RunnerProcess, zerodrop_bin};
+use zerodrop_telemetry::get as http_get;
 
 const RATE_INTERVAL: &str = "30s";
 /// The namespace the data plane's series get (a PodMonitor's `namespace`).
@@ -471,7 +472,7 @@ fn every_dashboard_panel_and_alert_expression_returns_data_from_a_real_prometheu
             ));
             return;
         }
-        if http_get(loopback(agent_port), "/healthz").is_ok_and(|r| r.contains("ok (ebpf)")) {
+        if http_get(loopback(agent_port), "/healthz").is_ok_and(|r| r.body.contains("ok (ebpf)")) {
             break;
         }
         assert!(Instant::now() < deadline, "the agent does not serve /healthz");

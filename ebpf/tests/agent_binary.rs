@@ -2,8 +2,7 @@
 //! back and says why, and that it serves /metrics and /healthz.
 //! Capabilities are dropped with `setpriv` (util-linux), which needs root.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,13 +59,8 @@ fn ebpf_mode_without_privilege_is_an_error_not_a_fallback() {
     assert!(text(&out.stderr).contains("eBPF requested but unavailable"), "{}", text(&out.stderr));
 }
 
-fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
+fn http_get(port: u16, path: &str) -> std::io::Result<zerodrop_telemetry::Response> {
+    zerodrop_telemetry::get(SocketAddr::from(([127, 0, 0, 1], port)), path)
 }
 
 #[test]
@@ -92,8 +86,10 @@ fn the_agent_serves_metrics_and_healthz() {
     let metrics = http_get(port, "/metrics");
     let _ = child.kill();
     let _ = child.wait();
-    assert!(health.starts_with("HTTP/1.0 200") && health.contains("ok (procfs)"), "{health}");
+    assert!(health.status == 200 && health.body.contains("ok (procfs)"), "{health:?}");
     let metrics = metrics.expect("GET /metrics");
+    assert_eq!(metrics.content_type.as_deref(), Some(zerodrop_telemetry::OPENMETRICS));
+    let metrics = metrics.body;
     assert!(metrics.contains("# TYPE zerodrop_kernel_udp_drops counter"), "{metrics}");
     assert!(metrics.contains("source=\"procfs\""), "{metrics}");
 }

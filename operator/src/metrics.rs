@@ -181,19 +181,12 @@ impl OperatorMetrics {
 /// Serves /metrics, /healthz (alive) and /readyz (leader or standby, ready
 /// either way) from a thread.
 pub fn serve(addr: &str, metrics: Arc<OperatorMetrics>) -> anyhow::Result<std::net::SocketAddr> {
-    let server = tiny_http::Server::http(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-    let bound = server.server_addr().to_ip().ok_or_else(|| anyhow::anyhow!("{addr} is not an IP socket"))?;
-    std::thread::Builder::new().name("operator-http".into()).spawn(move || {
-        for request in server.incoming_requests() {
-            let response = match request.url() {
-                "/metrics" => tiny_http::Response::from_string(metrics.encode()),
-                "/healthz" | "/readyz" => tiny_http::Response::from_string("ok\n"),
-                _ => tiny_http::Response::from_string("not found\n").with_status_code(404),
-            };
-            let _ = request.respond(response);
-        }
-    })?;
-    Ok(bound)
+    use zerodrop_telemetry::{Reply, Server};
+    Server::bind(addr)?.spawn("operator-http", move |path| match path {
+        "/metrics" => Reply::Metrics(metrics.encode()),
+        "/healthz" | "/readyz" => Reply::ok("ok\n"),
+        _ => Reply::not_found("try /metrics or /healthz"),
+    })
 }
 
 #[cfg(test)]

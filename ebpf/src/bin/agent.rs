@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use clap::Parser;
 use zerodrop_ebpf::{KernelDropCollector, KernelDropMonitor, Mode};
+use zerodrop_telemetry::Reply;
 
 #[derive(Debug, Parser)]
 #[command(name = "zerodrop-agent", about = "Exports the UDP packets the kernel drops, by local address, port and reason")]
@@ -44,27 +45,15 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let server = tiny_http::Server::http(&args.listen)
-        .map_err(|err| anyhow::anyhow!("listening on {}: {err}", args.listen))?;
-    tracing::info!(listen = %args.listen, %source, "serving /metrics and /healthz");
-    let content_type = tiny_http::Header::from_bytes(
-        &b"Content-Type"[..],
-        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
-    )
-    .map_err(|()| anyhow::anyhow!("bad content-type header"))?;
-    for request in server.incoming_requests() {
-        let path = request.url().split('?').next().unwrap_or("").to_owned();
-        let response = match path.as_str() {
-            "/metrics" => match encode() {
-                Ok(text) => tiny_http::Response::from_string(text).with_header(content_type.clone()),
-                Err(err) => tiny_http::Response::from_string(format!("{err:#}\n")).with_status_code(500),
-            },
-            "/healthz" => tiny_http::Response::from_string(format!("ok ({source})\n")),
-            _ => tiny_http::Response::from_string("not found: try /metrics or /healthz\n").with_status_code(404),
-        };
-        if let Err(err) = request.respond(response) {
-            tracing::debug!("writing a response: {err}");
-        }
-    }
+    let server = zerodrop_telemetry::Server::bind(&args.listen)?;
+    tracing::info!(listen = %server.addr(), %source, "serving /metrics and /healthz");
+    server.run(|path| match path {
+        "/metrics" => match encode() {
+            Ok(text) => Reply::Metrics(text),
+            Err(err) => Reply::Text(500, format!("{err:#}\n")),
+        },
+        "/healthz" => Reply::ok(format!("ok ({source})\n")),
+        _ => Reply::not_found("try /metrics or /healthz"),
+    });
     Ok(())
 }
