@@ -338,13 +338,24 @@ impl Stream {
             self.handle_rtcp(batch.datagram(i), from, now);
             return;
         }
-        let (pt, ssrc, seq, ts, marker, offset, len) = match RtpPacket::parse(datagram) {
-            Ok(p) => (p.payload_type(), p.ssrc(), p.sequence_number(), p.timestamp(), p.marker_bit(), p.payload_offset(), p.payload_len()),
+        // Parsed once: the fields below, and the FEC decoder's copy, come
+        // from this.
+        let packet = match RtpPacket::parse(datagram) {
+            Ok(p) => p,
             Err(_) => {
                 self.metrics.discarded("rtp_header");
                 return;
             }
         };
+        let (pt, ssrc, seq, ts, marker, offset, len) = (
+            packet.payload_type(),
+            packet.ssrc(),
+            packet.sequence_number(),
+            packet.timestamp(),
+            packet.marker_bit(),
+            packet.payload_offset(),
+            packet.payload_len(),
+        );
         let (seq, offset, len, retransmitted) = if pt == self.cfg.payload_type {
             match self.session.media_ssrc() {
                 Some(current) if current != ssrc => {
@@ -420,9 +431,9 @@ impl Stream {
         let head_probe = self.repair.base_seq() == Some(ext)
             && self.repair.jitter().end().is_none()
             && !retransmitted
-            && !self.depay.leads_access_unit(&batch.datagram(i)[offset..offset + len]);
+            && !self.depay.leads_access_unit(&datagram[offset..offset + len]);
         if !retransmitted {
-            self.repair.remember_for_fec(ext, batch.datagram(i));
+            self.repair.remember_for_fec(ext, &packet, datagram);
         }
         let data = batch.take(i, self.repair.jitter_mut().take_spare());
         let packet = StoredPacket {

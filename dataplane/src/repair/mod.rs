@@ -154,10 +154,12 @@ impl Repair {
         self.seq.highest()
     }
 
-    /// A received media packet, for the FEC decoder to rebuild others with.
-    pub fn remember_for_fec(&mut self, ext: u64, datagram: &[u8]) {
+    /// A received media packet (`packet` is `datagram` parsed), for the FEC
+    /// decoder to rebuild others with. It keeps a copy: it needs the packet
+    /// after the jitter buffer has handed it on.
+    pub fn remember_for_fec(&mut self, ext: u64, packet: &RtpPacket<'_>, datagram: &[u8]) {
         if let Some(fec) = &mut self.fec {
-            fec.push_media(ext, datagram);
+            fec.push_parsed_media(ext, packet, datagram);
         }
     }
 

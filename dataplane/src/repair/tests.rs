@@ -77,7 +77,7 @@ fn feed(r: &mut Repair, wire: &[(Option<u16>, Vec<u8>)], lost: u16, lost_fec: &[
             Some(s) if *s == lost => {}
             Some(s) => {
                 let ext = r.extend_media(*s);
-                r.remember_for_fec(ext, d);
+                r.remember_for_fec(ext, &RtpPacket::parse(d).unwrap(), d);
                 stored.push(r.store(ext, packet(d, now), now, false));
             }
             None => {

@@ -344,6 +344,13 @@ impl FecDecoder {
             self.counters.media_ignored += 1;
             return;
         };
+        self.push_parsed_media(ext_seq, &packet, datagram);
+    }
+
+    /// [`push_media`](Self::push_media) for a packet the caller has parsed
+    /// already (`packet` is `datagram` parsed): the receive path parses each
+    /// packet once.
+    pub fn push_parsed_media(&mut self, ext_seq: u64, packet: &RtpPacket<'_>, datagram: &[u8]) {
         if ext_seq >= MAX_EXT_SEQ || ext_seq as u16 != packet.sequence_number() || !self.retained(ext_seq) {
             self.counters.media_ignored += 1;
             return;
