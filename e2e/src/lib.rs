@@ -4,6 +4,7 @@
 //! the results files. The traffic (test sender, relay, replay) and the
 //! GStreamer reference peers live in the test bench (`zerodrop-testbench`).
 
+pub mod bench;
 pub mod cluster;
 pub mod operator;
 pub mod procstat;

@@ -53,7 +53,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,9 +63,9 @@ use clap::Parser;
 use serde::Serialize;
 use zerodrop_testbench::loss::LossSpec;
 use zerodrop_testbench::relay::{Relay, RelayConfig, RelayStats};
-use zerodrop_dataplane::ingest::udp::bind_rtp_rtcp_pair;
 use zerodrop_testbench::gst_receiver::{self, GstReceiverConfig, GstReceiverProcess, GstReceiverReport};
-use zerodrop_e2e::results::{self, ResultsMeta};
+use zerodrop_e2e::bench::{ensure_zerodrop_built, free_rtp_port, free_tcp_port, process_cpu};
+use zerodrop_e2e::results::{self, ResultsMeta, workspace_root};
 use zerodrop_e2e::runner::{RunnerProcess, metric_value};
 
 const PT: u8 = 96;
@@ -434,74 +434,11 @@ fn eta(started: Instant, done: u64, total: u64) -> String {
     format!("elapsed {}, ETA {}", fmt(el), fmt(left))
 }
 
-fn workspace_root() -> PathBuf {
-    results::workspace_root()
-}
 
-/// The `zerodrop` binary of the same profile, built (or found up to date)
-/// by cargo so a stale binary is never measured.
-fn ensure_zerodrop_built() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("ZERODROP_BIN") {
-        return Ok(p.into());
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("bench binary has no directory")?;
-    let bin = dir.join("zerodrop");
-    if let Ok(cargo) = std::env::var("CARGO") {
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "zerodrop", "--bin", "zerodrop"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.current_dir(workspace_root()).status().context("running cargo build for zerodrop")?;
-        if !status.success() {
-            bail!("cargo build of the zerodrop binary failed");
-        }
-    }
-    if !bin.exists() {
-        bail!("{} not found: run through `cargo run` or set ZERODROP_BIN", bin.display());
-    }
-    Ok(bin)
-}
 
-/// A free even RTP port whose RTCP neighbour is free too. The sockets are
-/// closed again, so the receiver can bind them (each run gets new ports).
-fn free_rtp_port() -> anyhow::Result<u16> {
-    let (a, _b) = bind_rtp_rtcp_pair("127.0.0.1:0".parse()?, 1)?;
-    Ok(a.local_addr()?.port())
-}
 
-fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
-/// CPU time of a process as (utime + stime from `/proc/PID/stat`, in clock
-/// ticks of 10 ms; the sum of its live threads' `schedstat` run time, in ns).
-/// The second resolves the few tens of milliseconds a run costs; it misses
-/// threads that end within the window, which neither receiver's streaming
-/// threads do.
-fn process_cpu(pid: u32) -> anyhow::Result<(f64, f64)> {
-    let mut ns: u64 = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let path = task?.path().join("schedstat");
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            ns += text.split_whitespace().next().and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        }
-    }
-    Ok((process_cpu_s(pid)?, ns as f64 / 1e9))
-}
 
-/// utime + stime of a process, in seconds (all its threads).
-fn process_cpu_s(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = &stat[stat.rfind(')').context("malformed /proc stat")? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok(ticks as f64 / hz)
-}
 
 /// Ours gets the same payload types (96 / RTX 97) and latency budget as
 /// GStreamer's; with FEC, column FEC on port + 2 and row FEC on port + 4.
