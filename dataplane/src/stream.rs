@@ -176,6 +176,8 @@ pub struct Stream {
     nacks: Vec<u64>,
     /// Bytes of the batch being read, added to the metric once per batch.
     batch_bytes: u64,
+    /// Packet counts of the batch being read, likewise.
+    counts: StoreCounts,
 }
 
 impl Stream {
@@ -226,6 +228,7 @@ impl Stream {
             events: Vec::with_capacity(16),
             nacks: Vec::with_capacity(64),
             batch_bytes: 0,
+            counts: StoreCounts::default(),
             metrics,
             cfg,
         })
@@ -252,6 +255,7 @@ impl Stream {
         }
         self.metrics.bytes_received.inc_by(std::mem::take(&mut self.batch_bytes));
         self.coordinate_fec(now);
+        self.counts.flush(&self.metrics);
         self.release(now);
     }
 
@@ -264,6 +268,7 @@ impl Stream {
     /// After FEC datagrams: rebuild what they allow, hand on what is ready.
     pub fn after_fec(&mut self, now: Instant) {
         self.coordinate_fec(now);
+        self.counts.flush(&self.metrics);
         self.release(now);
     }
 
@@ -475,12 +480,12 @@ impl Stream {
     /// Puts a packet into the jitter buffer and counts what that changed.
     fn store(&mut self, ext: u64, packet: StoredPacket, now: Instant) {
         let stored = self.repair.store(ext, packet, now, false);
-        count_stored(&self.metrics, stored);
+        self.counts.add(stored);
     }
 
     fn coordinate_fec(&mut self, now: Instant) {
         let rtt = self.session.rtt_or_default();
-        let metrics = &self.metrics;
+        let counts = &mut self.counts;
         let log = &mut self.recovered_log;
         let round = self.repair.coordinate_fec(
             now,
@@ -490,7 +495,7 @@ impl Stream {
                     log.write(seq, datagram);
                 }
             },
-            &mut |stored| count_stored(metrics, stored),
+            &mut |stored| counts.add(stored),
         );
         for _ in 0..round.malformed {
             self.metrics.discarded("fec");
@@ -775,25 +780,50 @@ impl Stream {
     }
 }
 
-/// Adds what storing one packet changed to the stream's metrics.
-fn count_stored(metrics: &StreamMetrics, s: Stored) {
-    match s.outcome {
-        PushOutcome::Duplicate => metrics.packets_duplicate.inc(),
-        PushOutcome::TooLate => metrics.packets_late.inc(),
-        PushOutcome::Stored | PushOutcome::Resynced { .. } => metrics.packets_received.inc(),
-    };
-    // The common case is all zeros: no atomic adds of zero.
-    if s.went_missing > 0 {
-        metrics.packets_lost.inc_by(s.went_missing);
+/// What storing packets changed, summed over a batch and added to the
+/// stream's metrics once per batch: an atomic add per packet shows at a
+/// million packets a second.
+#[derive(Debug, Default, Clone, Copy)]
+struct StoreCounts {
+    received: u64,
+    duplicate: u64,
+    late: u64,
+    went_missing: u64,
+    recovered_fec: u64,
+    recovered_nack: u64,
+    recovered_reorder: u64,
+}
+
+impl StoreCounts {
+    fn add(&mut self, s: Stored) {
+        match s.outcome {
+            PushOutcome::Duplicate => self.duplicate += 1,
+            PushOutcome::TooLate => self.late += 1,
+            PushOutcome::Stored | PushOutcome::Resynced { .. } => self.received += 1,
+        }
+        self.went_missing += s.went_missing;
+        self.recovered_fec += s.recovered_fec;
+        self.recovered_nack += s.recovered_nack;
+        self.recovered_reorder += s.recovered_reorder;
     }
-    if s.recovered_fec > 0 {
-        metrics.recovered_fec.inc_by(s.recovered_fec);
-    }
-    if s.recovered_nack > 0 {
-        metrics.recovered_nack.inc_by(s.recovered_nack);
-    }
-    if s.recovered_reorder > 0 {
-        metrics.recovered_reorder.inc_by(s.recovered_reorder);
+
+    /// Adds the sums to `metrics` and starts again from zero.
+    fn flush(&mut self, metrics: &StreamMetrics) {
+        let c = std::mem::take(self);
+        // The common case is mostly zeros: no atomic adds of zero.
+        for (counter, n) in [
+            (&metrics.packets_received, c.received),
+            (&metrics.packets_duplicate, c.duplicate),
+            (&metrics.packets_late, c.late),
+            (&metrics.packets_lost, c.went_missing),
+            (&metrics.recovered_fec, c.recovered_fec),
+            (&metrics.recovered_nack, c.recovered_nack),
+            (&metrics.recovered_reorder, c.recovered_reorder),
+        ] {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
     }
 }
 
