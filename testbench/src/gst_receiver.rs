@@ -688,3 +688,157 @@ impl Drop for GstReceiverProcess {
         }
     }
 }
+
+/// The hidden subcommand that runs [`many_child_main`]: one receiver per
+/// stream in one process, as a GStreamer application serving many streams
+/// would.
+pub const MANY_SUBCOMMAND: &str = "__gst-receivers";
+
+/// What one of many receivers handed on, for the concurrency search.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GstStreamSummary {
+    pub rtp_port: u16,
+    /// Frames handed on: distinct RTP timestamps among the access units out
+    /// of the depayloader (it may hand on a frame's parameter sets as an
+    /// access unit of their own), plus those whose timestamp was not found.
+    pub frames: u64,
+    /// Access units out of the depayloader.
+    pub access_units: u64,
+    pub packets_received: u64,
+    pub rtx_packets_received: u64,
+    /// rtpjitterbuffer's `num-lost`: packets it gave up on.
+    pub packets_lost: u64,
+    pub plis_sent: u64,
+}
+
+impl GstStreamSummary {
+    fn of(rtp_port: u16, r: &GstReceiverReport) -> Self {
+        Self {
+            rtp_port,
+            // An access unit whose PTS could not be traced to its RTP
+            // timestamp is a frame handed on all the same.
+            frames: r.aus.iter().map(|a| a.rtp_timestamp).collect::<std::collections::HashSet<_>>().len() as u64
+                + r.aus_unmapped,
+            access_units: r.aus.len() as u64,
+            packets_received: r.packets_received,
+            rtx_packets_received: r.rtx_packets_received,
+            packets_lost: r.jitterbuffer["num-lost"].as_u64().unwrap_or(0),
+            plis_sent: r.plis_sent,
+        }
+    }
+}
+
+/// `--ports=P1,P2,…` and the [`GstReceiverConfig`] arguments (its
+/// `--rtp-port` is ignored): a receiver per port, RTCP on port + 1 each.
+/// Prints [`READY_LINE`] once all play, stops when stdin closes, then prints
+/// one JSON array of [`GstStreamSummary`].
+pub fn many_child_main(args: &[String]) -> anyhow::Result<()> {
+    let ports: Vec<u16> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--ports="))
+        .context("missing --ports")?
+        .split(',')
+        .map(|p| p.parse().context("--ports"))
+        .collect::<anyhow::Result<_>>()?;
+    let rest: Vec<String> = args.iter().filter(|a| !a.starts_with("--ports=")).cloned().collect();
+    let base = GstReceiverConfig::from_args(&rest)?;
+    let mut receivers = Vec::with_capacity(ports.len());
+    for &port in &ports {
+        let cfg = GstReceiverConfig { rtp_port: port, ..base.clone() };
+        receivers.push((port, GstReceiver::start(&cfg).with_context(|| format!("receiver on port {port}"))?));
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{READY_LINE}")?;
+    out.flush()?;
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        let _ = closed_tx.send(());
+    });
+    loop {
+        for (_, r) in &receivers {
+            r.check_error()?;
+        }
+        match closed_rx.recv_timeout(Duration::from_millis(100)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            _ => break,
+        }
+    }
+    let mut summaries = Vec::with_capacity(receivers.len());
+    for (port, r) in receivers {
+        summaries.push(GstStreamSummary::of(port, &r.stop()?));
+    }
+    serde_json::to_writer(&mut out, &summaries)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Many receivers in one child process ([`MANY_SUBCOMMAND`]), started as
+/// `program pre_args… exe MANY_SUBCOMMAND …` (a `taskset` prefix pins it).
+pub struct GstReceiversProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl GstReceiversProcess {
+    pub fn spawn(prefix: &[String], exe: &Path, cfg: &GstReceiverConfig, ports: &[u16], stderr_log: &Path) -> anyhow::Result<Self> {
+        let stderr = std::fs::File::create(stderr_log)?;
+        let (program, pre) = match prefix.split_first() {
+            Some((p, rest)) => (p.as_str(), rest),
+            None => (exe.to_str().context("executable path is not UTF-8")?, &[][..]),
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(pre);
+        if !prefix.is_empty() {
+            cmd.arg(exe);
+        }
+        let mut child = cmd
+            .arg(MANY_SUBCOMMAND)
+            .arg(format!("--ports={}", ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")))
+            .args(cfg.to_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {} {MANY_SUBCOMMAND}", exe.display()))?;
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim() != READY_LINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = std::fs::read_to_string(stderr_log).unwrap_or_default();
+            bail!("GStreamer receivers did not start (said {line:?}): {err}");
+        }
+        Ok(Self { child, stdin, stdout })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Closes its stdin (the stop request) and reads every stream's summary.
+    pub fn stop(mut self) -> anyhow::Result<Vec<GstStreamSummary>> {
+        drop(self.stdin.take());
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("GStreamer receivers exited with {status}");
+        }
+        serde_json::from_str(&line).with_context(|| format!("GStreamer receivers' report is not JSON: {line:.200?}"))
+    }
+}
+
+impl Drop for GstReceiversProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -15,7 +15,8 @@
 //!   as the sender can), for throughput; NACKs are not answered.
 //! - [`ReplaySender::run_paced`]: every stream a frame per frame interval
 //!   (a constant bitrate, the frame's packets as one burst as an encoder's
-//!   payloader sends them), seeded loss on first transmissions and on
+//!   payloader sends them), seeded loss on first transmissions (after each
+//!   stream's first frame, which arrives whole) and on
 //!   retransmissions, and NACKs answered with RFC 4588 RTX
 //!   (SSRC-multiplexed) from a per-stream history.
 //!
@@ -731,7 +732,10 @@ impl ReplaySender {
             h.insert(seq, stream.cursor, ts);
         }
         stream.counts.packets_sent += 1;
-        let dropped = lossy && stream.loss.should_drop();
+        // A stream's first frame arrives whole: the concurrency search judges
+        // repair at capacity, not whether a receiver finds packets lost
+        // before the first one it saw (GStreamer's jitterbuffer cannot).
+        let dropped = lossy && stream.counts.frames_sent > 1 && stream.loss.should_drop();
         let packet = stream.cursor;
         stream.seq = seq.wrapping_add(1);
         stream.cursor += 1;

@@ -1,5 +1,10 @@
-//! The concurrency search: N live 4 Mbit/s streams with seeded loss into
-//! one `zerodrop run`, doubling then bisecting until a frame is lost.
+//! The concurrency search: N live 4 Mbit/s streams with seeded loss into one
+//! receiver process pinned to the receiver core, doubling then bisecting
+//! until a frame is lost. Two receivers: one `zerodrop run`, and GStreamer's
+//! repairing receiver (rtpbin with rtprtxreceive and rtpjitterbuffer, tuned
+//! as `bench-repair` tunes it) once per stream in one process, judged on the
+//! real-time traffic its jitterbuffer is built for: every stream paced at
+//! its frame rate, timestamps advancing with the wall clock.
 
 #[allow(unused_imports)]
 use super::*;
@@ -37,8 +42,26 @@ pub(crate) struct Trial {
     pub(crate) wall_s: f64,
 }
 
+/// Which receiver the search runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum ConcurrencyRx {
+    Zerodrop,
+    Gstreamer,
+}
+
+impl ConcurrencyRx {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ConcurrencyRx::Zerodrop => "zerodrop",
+            ConcurrencyRx::Gstreamer => "gstreamer",
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct ConcurrencyResult {
+    pub(crate) receiver: ConcurrencyRx,
     /// Largest N that passed, and the smallest that failed.
     pub(crate) max_streams: Option<usize>,
     pub(crate) first_failed: Option<usize>,
@@ -49,13 +72,14 @@ pub(crate) struct ConcurrencyResult {
     pub(crate) trials: Vec<Trial>,
 }
 
-pub(crate) fn run_concurrency(args: &Args, clip: &Arc<Clip>) -> anyhow::Result<ConcurrencyResult> {
+pub(crate) fn run_concurrency(args: &Args, clip: &Arc<Clip>, rx: ConcurrencyRx, work: &Path) -> anyhow::Result<ConcurrencyResult> {
     let (stagger, duration, linger) = args.trial();
     // The clip's frames paced so that each stream carries 4 Mbit/s of RTP.
     let frame_interval_s = clip.datagram_bytes() as f64 * 8.0 / clip.frames().len() as f64 / STREAM_BITRATE_BPS;
     let settings = PacedSettings { frame_interval_s, duration_s: stagger + duration, stagger_s: stagger, linger_s: linger };
     eprintln!(
-        "concurrency: N streams of {:.1} Mbit/s (a frame every {:.1} ms, starts spread over {stagger} s, {duration} s at full load), {CONCURRENCY_LOSS} loss, RTX answered; doubling from {} then bisecting",
+        "concurrency ({}): N streams of {:.1} Mbit/s (a frame every {:.1} ms, starts spread over {stagger} s, {duration} s at full load), {CONCURRENCY_LOSS} loss, RTX answered; doubling from {} then bisecting",
+        rx.name(),
         STREAM_BITRATE_BPS / 1e6,
         frame_interval_s * 1000.0,
         args.start_streams()
@@ -65,7 +89,7 @@ pub(crate) fn run_concurrency(args: &Args, clip: &Arc<Clip>) -> anyhow::Result<C
     let mut n = args.start_streams().clamp(1, args.max_streams);
     let mut bounded_by = None;
     loop {
-        let t = concurrency_trial(n, clip, &settings, args.seed, args.no_gso)?;
+        let t = concurrency_trial(rx, n, clip, &settings, args.seed, args.no_gso, work)?;
         eprintln!(
             "  N={:>5}: {} | frames sent {} assembled {} dropped {} | lost {} recovered {} unrecovered {} | kernel drops {} | offered {:.0}k pkt/s | receiver CPU {:.0}% | sender CPU {:.0}%, frames >5/>20 ms late {}/{}, max {:.1} ms{}",
             t.streams,
@@ -127,6 +151,7 @@ pub(crate) fn run_concurrency(args: &Args, clip: &Arc<Clip>) -> anyhow::Result<C
         bounded_by = None;
     }
     Ok(ConcurrencyResult {
+        receiver: rx,
         max_streams: lo,
         first_failed: hi,
         bounded_by,
@@ -161,17 +186,53 @@ pub(crate) fn concurrency_manifest(ports: &[u16]) -> String {
     s
 }
 
-pub(crate) fn concurrency_trial(n: usize, clip: &Arc<Clip>, settings: &PacedSettings, seed: u64, no_gso: bool) -> anyhow::Result<Trial> {
+pub(crate) fn concurrency_trial(
+    rx: ConcurrencyRx,
+    n: usize,
+    clip: &Arc<Clip>,
+    settings: &PacedSettings,
+    seed: u64,
+    no_gso: bool,
+    work: &Path,
+) -> anyhow::Result<Trial> {
     let ports = free_rtp_ports(n)?;
-    let runner = RunnerProcess::start_with(&concurrency_manifest(&ports), free_tcp_port()?, &["--no-decode"], false)
-        .with_context(|| format!("starting zerodrop run with {n} sources"))?;
-    let pid = runner.pid();
     let dests: Vec<SocketAddr> = ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
     let loss = LossSpec::parse(CONCURRENCY_LOSS).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut sender = ReplaySender::new(clip.clone(), &dests, 1024, &loss, seed)?;
     if no_gso {
         sender.disable_gso("--no-gso");
     }
+    let receiver = match rx {
+        ConcurrencyRx::Zerodrop => TrialRx::Zerodrop(
+            RunnerProcess::start_with(&concurrency_manifest(&ports), free_tcp_port()?, &["--no-decode"], false)
+                .with_context(|| format!("starting zerodrop run with {n} sources"))?,
+        ),
+        ConcurrencyRx::Gstreamer => {
+            // NACKs go where the replay sender expects them: its RTP port + 1.
+            let mut rtcp_dest = sender.local_addr()?;
+            rtcp_dest.set_port(rtcp_dest.port() + 1);
+            let cfg = GstReceiverConfig {
+                rtp_port: 0,
+                rtcp_dest,
+                latency_ms: LATENCY_MS,
+                payload_type: 96,
+                rtx_payload_type: replay::RTX_PAYLOAD_TYPE,
+                receive_buffer: RECEIVE_BUFFER as u32,
+                rtx_tuned_for_loopback: true,
+                nack: true,
+                fec_ports: Vec::new(),
+                request_keyframe: true,
+                wait_for_keyframe: true,
+            };
+            let prefix = ["taskset".to_string(), "-c".into(), RECEIVER_CORE.to_string()];
+            let exe = std::env::current_exe()?;
+            TrialRx::Gstreamer(
+                GstReceiversProcess::spawn(&prefix, &exe, &cfg, &ports, &work.join(format!("gst-receivers-{n}.log")))
+                    .with_context(|| format!("starting {n} GStreamer receivers"))?,
+            )
+        }
+    };
+    let pid = receiver.pid();
     let started = Instant::now();
     let thread_settings = settings.clone();
     let handle = std::thread::Builder::new().name("replay".into()).spawn(move || sender.run_paced(&thread_settings))?;
@@ -194,14 +255,32 @@ pub(crate) fn concurrency_trial(n: usize, clip: &Arc<Clip>, settings: &PacedSett
         [Some((ta, ca)), Some((tb, cb))] if tb > ta => (cb - ca) / (tb - ta).as_secs_f64(),
         _ => f64::NAN,
     };
-    let outcome = runner.stop()?;
-    if !outcome.status.success() {
-        bail!("zerodrop run with {n} sources exited with {}: {}", outcome.status, outcome.stderr);
-    }
-    let reports: HashMap<String, &serde_json::Value> = outcome.report["streams"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|s| Some((s["stream"].as_str()?.to_string(), s))).collect())
-        .unwrap_or_default();
+    // Per stream, by the manifest's name: what the receiver handed on.
+    let reports: HashMap<String, serde_json::Value> = match receiver {
+        TrialRx::Zerodrop(runner) => {
+            let outcome = runner.stop()?;
+            if !outcome.status.success() {
+                bail!("zerodrop run with {n} sources exited with {}: {}", outcome.status, outcome.stderr);
+            }
+            outcome.report["streams"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| Some((s["stream"].as_str()?.to_string(), s.clone()))).collect())
+                .unwrap_or_default()
+        }
+        TrialRx::Gstreamer(gst) => {
+            let summaries = gst.stop()?;
+            let index: HashMap<u16, usize> = ports.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+            summaries
+                .iter()
+                .filter_map(|g| {
+                    let i = index.get(&g.rtp_port)?;
+                    // GStreamer's figures under the names ours' report uses;
+                    // what it does not tell stays 0.
+                    Some((format!("s{i}"), serde_json::json!({"frames_assembled": g.frames, "packets_unrecovered": g.packets_lost})))
+                })
+                .collect()
+        }
+    };
     let u = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
     let mut t = Trial {
         streams: n,
@@ -231,6 +310,7 @@ pub(crate) fn concurrency_trial(n: usize, clip: &Arc<Clip>, settings: &PacedSett
         wall_s,
     };
     let mut missing = 0;
+    let mut short = 0;
     for (i, s) in run.streams.iter().enumerate() {
         t.frames_sent += s.frames_sent;
         t.packets_sent += s.packets_sent;
@@ -244,6 +324,10 @@ pub(crate) fn concurrency_trial(n: usize, clip: &Arc<Clip>, settings: &PacedSett
         let assembled = u(r, "frames_assembled");
         t.frames_assembled += assembled;
         t.frames_dropped += u(r, "frames_dropped");
+        // GStreamer does not count what it does not hand on: what it lost.
+        if rx == ConcurrencyRx::Gstreamer {
+            short += s.frames_sent.saturating_sub(assembled);
+        }
         t.packets_lost += u(r, "packets_lost");
         t.packets_recovered_nack += u(r, "packets_recovered_nack");
         t.packets_unrecovered += u(r, "packets_unrecovered");
@@ -257,6 +341,7 @@ pub(crate) fn concurrency_trial(n: usize, clip: &Arc<Clip>, settings: &PacedSett
     if missing > 0 {
         why.push(format!("{missing} stream(s) missing from the report"));
     }
+    t.frames_dropped += short;
     if t.frames_dropped > 0 {
         why.push(format!("{} frame(s) dropped", t.frames_dropped));
     }
@@ -278,4 +363,19 @@ pub(crate) fn concurrency_trial(n: usize, clip: &Arc<Clip>, settings: &PacedSett
     }
     t.why = why.join("; ");
     Ok(t)
+}
+
+/// The receiver of one trial.
+enum TrialRx {
+    Zerodrop(RunnerProcess),
+    Gstreamer(GstReceiversProcess),
+}
+
+impl TrialRx {
+    fn pid(&self) -> u32 {
+        match self {
+            TrialRx::Zerodrop(r) => r.pid(),
+            TrialRx::Gstreamer(g) => g.pid(),
+        }
+    }
 }

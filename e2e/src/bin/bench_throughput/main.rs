@@ -64,6 +64,7 @@ use zerodrop_testbench::replay::{
 use zerodrop_e2e::bench::{ensure_zerodrop_built, free_rtp_port, free_rtp_ports, free_tcp_port, process_cpu, udp_socket_drops};
 use zerodrop_e2e::results::{self, ResultsMeta, workspace_root};
 use zerodrop_e2e::runner::RunnerProcess;
+use zerodrop_testbench::gst_receiver::{self, GstReceiverConfig, GstReceiversProcess};
 
 pub(crate) const SENDER_CORE: usize = 0;
 pub(crate) const RECEIVER_CORE: usize = 1;
@@ -210,6 +211,7 @@ fn main() -> anyhow::Result<()> {
     match raw.get(1).map(String::as_str) {
         Some(BARE_CHILD) => return bare_child_main(&raw[2..]),
         Some(GST_CHILD) => return gst_child_main(&raw[2..]),
+        Some(gst_receiver::MANY_SUBCOMMAND) => return gst_receiver::many_child_main(&raw[2..]),
         _ => {}
     }
     let args = Args::parse();
@@ -265,16 +267,25 @@ fn main() -> anyhow::Result<()> {
     if args.only.is_none_or(|p| p == Part::Throughput) {
         throughput = Some(run_throughput(&args, &clip, &work)?);
     }
-    let mut concurrency = None;
+    let (mut concurrency, mut concurrency_gst) = (None, None);
     if args.only.is_none_or(|p| p == Part::Concurrency) {
-        concurrency = Some(run_concurrency(&args, &clip)?);
+        concurrency = Some(run_concurrency(&args, &clip, ConcurrencyRx::Zerodrop, &work)?);
+        concurrency_gst = Some(run_concurrency(&args, &clip, ConcurrencyRx::Gstreamer, &work)?);
     }
 
     let gso = throughput
         .as_ref()
         .and_then(|t| t.runs.first().map(|r| r.sender.gso.clone()))
         .or_else(|| concurrency.as_ref().and_then(|c| c.trials.first().map(|t| t.sender_gso.clone())));
-    let section = markdown_section(&args, &meta, &clip_summary, gso.as_ref(), throughput.as_ref(), concurrency.as_ref());
+    let section = markdown_section(
+        &args,
+        &meta,
+        &clip_summary,
+        gso.as_ref(),
+        throughput.as_ref(),
+        concurrency.as_ref(),
+        concurrency_gst.as_ref(),
+    );
     println!("\n{section}");
     let wall_s = started.elapsed().as_secs_f64();
     eprintln!("bench-throughput: done in {wall_s:.0} s");
@@ -293,6 +304,7 @@ fn main() -> anyhow::Result<()> {
             "wall_s": wall_s,
             "throughput": throughput,
             "concurrency": concurrency,
+            "concurrency_gstreamer": concurrency_gst,
         });
         results::write_json(&out, &json)?;
         eprintln!("bench-throughput: wrote {}", out.display());
