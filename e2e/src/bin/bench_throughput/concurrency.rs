@@ -198,7 +198,17 @@ pub(crate) fn concurrency_trial(
     let ports = free_rtp_ports(n)?;
     let dests: Vec<SocketAddr> = ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
     let loss = LossSpec::parse(CONCURRENCY_LOSS).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The ports were found free and let go; the sender's own ephemeral pair
+    // must not land on one of them before the receiver binds it.
+    let taken: std::collections::HashSet<u16> = ports.iter().flat_map(|&p| [p, p + 1]).collect();
     let mut sender = ReplaySender::new(clip.clone(), &dests, 1024, &loss, seed)?;
+    for _ in 0..16 {
+        let own = sender.local_addr()?.port();
+        if !taken.contains(&own) && !taken.contains(&(own + 1)) {
+            break;
+        }
+        sender = ReplaySender::new(clip.clone(), &dests, 1024, &loss, seed)?;
+    }
     if no_gso {
         sender.disable_gso("--no-gso");
     }
