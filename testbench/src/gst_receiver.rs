@@ -611,19 +611,7 @@ pub fn child_main(args: &[String]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{READY_LINE}")?;
     out.flush()?;
-    let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-        let _ = closed_tx.send(());
-    });
-    loop {
-        receiver.check_error()?;
-        match closed_rx.recv_timeout(Duration::from_millis(100)) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
-            _ => break,
-        }
-    }
+    run_until_stdin_closes(|| receiver.check_error())?;
     let report = receiver.stop()?;
     serde_json::to_writer(&mut out, &report)?;
     writeln!(out)?;
@@ -631,25 +619,24 @@ pub fn child_main(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The receiver running in a child process.
-pub struct GstReceiverProcess {
+/// A child process that prints [`READY_LINE`] once it runs, stops when its
+/// stdin closes, and then prints one line of JSON: both receiver processes.
+struct ChildPeer {
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
-impl GstReceiverProcess {
-    /// Starts `exe CHILD_SUBCOMMAND ...` and waits until its pipeline plays.
-    pub fn spawn(exe: &Path, cfg: &GstReceiverConfig, stderr_log: &Path) -> anyhow::Result<Self> {
+impl ChildPeer {
+    /// Starts `cmd` and waits for its ready line.
+    fn spawn(mut cmd: Command, stderr_log: &Path, what: &str) -> anyhow::Result<Self> {
         let stderr = std::fs::File::create(stderr_log)?;
-        let mut child = Command::new(exe)
-            .arg(CHILD_SUBCOMMAND)
-            .args(cfg.to_args())
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .with_context(|| format!("starting {} {CHILD_SUBCOMMAND}", exe.display()))?;
+            .with_context(|| format!("starting {what}"))?;
         let stdin = child.stdin.take();
         let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?);
         let mut line = String::new();
@@ -658,34 +645,69 @@ impl GstReceiverProcess {
             let _ = child.kill();
             let _ = child.wait();
             let err = std::fs::read_to_string(stderr_log).unwrap_or_default();
-            bail!("GStreamer receiver did not start (said {line:?}): {err}");
+            bail!("{what} did not start (said {line:?}): {err}");
         }
         Ok(Self { child, stdin, stdout })
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Closes its stdin (the stop request) and reads its report.
-    pub fn stop(mut self) -> anyhow::Result<GstReceiverReport> {
+    /// Closes its stdin (the stop request) and parses the line it answers.
+    fn stop<T: serde::de::DeserializeOwned>(mut self, what: &str) -> anyhow::Result<T> {
         drop(self.stdin.take());
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
         let status = self.child.wait()?;
         if !status.success() {
-            bail!("GStreamer receiver exited with {status}");
+            bail!("{what} exited with {status}");
         }
-        serde_json::from_str(&line).with_context(|| format!("GStreamer receiver report is not JSON: {line:?}"))
+        serde_json::from_str(&line).with_context(|| format!("{what}'s report is not JSON: {line:.200?}"))
     }
 }
 
-impl Drop for GstReceiverProcess {
+impl Drop for ChildPeer {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A child's main loop: `check` a few times a second, until the parent
+/// closes our stdin (its stop request) or `check` fails.
+fn run_until_stdin_closes(check: impl Fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        let _ = closed_tx.send(());
+    });
+    loop {
+        check()?;
+        match closed_rx.recv_timeout(Duration::from_millis(100)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// The receiver running in a child process.
+pub struct GstReceiverProcess(ChildPeer);
+
+impl GstReceiverProcess {
+    /// Starts `exe CHILD_SUBCOMMAND ...` and waits until its pipeline plays.
+    pub fn spawn(exe: &Path, cfg: &GstReceiverConfig, stderr_log: &Path) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(exe);
+        cmd.arg(CHILD_SUBCOMMAND).args(cfg.to_args());
+        Ok(Self(ChildPeer::spawn(cmd, stderr_log, "the GStreamer receiver")?))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.child.id()
+    }
+
+    /// Closes its stdin (the stop request) and reads its report.
+    pub fn stop(self) -> anyhow::Result<GstReceiverReport> {
+        self.0.stop("the GStreamer receiver")
     }
 }
 
@@ -750,21 +772,7 @@ pub fn many_child_main(args: &[String]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{READY_LINE}")?;
     out.flush()?;
-    let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-        let _ = closed_tx.send(());
-    });
-    loop {
-        for (_, r) in &receivers {
-            r.check_error()?;
-        }
-        match closed_rx.recv_timeout(Duration::from_millis(100)) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
-            _ => break,
-        }
-    }
+    run_until_stdin_closes(|| receivers.iter().try_for_each(|(_, r)| r.check_error()))?;
     let mut summaries = Vec::with_capacity(receivers.len());
     for (port, r) in receivers {
         summaries.push(GstStreamSummary::of(port, &r.stop()?));
@@ -776,69 +784,31 @@ pub fn many_child_main(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Many receivers in one child process ([`MANY_SUBCOMMAND`]), started as
-/// `program pre_args… exe MANY_SUBCOMMAND …` (a `taskset` prefix pins it).
-pub struct GstReceiversProcess {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
+/// `prefix… exe MANY_SUBCOMMAND …` (a `taskset` prefix pins it).
+pub struct GstReceiversProcess(ChildPeer);
 
 impl GstReceiversProcess {
     pub fn spawn(prefix: &[String], exe: &Path, cfg: &GstReceiverConfig, ports: &[u16], stderr_log: &Path) -> anyhow::Result<Self> {
-        let stderr = std::fs::File::create(stderr_log)?;
-        let (program, pre) = match prefix.split_first() {
-            Some((p, rest)) => (p.as_str(), rest),
-            None => (exe.to_str().context("executable path is not UTF-8")?, &[][..]),
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(exe);
+                c
+            }
+            None => Command::new(exe),
         };
-        let mut cmd = Command::new(program);
-        cmd.args(pre);
-        if !prefix.is_empty() {
-            cmd.arg(exe);
-        }
-        let mut child = cmd
-            .arg(MANY_SUBCOMMAND)
+        cmd.arg(MANY_SUBCOMMAND)
             .arg(format!("--ports={}", ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")))
-            .args(cfg.to_args())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("starting {} {MANY_SUBCOMMAND}", exe.display()))?;
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?);
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        if line.trim() != READY_LINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = std::fs::read_to_string(stderr_log).unwrap_or_default();
-            bail!("GStreamer receivers did not start (said {line:?}): {err}");
-        }
-        Ok(Self { child, stdin, stdout })
+            .args(cfg.to_args());
+        Ok(Self(ChildPeer::spawn(cmd, stderr_log, "the GStreamer receivers")?))
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.child.id()
     }
 
     /// Closes its stdin (the stop request) and reads every stream's summary.
-    pub fn stop(mut self) -> anyhow::Result<Vec<GstStreamSummary>> {
-        drop(self.stdin.take());
-        let mut line = String::new();
-        self.stdout.read_line(&mut line)?;
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("GStreamer receivers exited with {status}");
-        }
-        serde_json::from_str(&line).with_context(|| format!("GStreamer receivers' report is not JSON: {line:.200?}"))
-    }
-}
-
-impl Drop for GstReceiversProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    pub fn stop(self) -> anyhow::Result<Vec<GstStreamSummary>> {
+        self.0.stop("the GStreamer receivers")
     }
 }
