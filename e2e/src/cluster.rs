@@ -88,6 +88,39 @@ pub struct AuditStatus {
     pub code: u16,
 }
 
+/// Requests a benchmark counts from the audit log: the Lease renewals of
+/// leader election, writes (with how many of each verb and resource, and
+/// the first few in full), and reads.
+#[derive(Debug, Default, Clone)]
+pub struct RequestTally {
+    pub reads: u64,
+    pub writes: u64,
+    pub lease: u64,
+    pub writes_by_kind: std::collections::BTreeMap<String, u64>,
+    /// The first [`RequestTally::KEEP`] writes, `verb requestURI`.
+    pub first_writes: Vec<String>,
+}
+
+impl RequestTally {
+    pub const KEEP: usize = 20;
+
+    pub fn add(&mut self, events: &[AuditEvent]) {
+        for e in events {
+            if e.resource() == "coordination.k8s.io/leases" {
+                self.lease += 1;
+            } else if e.is_write() {
+                self.writes += 1;
+                *self.writes_by_kind.entry(format!("{} {}", e.verb, e.resource())).or_default() += 1;
+                if self.first_writes.len() < Self::KEEP {
+                    self.first_writes.push(format!("{} {}", e.verb, e.uri));
+                }
+            } else {
+                self.reads += 1;
+            }
+        }
+    }
+}
+
 impl AuditEvent {
     /// `group/resource[/subresource]` (`/statefulsets` style for the core group: `""` group).
     pub fn resource(&self) -> String {

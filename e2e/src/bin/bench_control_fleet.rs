@@ -35,7 +35,6 @@
 //! own (one thread, serving one scrape at a time); its CPU is reported beside
 //! the operator's.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -46,7 +45,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use zerodrop_dataplane::metrics::{Metrics, StreamMetrics};
-use zerodrop_e2e::cluster::{ClusterOptions, TestCluster};
+use zerodrop_e2e::cluster::{ClusterOptions, RequestTally, TestCluster};
 use zerodrop_e2e::operator::{OperatorProcess, fleet_yaml, install_chart_for_a_fleet, use_release_binaries_beside_this_one, service_account_kubeconfig};
 use zerodrop_e2e::procstat::{cpu_seconds, memory_mib};
 use zerodrop_e2e::results::{self, ResultsMeta};
@@ -344,23 +343,14 @@ fn main() -> anyhow::Result<()> {
     let (cpu0, own0, served0) = (cpu_seconds(pid).context("operator CPU")?, own_cpu_seconds(), fixture.served());
     let window = Duration::from_secs(args.window_s);
     let started = Instant::now();
-    let (mut peak_rss, mut reads, mut writes, mut lease) = (0.0f64, 0u64, 0u64, 0u64);
-    let mut write_kinds: HashMap<String, u64> = HashMap::new();
+    let mut peak_rss = 0.0f64;
+    let mut tally = RequestTally::default();
     let mut last_report = Instant::now();
     while started.elapsed() < window {
         // A measurement window, not a wait: figures are sampled as it runs.
         std::thread::sleep(Duration::from_millis(500));
         peak_rss = peak_rss.max(memory_mib(pid, "VmRSS:").unwrap_or(0.0));
-        for e in cluster.audit_events_after(&mut offset, USER)? {
-            if e.resource() == "coordination.k8s.io/leases" {
-                lease += 1;
-            } else if e.is_write() {
-                writes += 1;
-                *write_kinds.entry(format!("{} {}", e.verb, e.resource())).or_default() += 1;
-            } else {
-                reads += 1;
-            }
-        }
+        tally.add(&cluster.audit_events_after(&mut offset, USER)?);
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
             eprintln!(
@@ -371,6 +361,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    let RequestTally { reads, writes, lease, writes_by_kind: write_kinds, .. } = tally;
     let elapsed = started.elapsed().as_secs_f64();
     let minutes = elapsed / 60.0;
     let cpu = cpu_seconds(pid).context("operator CPU")? - cpu0;

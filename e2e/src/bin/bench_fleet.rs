@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use zerodrop_e2e::cluster::{AuditEvent, ClusterOptions, TestCluster};
+use zerodrop_e2e::cluster::{AuditEvent, ClusterOptions, RequestTally, TestCluster};
 use zerodrop_e2e::operator::{OperatorProcess, fleet_yaml, install_chart_for_a_fleet, use_release_binaries_beside_this_one, kubectl_json, service_account_kubeconfig};
 use zerodrop_e2e::procstat::memory_mib;
 use zerodrop_e2e::results::{self, ResultsMeta};
@@ -210,25 +210,15 @@ fn main() -> anyhow::Result<()> {
     progress.add(&cluster.audit_events_after(&mut offset, USER)?);
     let window = Duration::from_secs(args.steady_window_s);
     eprintln!("bench-fleet: every pipeline Ready at {ready_at:.1} s; counting requests for {} s of steady state", window.as_secs());
-    let (mut reads, mut writes, mut lease, mut other_writes) = (0u64, 0u64, 0u64, Vec::new());
+    let mut tally = RequestTally::default();
     let window_start = Instant::now();
     while window_start.elapsed() < window {
         // A measurement window, not a wait for anything: requests are counted as they come.
         std::thread::sleep(Duration::from_millis(500));
         peak_rss = peak_rss.max(memory_mib(pid, "VmRSS:").unwrap_or(0.0));
-        for e in cluster.audit_events_after(&mut offset, USER)? {
-            if e.resource() == "coordination.k8s.io/leases" {
-                lease += 1;
-            } else if e.is_write() {
-                writes += 1;
-                if other_writes.len() < 20 {
-                    other_writes.push(format!("{} {}", e.verb, e.uri));
-                }
-            } else {
-                reads += 1;
-            }
-        }
+        tally.add(&cluster.audit_events_after(&mut offset, USER)?);
     }
+    let RequestTally { reads, writes, lease, first_writes: other_writes, .. } = tally;
     let minutes = window.as_secs_f64() / 60.0;
     let hwm = memory_mib(pid, "VmHWM:").unwrap_or(peak_rss);
     let reconcile_errors = operator.metric("zerodrop_operator_reconciles_total", &["result=\"error\""]).unwrap_or(0.0);
