@@ -27,3 +27,16 @@ pub const MAX_STREAM_STATUSES: usize = 256;
 
 /// Most replicas (`scaling.minReplicas`/`maxReplicas`) a pipeline may ask for.
 pub const MAX_REPLICAS: i32 = 1000;
+
+/// Default `outputs.hls.segmentSeconds`: the duration a segment aims for. A
+/// segment can only start at a keyframe, so it lasts at least one GOP.
+pub const DEFAULT_HLS_SEGMENT_SECONDS: u32 = 2;
+/// Range of `outputs.hls.segmentSeconds`.
+pub const MIN_HLS_SEGMENT_SECONDS: u32 = 1;
+pub const MAX_HLS_SEGMENT_SECONDS: u32 = 10;
+/// Default `outputs.hls.windowSegments`: segments the live playlist names.
+pub const DEFAULT_HLS_WINDOW_SEGMENTS: u32 = 6;
+/// Range of `outputs.hls.windowSegments`: at least the three a player wants
+/// behind the live edge, at most what keeps a stream's memory bounded.
+pub const MIN_HLS_WINDOW_SEGMENTS: u32 = 3;
+pub const MAX_HLS_WINDOW_SEGMENTS: u32 = 60;

@@ -94,12 +94,63 @@ pub struct StreamPipelineSpec {
     /// can absorb, and when to go back up. Without it the bitrate is never changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitrate_policy: Option<BitratePolicy>,
+    /// Where the repaired streams go besides the decoder, for every source of the pipeline.
+    /// Today: HLS, served by the data plane over HTTP on its metrics port.
+    #[serde(default, skip_serializing_if = "OutputsSpec::is_empty")]
+    pub outputs: OutputsSpec,
     /// How senders reach push sources (RTP/UDP): the type of the Service each source gets.
     #[serde(default)]
     pub exposure: ExposureSpec,
     /// CPU and memory for each data-plane pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<PodResources>,
+}
+
+/// Where the repaired streams go besides the decoder.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputsSpec {
+    /// Serve each stream as HTTP Live Streaming, from the repaired access units without
+    /// re-encoding: MPEG-TS segments that start at keyframes and a live playlist at
+    /// `/hls/<pipeline>/<source>/index.m3u8` on the data plane's metrics port. Unset: no HLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hls: Option<HlsOutput>,
+}
+
+impl OutputsSpec {
+    pub fn is_empty(&self) -> bool {
+        self.hls.is_none()
+    }
+}
+
+/// How HLS segments are cut and how many the playlist keeps.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HlsOutput {
+    /// The duration, in seconds, a segment aims for, 1 to 10. A segment starts at a keyframe
+    /// and closes at the first keyframe after this long, so it lasts at least one GOP of the
+    /// source. Defaults to 2.
+    #[serde(default = "default_hls_segment_seconds")]
+    #[schemars(range(min = limits::MIN_HLS_SEGMENT_SECONDS, max = limits::MAX_HLS_SEGMENT_SECONDS))]
+    pub segment_seconds: u32,
+    /// How many segments the live playlist names, 3 to 60; a few more stay fetchable a
+    /// while after they leave it. Memory per stream is bounded by them. Defaults to 6.
+    #[serde(default = "default_hls_window_segments")]
+    #[schemars(range(min = limits::MIN_HLS_WINDOW_SEGMENTS, max = limits::MAX_HLS_WINDOW_SEGMENTS))]
+    pub window_segments: u32,
+}
+
+fn default_hls_segment_seconds() -> u32 {
+    limits::DEFAULT_HLS_SEGMENT_SECONDS
+}
+fn default_hls_window_segments() -> u32 {
+    limits::DEFAULT_HLS_WINDOW_SEGMENTS
+}
+
+impl Default for HlsOutput {
+    fn default() -> Self {
+        Self { segment_seconds: default_hls_segment_seconds(), window_segments: default_hls_window_segments() }
+    }
 }
 
 /// How senders reach push sources.

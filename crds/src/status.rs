@@ -126,4 +126,9 @@ pub struct StreamStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = rules::MAX_NAME_LENGTH))]
     pub rendition: Option<String>,
+    /// Where a player fetches the stream as HLS, when `spec.outputs.hls` is set: the playlist
+    /// on the data-plane pod that owns the stream, through the pipeline's headless Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub hls: Option<String>,
 }

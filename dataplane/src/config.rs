@@ -29,6 +29,8 @@ pub struct SourceConfig {
     /// Parameter sets the sender gives out of band (`parameterSets`), NAL
     /// units without start codes; empty when they come in band.
     pub parameter_sets: Vec<Vec<u8>>,
+    /// HLS output (`spec.outputs.hls`), if asked for.
+    pub hls: Option<crate::output::hls::HlsSettings>,
 }
 
 /// Where a source's FEC arrives and how to read it.
@@ -111,6 +113,10 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             decoder: spec.decode.decoder,
             fec,
             parameter_sets,
+            hls: spec.outputs.hls.as_ref().map(|h| crate::output::hls::HlsSettings {
+                segment: Duration::from_secs(u64::from(h.segment_seconds)),
+                window: h.window_segments as usize,
+            }),
         });
     }
     Ok(out)

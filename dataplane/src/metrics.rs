@@ -115,6 +115,7 @@ pub struct Metrics {
     frames_decoded: Family<StreamLabels, Counter>,
     frames_dropped: Family<ReasonLabels, Counter>,
     frames_skipped: Family<StreamLabels, Counter>,
+    hls_segments: Family<StreamLabels, Counter>,
     gop_interval: Family<StreamLabels, F64Gauge>,
     join_to_first_frame: Family<StreamLabels, F64Gauge>,
     bitrate_requested: Family<StreamLabels, Gauge>,
@@ -176,6 +177,7 @@ impl Metrics {
             frames_decoded: Family::default(),
             frames_dropped: Family::default(),
             frames_skipped: Family::default(),
+            hls_segments: Family::default(),
             gop_interval: Family::default(),
             join_to_first_frame: Family::default(),
             bitrate_requested: Family::default(),
@@ -289,6 +291,11 @@ impl Metrics {
             "frames_skipped_before_keyframe",
             "Frames before the stream's first keyframe",
             m.frames_skipped.clone(),
+        );
+        r.register(
+            "hls_segments",
+            "HLS segments published (each starts at a keyframe)",
+            m.hls_segments.clone(),
         );
         r.register_with_unit(
             "gop_interval",
@@ -430,6 +437,7 @@ impl Metrics {
             kernel_drops: self.kernel_drops.clone(),
             kernel_drops_total: handle(&self.kernel_drops_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
+            hls_segments: handle(&self.hls_segments, &l),
             gop_interval: handle(&self.gop_interval, &l),
             join_to_first_frame: handle(&self.join_to_first_frame, &l),
             bitrate_requested: handle(&self.bitrate_requested, &l),
@@ -494,6 +502,7 @@ pub struct StreamMetrics {
     /// Kernel drops summed over reasons, for the live table and the report.
     pub kernel_drops_total: Counter,
     pub frames_skipped: Counter,
+    pub hls_segments: Counter,
     pub gop_interval: F64Gauge,
     pub join_to_first_frame: F64Gauge,
     pub bitrate_requested: Gauge,
@@ -651,14 +660,30 @@ impl Readiness {
 /// Serves `/metrics` (OpenMetrics), `/healthz` (the process is alive) and
 /// `/readyz` (every source is receiving) on `addr` from a thread. Returns the
 /// bound address (useful with port 0).
+/// Serves `/metrics`, `/healthz`, `/readyz` and the HLS playlists and
+/// segments of `hls` (`/hls/<pipeline>/<stream>/...`).
 pub fn serve(
     addr: &str,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    hls: Arc<crate::output::hls::HlsCatalog>,
 ) -> anyhow::Result<std::net::SocketAddr> {
+    use crate::output::hls::{HlsReply, PLAYLIST_CONTENT_TYPE, SEGMENT_CONTENT_TYPE};
     use zerodrop_telemetry::{Reply, Server};
     let server = Server::bind(addr).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     server.spawn("metrics-http", move |path| match path {
+        _ if path.starts_with("/hls/") => match hls.serve(path) {
+            // A live playlist changes with every segment: never cached.
+            Some(HlsReply::Playlist(text)) => {
+                Reply::Body { content_type: PLAYLIST_CONTENT_TYPE, cache_control: "no-store", body: Arc::from(text.into_bytes()) }
+            }
+            // A segment never changes once published.
+            Some(HlsReply::Segment(body)) => {
+                Reply::Body { content_type: SEGMENT_CONTENT_TYPE, cache_control: "public, max-age=3600, immutable", body }
+            }
+            Some(HlsReply::NotFound(why)) => Reply::not_found(&why),
+            None => Reply::not_found("try /hls/<pipeline>/<stream>/index.m3u8"),
+        },
         "/metrics" => Reply::Metrics(metrics.encode()),
         "/healthz" => Reply::ok("ok\n"),
         "/readyz" if readiness.is_ready() => Reply::ok("ready\n"),
@@ -720,7 +745,7 @@ mod tests {
         m.stream("p", "s").packets_received.inc();
         let readiness = Arc::new(Readiness::new());
         readiness.set_expected(["p/s".to_string()]);
-        let addr = serve("127.0.0.1:0", m, readiness.clone()).unwrap();
+        let addr = serve("127.0.0.1:0", m, readiness.clone(), Default::default()).unwrap();
         let get = |path: &str| zerodrop_telemetry::get(addr, path).unwrap();
         let metrics = get("/metrics");
         assert_eq!(metrics.content_type.as_deref(), Some(zerodrop_telemetry::OPENMETRICS));

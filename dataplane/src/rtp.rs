@@ -169,6 +169,14 @@ pub fn append_tmmbn(out: &mut Vec<u8>, sender_ssrc: u32, tuple: Option<(u32, u64
     end_rtcp(out, start);
 }
 
+/// Appends an RTCP BYE for `ssrc` (RFC 3550 6.6), to follow a report in
+/// the compound a sender sends when it leaves.
+pub fn append_bye(out: &mut Vec<u8>, ssrc: u32) {
+    let start = begin_rtcp(out, 1, 203);
+    out.extend_from_slice(&ssrc.to_be_bytes());
+    end_rtcp(out, start);
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed RTCP ({len} bytes): {reason}")]
 pub struct RtcpError {

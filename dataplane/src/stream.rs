@@ -26,6 +26,7 @@ use crate::decode::Decoder;
 use crate::depay::{Depacketizer, DepayEvent};
 use crate::ingest::udp::RecvBatch;
 use crate::metrics::StreamMetrics;
+use crate::output::hls::{HlsCatalog, HlsWriter};
 use crate::output::{AuLog, RecoveredLog};
 use crate::repair::fec::FecScheme;
 use crate::repair::jitter::{Output, PushOutcome, StoredPacket};
@@ -66,6 +67,8 @@ pub struct StreamOptions {
     pub readiness: Option<Arc<crate::metrics::Readiness>>,
     /// Write one line per packet FEC rebuilt: `seq xxh3-digest-of-datagram`.
     pub recovered_log: Option<PathBuf>,
+    /// Where HLS playlists are published, for sources that ask for HLS.
+    pub hls: Option<Arc<HlsCatalog>>,
 }
 
 /// Final figures for one stream, written to the run report.
@@ -152,6 +155,10 @@ pub struct Stream {
     decoder: Option<Decoder>,
     au_log: Option<AuLog>,
     recovered_log: Option<RecoveredLog>,
+    hls: Option<HlsWriter>,
+    /// When the media sender said goodbye (RTCP BYE), until what it sent
+    /// before is handed on.
+    bye_at: Option<Instant>,
     last_packet: Option<Instant>,
     silent: bool,
     keyframe_wanted: bool,
@@ -196,6 +203,16 @@ impl Stream {
             Some(path) => Some(AuLog::create(path).with_context(|| format!("{id}: cannot create AU log {}", path.display()))?),
             None => None,
         };
+        let hls = match (cfg.hls, &options.hls) {
+            (Some(settings), Some(catalog)) => Some(HlsWriter::new(
+                catalog.playlist(&cfg.pipeline, &cfg.name, settings),
+                cfg.codec,
+                cfg.clock_rate,
+                settings,
+                metrics.hls_segments.clone(),
+            )),
+            _ => None,
+        };
         let session = RtcpSession::new(
             SessionSettings {
                 our_ssrc: rand::random(),
@@ -212,6 +229,8 @@ impl Stream {
             decoder,
             au_log,
             recovered_log,
+            hls,
+            bye_at: None,
             last_packet: None,
             silent: false,
             keyframe_wanted: false,
@@ -293,6 +312,10 @@ impl Stream {
         {
             self.on_sender_found(Some(packet_count), now);
         }
+        if news.bye && self.bye_at.is_none() {
+            tracing::info!(stream = %self.cfg.id(), "the sender said goodbye (RTCP BYE)");
+            self.bye_at = Some(now);
+        }
     }
 
     /// Timers: release packets whose deadline passed, probe for a lost tail,
@@ -304,6 +327,7 @@ impl Stream {
         self.release(now);
         self.probe_tail_loss(now);
         self.watch_silence(now);
+        self.after_bye(now);
         self.feedback(now, wall)
     }
 
@@ -551,6 +575,10 @@ impl Stream {
         // timestamps have nothing to do with the old ones.
         self.depay = new_depacketizer(&self.cfg);
         self.timestamps_restarted = true;
+        self.bye_at = None;
+        if let Some(hls) = &mut self.hls {
+            hls.discontinuity();
+        }
         self.session.reset();
         self.sender_hears_us = false;
         self.joined_at = None;
@@ -615,6 +643,9 @@ impl Stream {
                     self.latency.record(latency.as_secs_f32() * 1000.0);
                     if let Some(log) = &mut self.au_log {
                         log.write(&au);
+                    }
+                    if let Some(hls) = &mut self.hls {
+                        hls.push(&au.data, ts, au.keyframe);
                     }
                     let pts_ns = (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;
                     let queued = match &mut self.decoder {
@@ -717,7 +748,27 @@ impl Stream {
         {
             self.silent = true;
             self.metrics.stream_up.set(0);
+            // Viewers get what came before the silence now, not when the
+            // next keyframe closes the segment.
+            if let Some(hls) = &mut self.hls {
+                hls.cut();
+            }
             tracing::warn!(stream = %self.cfg.id(), silent_for_s = (now - last).as_secs_f32(), "source went silent");
+        }
+    }
+
+    /// Once the sender said goodbye and what it sent before has left the
+    /// jitter buffer (or waited its latency out), the open access unit is
+    /// handed on as it is and the HLS playlist is closed: nothing more comes.
+    fn after_bye(&mut self, now: Instant) {
+        let Some(at) = self.bye_at else { return };
+        if self.repair.jitter().held() > 0 && now - at < self.cfg.jitter.latency {
+            return;
+        }
+        self.bye_at = None;
+        self.flush_depay(now);
+        if let Some(hls) = &mut self.hls {
+            hls.end();
         }
     }
 
@@ -730,6 +781,9 @@ impl Stream {
         self.outputs = out;
         self.deliver(now);
         self.flush_depay(now);
+        if let Some(hls) = &mut self.hls {
+            hls.end();
+        }
         if let Some(log) = &mut self.au_log {
             log.flush();
         }

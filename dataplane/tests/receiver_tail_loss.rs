@@ -71,6 +71,7 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
         decoder: DecoderChoice::Software,
         fec: None,
         parameter_sets: Vec::new(),
+        hls: None,
     };
     let metrics = Metrics::new();
     let stream = metrics.stream("t", "tail");

@@ -19,7 +19,8 @@
 //!   condition or a decision changes).
 //!
 //! This loop writes status with its own field manager (`zerodrop-policy`):
-//! the reconcile owns `Ready`, `Scaling`, `replicas` and the streams' `shard`,
+//! the reconcile owns `Ready`, `Scaling`, `replicas` and the streams' `shard`
+//! and `hls`,
 //! this loop owns `Degraded`, `policyReplicas`, `lastDecision` and the streams'
 //! figures; server-side apply keeps each writer's fields apart.
 //!

@@ -415,6 +415,7 @@ where
 /// Status from what the cluster shows: replicas, readiness, stream owners.
 pub fn observed_status(sp: &StreamPipeline, sts: Option<&StatefulSet>) -> StreamPipelineStatus {
     let name = sp.name_any();
+    let namespace = sp.namespace().unwrap_or_else(|| "default".into());
     let replicas = desired::replicas(sp);
     let st = sts.and_then(|s| s.status.as_ref());
     let ready = st.and_then(|s| s.ready_replicas).unwrap_or(0);
@@ -426,7 +427,11 @@ pub fn observed_status(sp: &StreamPipeline, sts: Option<&StatefulSet>) -> Stream
         .sources
         .iter()
         .take(MAX_STATUS_STREAMS)
-        .map(|s| StreamStatus { name: s.name.clone(), shard: shard::owner(&s.name, replicas) as i32, ..Default::default() })
+        .map(|s| {
+            let shard = shard::owner(&s.name, replicas);
+            let hls = sp.spec.outputs.hls.as_ref().map(|_| desired::hls_url(&namespace, &name, &s.name, shard));
+            StreamStatus { name: s.name.clone(), shard: shard as i32, hls, ..Default::default() }
+        })
         .collect();
     let all_ready = ready >= replicas && replicas > 0;
     let scaling = current != replicas;
@@ -460,7 +465,17 @@ pub fn reconcile_fields(status: &StreamPipelineStatus) -> serde_json::Value {
         .filter(|c| c.type_ == ConditionType::Ready.as_str() || c.type_ == ConditionType::Scaling.as_str())
         .collect();
     let streams: Vec<serde_json::Value> =
-        status.streams.iter().map(|s| serde_json::json!({"name": s.name, "shard": s.shard})).collect();
+        status
+            .streams
+            .iter()
+            .map(|s| {
+                let mut v = serde_json::json!({"name": s.name, "shard": s.shard});
+                if let Some(url) = &s.hls {
+                    v["hls"] = url.as_str().into();
+                }
+                v
+            })
+            .collect();
     let mut fields = serde_json::json!({
         "conditions": conditions,
         "replicas": status.replicas,
@@ -577,6 +592,22 @@ spec:
         assert_eq!(s.condition(ConditionType::Scaling).unwrap().status, "False");
         assert_eq!(s.selector, desired::selector_string("fleet"));
         assert_eq!(s.streams.len(), 2);
+    }
+
+    #[test]
+    fn with_hls_each_stream_names_its_playlist_on_the_pod_that_owns_it() {
+        let mut sp = pipeline();
+        assert!(observed_status(&sp, Some(&sts(2, 2))).streams.iter().all(|s| s.hls.is_none()), "no HLS asked for");
+        sp.spec.outputs.hls = Some(Default::default());
+        let s = observed_status(&sp, Some(&sts(2, 2)));
+        for st in &s.streams {
+            let url = format!(
+                "http://fleet-dataplane-{0}.fleet-dataplane.video.svc:9464/hls/fleet/{1}/index.m3u8",
+                st.shard, st.name
+            );
+            assert_eq!(st.hls.as_deref(), Some(url.as_str()));
+        }
+        assert_eq!(reconcile_fields(&s)["streams"][0]["hls"], s.streams[0].hls.clone().unwrap().as_str(), "the reconcile owns it");
     }
 
     #[test]

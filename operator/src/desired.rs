@@ -58,6 +58,13 @@ pub fn statefulset_name(pipeline: &str) -> String {
     format!("{pipeline}-dataplane")
 }
 
+/// The HLS playlist of `source` on shard `shard`'s pod, by the pod's DNS
+/// name under the pipeline's headless Service.
+pub fn hls_url(namespace: &str, pipeline: &str, source: &str, shard: u32) -> String {
+    let sts = statefulset_name(pipeline);
+    format!("http://{sts}-{shard}.{sts}.{namespace}.svc:{METRICS_PORT}/hls/{pipeline}/{source}/index.m3u8")
+}
+
 pub fn source_service_name(pipeline: &str, source: &str) -> String {
     format!("{pipeline}-{source}")
 }

@@ -4,8 +4,12 @@
 //!
 //! Today these are the logs the tests judge the receive path by, compared
 //! with what the sender encoded: [`AuLog`], one line per access unit, and
-//! [`RecoveredLog`], one line per packet FEC rebuilt. Player-facing outputs
-//! (HLS, an RTP restream, frames for analytics) belong here too.
+//! [`RecoveredLog`], one line per packet FEC rebuilt. For players, [`hls`]
+//! (MPEG-TS segments muxed by [`ts`], served from memory). An RTP restream
+//! and frames for analytics belong here too.
+
+pub mod hls;
+pub mod ts;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};

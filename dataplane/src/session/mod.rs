@@ -54,6 +54,9 @@ pub struct RtcpNews {
     pub rtt: Option<Duration>,
     /// The sender acknowledged (TMMBN) the bit rate we asked for.
     pub bitrate_acknowledged: Option<u64>,
+    /// The media sender said goodbye (RTCP BYE, RFC 3550 6.6): no more
+    /// packets or retransmissions will come from it.
+    pub bye: bool,
 }
 
 /// What the receiver knows about reception, for the regular report.
@@ -202,6 +205,9 @@ impl RtcpSession {
                     self.last_sr = Some((ntp_middle, now));
                     self.rtcp_peer = from;
                     news.sender_report = Some(packet_count);
+                }
+                RtcpEvent::Bye { ref ssrcs } if self.media_ssrc.is_some_and(|m| ssrcs.contains(&m)) => {
+                    news.bye = true;
                 }
                 RtcpEvent::Tmmbn { ssrc, bitrate_bps, .. } if ssrc == self.settings.our_ssrc => {
                     let asked = self.bitrate_request.map(rtp::tmmb_representable);

@@ -283,3 +283,17 @@ fn ambiguous_answers_do_not_inflate_a_loopback_estimate() {
     let estimate = s.rtt().unwrap();
     assert!(estimate < Duration::from_millis(1), "estimate {estimate:?} for a 0.1 ms path");
 }
+
+#[test]
+fn a_bye_from_the_media_sender_is_news_and_one_from_another_is_not() {
+    let t0 = Instant::now();
+    let mut s = joined(t0);
+    let mut other = sender_report(1 << 32, 10, None);
+    crate::rtp::append_bye(&mut other, SENDER ^ 1);
+    assert!(!s.handle_rtcp(&other, Some(sender_at()), t0).unwrap().bye, "someone else's goodbye");
+    let mut bye = sender_report(2 << 32, 20, None);
+    crate::rtp::append_bye(&mut bye, SENDER);
+    let news = s.handle_rtcp(&bye, Some(sender_at()), t0 + ms(10)).unwrap();
+    assert!(news.bye, "the media sender leaves");
+    assert_eq!(news.sender_report, Some(20), "the report before the BYE is read too");
+}

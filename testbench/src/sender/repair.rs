@@ -100,7 +100,7 @@ impl RtcpResponder {
         while !self.stop.load(Ordering::Relaxed) {
             if Instant::now() >= next_sr {
                 next_sr = Instant::now() + self.sr_interval;
-                self.send_sender_report(&mut out, None);
+                self.send_sender_report(&mut out, None, false);
             }
             let wait = next_sr.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
             let socks: Vec<&UdpSocket> = if self.rtcp_mux { vec![&self.rtp] } else { vec![&self.rtcp, &self.rtp] };
@@ -129,6 +129,9 @@ impl RtcpResponder {
                 }
             }
         }
+        // Leaving: a last report and a BYE (RFC 3550 6.6), so the receiver
+        // knows nothing more will come (and closes what it publishes).
+        self.send_sender_report(&mut out, None, true);
     }
 
     fn handle_datagram(&mut self, data: &[u8], events: &mut Vec<RtcpEvent>, out: &mut Vec<u8>) {
@@ -237,7 +240,7 @@ impl RtcpResponder {
             .is_some_and(|p| p.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING));
         if !live {
             tracing::warn!(requester, bitrate_bps, "TMMBR not honoured: the encoder cannot change its bit rate while playing");
-            self.send_sender_report(out, None);
+            self.send_sender_report(out, None, false);
             return;
         }
         self.encoder.set_property("bitrate", kbps);
@@ -245,10 +248,10 @@ impl RtcpResponder {
         if before != u64::from(kbps) {
             tracing::info!(requester, bitrate_bps, from_kbps = before, to_kbps = kbps, "encoder bit rate changed on TMMBR");
         }
-        self.send_sender_report(out, Some((requester, bitrate_bps, overhead)));
+        self.send_sender_report(out, Some((requester, bitrate_bps, overhead)), false);
     }
 
-    fn send_sender_report(&self, out: &mut Vec<u8>, tmmbn: Option<(u32, u64, u16)>) {
+    fn send_sender_report(&self, out: &mut Vec<u8>, tmmbn: Option<(u32, u64, u16)>, bye: bool) {
         let now = SystemTime::now();
         let (rtp_ts, packets, octets) = {
             let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,6 +270,9 @@ impl RtcpResponder {
         let written = rtp::write_sender_rtcp(self.ssrc, &self.cname, &info, out);
         if written.is_ok() && tmmbn.is_some() {
             rtp::append_tmmbn(out, self.ssrc, tmmbn);
+        }
+        if written.is_ok() && bye {
+            rtp::append_bye(out, self.ssrc);
         }
         let sock = if self.rtcp_mux { &self.rtp } else { &self.rtcp };
         match written.map(|_| send_to_waiting(sock, out, self.rtcp_dest)) {
