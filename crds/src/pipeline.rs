@@ -247,6 +247,44 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9+/]+={0,2}(,[A-Za-z0-9+/]+={0,2})*$"), length(min = 4, max = 4096))]
     pub parameter_sets: Option<String>,
+    /// Where this source's repaired stream goes besides the decoder and the pipeline's
+    /// `outputs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<SourceOutputs>,
+}
+
+/// Outputs of one source.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceOutputs {
+    /// Send the repaired stream on as RTP to these destinations, at most 8: whole frames only
+    /// (a frame that could not be repaired is left out, as it is for the decoder), packetised
+    /// afresh under a new SSRC with sequence numbers of its own, with RTCP sender reports to
+    /// each destination's RTCP port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub restream: Vec<RestreamTarget>,
+}
+
+/// One destination of a restream.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestreamTarget {
+    /// IP address to send to (IPv4 or IPv6).
+    #[schemars(length(min = 2, max = 45))]
+    #[schemars(extend("x-kubernetes-validations" = rules::restream_address()))]
+    pub address: String,
+    /// UDP port the RTP goes to, 1-65535.
+    #[schemars(range(min = 1))]
+    pub port: u16,
+    /// UDP port the sender reports go to, 1-65535. Defaults to port + 1 (RFC 3550).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub rtcp_port: Option<u16>,
+    /// RTP payload type of the restream, 96-127. Defaults to the source's payloadType.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 96, max = 127))]
+    pub payload_type: Option<u8>,
 }
 
 fn default_payload_type() -> u8 {

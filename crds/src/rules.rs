@@ -202,6 +202,11 @@ pub fn listen_address() -> Value {
     )])
 }
 
+/// Rules on `spec.sources[*].outputs.restream[*].address`.
+pub fn restream_address() -> Value {
+    json!([rule("isIP(self)", "address must be an IPv4 or IPv6 address, such as 10.0.0.5 or fd00::5", None)])
+}
+
 /// Rules on `spec.sources[*].transport.rtp.fec`.
 pub fn fec_transport() -> Value {
     json!([

@@ -31,6 +31,8 @@ pub struct SourceConfig {
     pub parameter_sets: Vec<Vec<u8>>,
     /// HLS output (`spec.outputs.hls`), if asked for.
     pub hls: Option<crate::output::hls::HlsSettings>,
+    /// RTP restream (`spec.sources[].outputs.restream`), if asked for.
+    pub restream: Option<crate::output::restream::RestreamSettings>,
 }
 
 /// Where a source's FEC arrives and how to read it.
@@ -94,6 +96,19 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                 .with_context(|| format!("pipeline {name}: spec.sources[{i}].parameterSets"))?,
             None => Vec::new(),
         };
+        let mut destinations = Vec::new();
+        for (k, t) in source.outputs.iter().flat_map(|o| o.restream.iter()).enumerate() {
+            let ip: IpAddr = t.address.parse().with_context(|| {
+                format!("pipeline {name}: spec.sources[{i}].outputs.restream[{k}].address: expected an IP address, got {:?}", t.address)
+            })?;
+            let rtcp_port = t.rtcp_port.unwrap_or(t.port.wrapping_add(1)).max(1);
+            destinations.push(crate::output::restream::RestreamDestination {
+                rtp: SocketAddr::new(ip, t.port),
+                rtcp: SocketAddr::new(ip, rtcp_port),
+                payload_type: t.payload_type.unwrap_or(source.payload_type),
+            });
+        }
+        let restream = (!destinations.is_empty()).then_some(crate::output::restream::RestreamSettings { destinations });
         out.push(SourceConfig {
             pipeline: name.clone(),
             name: source.name.clone(),
@@ -117,6 +132,7 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                 segment: Duration::from_secs(u64::from(h.segment_seconds)),
                 window: h.window_segments as usize,
             }),
+            restream,
         });
     }
     Ok(out)

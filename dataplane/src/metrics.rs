@@ -116,6 +116,8 @@ pub struct Metrics {
     frames_dropped: Family<ReasonLabels, Counter>,
     frames_skipped: Family<StreamLabels, Counter>,
     hls_segments: Family<StreamLabels, Counter>,
+    restream_packets_sent: Family<StreamLabels, Counter>,
+    restream_send_errors: Family<StreamLabels, Counter>,
     gop_interval: Family<StreamLabels, F64Gauge>,
     join_to_first_frame: Family<StreamLabels, F64Gauge>,
     bitrate_requested: Family<StreamLabels, Gauge>,
@@ -178,6 +180,8 @@ impl Metrics {
             frames_dropped: Family::default(),
             frames_skipped: Family::default(),
             hls_segments: Family::default(),
+            restream_packets_sent: Family::default(),
+            restream_send_errors: Family::default(),
             gop_interval: Family::default(),
             join_to_first_frame: Family::default(),
             bitrate_requested: Family::default(),
@@ -296,6 +300,16 @@ impl Metrics {
             "hls_segments",
             "HLS segments published (each starts at a keyframe)",
             m.hls_segments.clone(),
+        );
+        r.register(
+            "restream_packets_sent",
+            "RTP packets of the restream sent, summed over destinations",
+            m.restream_packets_sent.clone(),
+        );
+        r.register(
+            "restream_send_errors",
+            "Restream RTP and RTCP packets the kernel did not take (buffer full, no route)",
+            m.restream_send_errors.clone(),
         );
         r.register_with_unit(
             "gop_interval",
@@ -438,6 +452,10 @@ impl Metrics {
             kernel_drops_total: handle(&self.kernel_drops_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
             hls_segments: handle(&self.hls_segments, &l),
+            restream: crate::output::restream::RestreamCounters {
+                packets_sent: handle(&self.restream_packets_sent, &l),
+                send_errors: handle(&self.restream_send_errors, &l),
+            },
             gop_interval: handle(&self.gop_interval, &l),
             join_to_first_frame: handle(&self.join_to_first_frame, &l),
             bitrate_requested: handle(&self.bitrate_requested, &l),
@@ -503,6 +521,7 @@ pub struct StreamMetrics {
     pub kernel_drops_total: Counter,
     pub frames_skipped: Counter,
     pub hls_segments: Counter,
+    pub restream: crate::output::restream::RestreamCounters,
     pub gop_interval: F64Gauge,
     pub join_to_first_frame: F64Gauge,
     pub bitrate_requested: Gauge,

@@ -27,6 +27,7 @@ use crate::depay::{Depacketizer, DepayEvent};
 use crate::ingest::udp::RecvBatch;
 use crate::metrics::StreamMetrics;
 use crate::output::hls::{HlsCatalog, HlsWriter};
+use crate::output::restream::Restream;
 use crate::output::{AuLog, RecoveredLog};
 use crate::repair::fec::FecScheme;
 use crate::repair::jitter::{Output, PushOutcome, StoredPacket};
@@ -156,6 +157,7 @@ pub struct Stream {
     au_log: Option<AuLog>,
     recovered_log: Option<RecoveredLog>,
     hls: Option<HlsWriter>,
+    restream: Option<Restream>,
     /// When the media sender said goodbye (RTCP BYE), until what it sent
     /// before is handed on.
     bye_at: Option<Instant>,
@@ -213,6 +215,13 @@ impl Stream {
             )),
             _ => None,
         };
+        let restream = match &cfg.restream {
+            Some(settings) => Some(
+                Restream::open(settings, cfg.codec, cfg.clock_rate, format!("zerodrop-{}-restream@{}", cfg.name, std::process::id()), metrics.restream.clone(), now)
+                    .with_context(|| format!("{id}: cannot open the restream's UDP socket"))?,
+            ),
+            None => None,
+        };
         let session = RtcpSession::new(
             SessionSettings {
                 our_ssrc: rand::random(),
@@ -230,6 +239,7 @@ impl Stream {
             au_log,
             recovered_log,
             hls,
+            restream,
             bye_at: None,
             last_packet: None,
             silent: false,
@@ -328,6 +338,9 @@ impl Stream {
         self.probe_tail_loss(now);
         self.watch_silence(now);
         self.after_bye(now);
+        if let Some(r) = &mut self.restream {
+            r.on_timers(now, wall);
+        }
         self.feedback(now, wall)
     }
 
@@ -647,6 +660,9 @@ impl Stream {
                     if let Some(hls) = &mut self.hls {
                         hls.push(&au.data, ts, au.keyframe);
                     }
+                    if let Some(r) = &mut self.restream {
+                        r.push(&au.data, ts, now);
+                    }
                     let pts_ns = (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;
                     let queued = match &mut self.decoder {
                         Some(d) => d.push(au.data, pts_ns, au.first_arrival, au.keyframe),
@@ -783,6 +799,9 @@ impl Stream {
         self.flush_depay(now);
         if let Some(hls) = &mut self.hls {
             hls.end();
+        }
+        if let Some(r) = &mut self.restream {
+            r.end(now, SystemTime::now());
         }
         if let Some(log) = &mut self.au_log {
             log.flush();

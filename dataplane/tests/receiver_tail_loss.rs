@@ -72,6 +72,7 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
         fec: None,
         parameter_sets: Vec::new(),
         hls: None,
+        restream: None,
     };
     let metrics = Metrics::new();
     let stream = metrics.stream("t", "tail");

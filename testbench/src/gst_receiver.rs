@@ -555,6 +555,11 @@ impl GstReceiver {
         Ok(Self { pipeline, probes, rtxreceive, jitterbuffer, session })
     }
 
+    /// Access units that have left the depayloader so far.
+    pub fn access_units(&self) -> usize {
+        self.probes.lock().expect("lock").aus.len()
+    }
+
     /// Any error the pipeline has posted since the last call.
     pub fn check_error(&self) -> anyhow::Result<()> {
         let bus = self.pipeline.bus().context("bus")?;

@@ -5,10 +5,11 @@
 //! Today these are the logs the tests judge the receive path by, compared
 //! with what the sender encoded: [`AuLog`], one line per access unit, and
 //! [`RecoveredLog`], one line per packet FEC rebuilt. For players, [`hls`]
-//! (MPEG-TS segments muxed by [`ts`], served from memory). An RTP restream
-//! and frames for analytics belong here too.
+//! (MPEG-TS segments muxed by [`ts`], served from memory) and [`restream`]
+//! (RTP to other receivers). Frames for analytics belong here too.
 
 pub mod hls;
+pub mod restream;
 pub mod ts;
 
 use std::fs::File;
