@@ -116,6 +116,8 @@ pub struct Metrics {
     frames_dropped: Family<ReasonLabels, Counter>,
     frames_skipped: Family<StreamLabels, Counter>,
     hls_segments: Family<StreamLabels, Counter>,
+    sender_clock_offset: Family<StreamLabels, F64Gauge>,
+    sender_clock_drift: Family<StreamLabels, F64Gauge>,
     restream_packets_sent: Family<StreamLabels, Counter>,
     restream_send_errors: Family<StreamLabels, Counter>,
     gop_interval: Family<StreamLabels, F64Gauge>,
@@ -180,6 +182,8 @@ impl Metrics {
             frames_dropped: Family::default(),
             frames_skipped: Family::default(),
             hls_segments: Family::default(),
+            sender_clock_offset: Family::default(),
+            sender_clock_drift: Family::default(),
             restream_packets_sent: Family::default(),
             restream_send_errors: Family::default(),
             gop_interval: Family::default(),
@@ -300,6 +304,17 @@ impl Metrics {
             "hls_segments",
             "HLS segments published (each starts at a keyframe)",
             m.hls_segments.clone(),
+        );
+        r.register_with_unit(
+            "sender_clock_offset",
+            "The sender's wallclock (from its RTCP sender reports) minus ours when a report arrives, one-way delay included",
+            Unit::Seconds,
+            m.sender_clock_offset.clone(),
+        );
+        r.register(
+            "sender_clock_drift_ppm",
+            "How fast the sender's clock runs against ours, parts per million (positive: fast), fitted over the last minute of reports",
+            m.sender_clock_drift.clone(),
         );
         r.register(
             "restream_packets_sent",
@@ -452,6 +467,8 @@ impl Metrics {
             kernel_drops_total: handle(&self.kernel_drops_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
             hls_segments: handle(&self.hls_segments, &l),
+            sender_clock_offset: handle(&self.sender_clock_offset, &l),
+            sender_clock_drift: handle(&self.sender_clock_drift, &l),
             restream: crate::output::restream::RestreamCounters {
                 packets_sent: handle(&self.restream_packets_sent, &l),
                 send_errors: handle(&self.restream_send_errors, &l),
@@ -521,6 +538,8 @@ pub struct StreamMetrics {
     pub kernel_drops_total: Counter,
     pub frames_skipped: Counter,
     pub hls_segments: Counter,
+    pub sender_clock_offset: F64Gauge,
+    pub sender_clock_drift: F64Gauge,
     pub restream: crate::output::restream::RestreamCounters,
     pub gop_interval: F64Gauge,
     pub join_to_first_frame: F64Gauge,

@@ -66,7 +66,8 @@ pub fn write_rtx(
 pub enum RtcpEvent {
     /// A sender report: its SSRC and the middle 32 bits of its NTP timestamp
     /// (the LSR a receiver echoes back for RTT measurement, RFC 3550 §6.4.1).
-    SenderReport { ssrc: u32, ntp_middle: u32, rtp_timestamp: u32, packet_count: u32 },
+    /// `ntp` is the sender's wallclock at RTP time `rtp_timestamp`.
+    SenderReport { ssrc: u32, ntp: u64, ntp_middle: u32, rtp_timestamp: u32, packet_count: u32 },
     /// A report block about `media_ssrc`, from a RR or SR.
     ReportBlock { media_ssrc: u32, fraction_lost: u8, cumulative_lost: u32, jitter: u32, lsr: u32, dlsr: u32 },
     /// Generic NACK (RFC 4585 §6.2.1): sequence numbers the peer is missing.
@@ -195,6 +196,7 @@ pub fn parse_rtcp(datagram: &[u8], events: &mut Vec<RtcpEvent>) -> Result<(), Rt
             RtcpPacket::Sr(sr) => {
                 events.push(RtcpEvent::SenderReport {
                     ssrc: sr.ssrc(),
+                    ntp: sr.ntp_timestamp(),
                     ntp_middle: (sr.ntp_timestamp() >> 16) as u32,
                     rtp_timestamp: sr.rtp_timestamp(),
                     packet_count: sr.packet_count(),
@@ -453,6 +455,13 @@ fn write_compound(compound: CompoundBuilder<'_>, out: &mut Vec<u8>) -> Result<us
 
 /// NTP timestamp (RFC 3550 §4: seconds since 1900 in the high 32 bits) for a
 /// wall-clock time.
+/// Seconds since the UNIX epoch of a 64-bit NTP timestamp (RFC 5905; era
+/// 0, until 2036).
+pub fn ntp_to_unix_seconds(ntp: u64) -> f64 {
+    const UNIX_TO_NTP: f64 = 2_208_988_800.0;
+    (ntp >> 32) as f64 - UNIX_TO_NTP + (ntp & 0xFFFF_FFFF) as f64 / 4_294_967_296.0
+}
+
 pub fn ntp_timestamp(now: std::time::SystemTime) -> u64 {
     const UNIX_TO_NTP: u64 = 2_208_988_800;
     let d = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -619,6 +628,7 @@ mod tests {
         parse_rtcp(&out, &mut events).unwrap();
         assert!(events.contains(&RtcpEvent::SenderReport {
             ssrc: 9,
+            ntp: 0x0123_4567_89ab_cdef,
             ntp_middle: 0x4567_89ab,
             rtp_timestamp: 90_000,
             packet_count: 10

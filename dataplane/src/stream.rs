@@ -28,6 +28,7 @@ use crate::ingest::udp::RecvBatch;
 use crate::metrics::StreamMetrics;
 use crate::output::hls::{HlsCatalog, HlsWriter};
 use crate::output::restream::Restream;
+use crate::session::clock::SenderClock;
 use crate::output::{AuLog, RecoveredLog};
 use crate::repair::fec::FecScheme;
 use crate::repair::jitter::{Output, PushOutcome, StoredPacket};
@@ -158,9 +159,13 @@ pub struct Stream {
     recovered_log: Option<RecoveredLog>,
     hls: Option<HlsWriter>,
     restream: Option<Restream>,
+    /// The sender's wallclock, from its reports.
+    clock: SenderClock,
     /// When the media sender said goodbye (RTCP BYE), until what it sent
     /// before is handed on.
     bye_at: Option<Instant>,
+    /// The media sender said goodbye: a new SSRC may take over at once.
+    sender_left: bool,
     last_packet: Option<Instant>,
     silent: bool,
     keyframe_wanted: bool,
@@ -240,7 +245,9 @@ impl Stream {
             recovered_log,
             hls,
             restream,
+            clock: SenderClock::new(cfg.clock_rate),
             bye_at: None,
+            sender_left: false,
             last_packet: None,
             silent: false,
             keyframe_wanted: false,
@@ -322,9 +329,24 @@ impl Stream {
         {
             self.on_sender_found(Some(packet_count), now);
         }
+        // A report maps the sender's wallclock to RTP time, extended as the
+        // access units are (not across a restart before its first unit).
+        if let Some((ntp, rtp_ts)) = news.sender_clock
+            && !self.timestamps_restarted
+            && let Some((last, ext)) = self.rtp_ts_ext
+        {
+            self.clock.on_sender_report(ntp, ext + i64::from(rtp_ts.wrapping_sub(last) as i32), SystemTime::now());
+            if let Some(offset) = self.clock.offset() {
+                self.metrics.sender_clock_offset.set(offset);
+            }
+            if let Some(ppm) = self.clock.drift_ppm() {
+                self.metrics.sender_clock_drift.set(ppm);
+            }
+        }
         if news.bye && self.bye_at.is_none() {
             tracing::info!(stream = %self.cfg.id(), "the sender said goodbye (RTCP BYE)");
             self.bye_at = Some(now);
+            self.sender_left = true;
         }
     }
 
@@ -401,7 +423,9 @@ impl Stream {
         let (seq, offset, len, retransmitted) = if pt == self.cfg.payload_type {
             match self.session.media_ssrc() {
                 Some(current) if current != ssrc => {
-                    if self.last_packet.is_some_and(|t| now - t < SILENCE) {
+                    // Another sender's packets while ours sends are foreign;
+                    // once ours went silent or said goodbye, a new one took over.
+                    if self.last_packet.is_some_and(|t| now - t < SILENCE) && !self.sender_left {
                         self.metrics.discarded("ssrc");
                         return;
                     }
@@ -588,7 +612,9 @@ impl Stream {
         // timestamps have nothing to do with the old ones.
         self.depay = new_depacketizer(&self.cfg);
         self.timestamps_restarted = true;
+        self.clock.restart();
         self.bye_at = None;
+        self.sender_left = false;
         if let Some(hls) = &mut self.hls {
             hls.discontinuity();
         }
@@ -654,11 +680,13 @@ impl Stream {
                     let latency = now - au.first_arrival;
                     StreamMetrics::observe(&self.metrics.assembly_latency, latency);
                     self.latency.record(latency.as_secs_f32() * 1000.0);
+                    let arrival = SystemTime::now() - now.saturating_duration_since(au.first_arrival);
+                    let sender_time = self.clock.sender_time(ts, arrival);
                     if let Some(log) = &mut self.au_log {
-                        log.write(&au);
+                        log.write(&au, sender_time);
                     }
                     if let Some(hls) = &mut self.hls {
-                        hls.push(&au.data, ts, au.keyframe);
+                        hls.push(&au.data, ts, au.keyframe, sender_time);
                     }
                     if let Some(r) = &mut self.restream {
                         r.push(&au.data, ts, now);

@@ -55,6 +55,9 @@ pub struct Segment {
     pub frames: u32,
     /// The first segment after a sender restart or a reopened playlist.
     pub discontinuity: bool,
+    /// The sender's wallclock of its first frame (seconds since the UNIX
+    /// epoch), once the sender's reports give it.
+    pub program_date_time: Option<f64>,
     pub data: Arc<[u8]>,
 }
 
@@ -116,6 +119,9 @@ impl HlsPlaylist {
             if s.discontinuity && s.seq != first.seq {
                 out.push_str("#EXT-X-DISCONTINUITY\n");
             }
+            if let Some(t) = s.program_date_time {
+                let _ = writeln!(out, "#EXT-X-PROGRAM-DATE-TIME:{}", crate::session::clock::rfc3339(t));
+            }
             let _ = write!(out, "#EXTINF:{:.3},\n{}.ts\n", s.duration, s.seq);
         }
         if w.ended {
@@ -142,13 +148,13 @@ impl HlsPlaylist {
     }
 
     /// Publishes a whole segment; returns its sequence number.
-    fn publish(&self, duration: f64, frames: u32, discontinuity: bool, data: Vec<u8>) -> u64 {
+    fn publish(&self, duration: f64, frames: u32, discontinuity: bool, program_date_time: Option<f64>, data: Vec<u8>) -> u64 {
         let mut w = self.lock();
         let reopened = std::mem::take(&mut w.ended);
         let seq = w.next_seq;
         w.next_seq += 1;
         w.target = w.target.max(duration.round() as u64);
-        w.segments.push_back(Segment { seq, duration, frames, discontinuity: discontinuity || reopened, data: data.into() });
+        w.segments.push_back(Segment { seq, duration, frames, discontinuity: discontinuity || reopened, program_date_time, data: data.into() });
         while w.segments.len() > w.window + GRACE {
             if w.segments.pop_front().is_some_and(|s| s.discontinuity) {
                 w.discontinuities_gone += 1;
@@ -233,6 +239,7 @@ impl HlsCatalog {
 /// The segment being written.
 struct OpenSegment {
     start: i64,
+    program_date_time: Option<f64>,
     last: i64,
     frames: u32,
     discontinuity: bool,
@@ -275,9 +282,10 @@ impl HlsWriter {
     }
 
     /// One access unit (Annex B) at `ts`, the stream's extended RTP
-    /// timestamp. Units before the first keyframe have nothing to decode
-    /// from and are left out.
-    pub fn push(&mut self, annexb: &[u8], ts: i64, keyframe: bool) {
+    /// timestamp, captured at `sender_time` by the sender's clock (when
+    /// known). Units before the first keyframe have nothing to decode from
+    /// and are left out.
+    pub fn push(&mut self, annexb: &[u8], ts: i64, keyframe: bool, sender_time: Option<f64>) {
         if let Some(open) = &self.open {
             if ts > open.last {
                 self.frame_ticks = ts - open.last;
@@ -296,7 +304,8 @@ impl HlsWriter {
                 tracing::error!(error = %e, "HLS: cannot write the segment's PAT/PMT");
                 return;
             }
-            self.open = Some(OpenSegment { start: ts, last: ts, frames: 0, discontinuity: std::mem::take(&mut self.discontinuity_next), data });
+            let discontinuity = std::mem::take(&mut self.discontinuity_next);
+            self.open = Some(OpenSegment { start: ts, program_date_time: sender_time, last: ts, frames: 0, discontinuity, data });
         }
         let pts = TIMESTAMP_ORIGIN + (ts.max(0) as i128 * TS_CLOCK as i128 / self.clock_rate as i128) as u64;
         let Some(open) = &mut self.open else { return };
@@ -340,7 +349,7 @@ impl HlsWriter {
     fn close(&mut self, end: i64) {
         let Some(open) = self.open.take() else { return };
         let duration = (end - open.start).max(0) as f64 / self.clock_rate as f64;
-        self.playlist.publish(duration, open.frames, open.discontinuity, open.data);
+        self.playlist.publish(duration, open.frames, open.discontinuity, open.program_date_time, open.data);
         self.segments.inc();
     }
 }
@@ -362,7 +371,7 @@ mod tests {
         for i in from..to {
             let key = i % gop == 0;
             let nal = if key { [0, 0, 0, 1, 0x65, i as u8] } else { [0, 0, 0, 1, 0x41, i as u8] };
-            w.push(&nal, i * 3000, key);
+            w.push(&nal, i * 3000, key, Some(1_800_000_000.0 + i as f64 / 30.0));
         }
     }
 
@@ -379,7 +388,7 @@ mod tests {
         assert_eq!(segs.iter().map(|s| s.frames).sum::<u32>(), 120, "every frame is in a segment");
         assert!((segs[2].duration - 40.0 / 30.0).abs() < 1e-9, "the last segment's last frame lasts one frame interval");
         let text = playlist.playlist().unwrap();
-        assert!(text.ends_with("#EXTINF:1.333,\n2.ts\n#EXT-X-ENDLIST\n"), "{text}");
+        assert!(text.ends_with("#EXT-X-PROGRAM-DATE-TIME:2027-01-15T08:00:02.667Z\n#EXTINF:1.333,\n2.ts\n#EXT-X-ENDLIST\n"), "{text}");
         assert!(text.contains("#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n"), "{text}");
     }
 
@@ -414,7 +423,7 @@ mod tests {
         w.discontinuity();
         feed(&mut w, 60, 91, 30);
         let text = playlist.playlist().unwrap();
-        assert!(text.contains("#EXT-X-DISCONTINUITY\n#EXTINF:1.000,\n2.ts\n"), "{text}");
+        assert!(text.contains("#EXT-X-DISCONTINUITY\n#EXT-X-PROGRAM-DATE-TIME:2027-01-15T08:00:02.000Z\n#EXTINF:1.000,\n2.ts\n"), "{text}");
         feed(&mut w, 91, 30 * 12 + 1, 30);
         let text = playlist.playlist().unwrap();
         assert!(text.contains("#EXT-X-DISCONTINUITY-SEQUENCE:1\n"), "{text}");
@@ -431,7 +440,7 @@ mod tests {
         assert!(!playlist.ended());
         let text = playlist.playlist().unwrap();
         assert!(!text.contains("ENDLIST"), "{text}");
-        assert!(text.contains("#EXT-X-DISCONTINUITY\n#EXTINF:1.000,\n1.ts\n"), "{text}");
+        assert!(text.contains("#EXT-X-DISCONTINUITY\n#EXT-X-PROGRAM-DATE-TIME:2027-01-15T08:00:01.000Z\n#EXTINF:1.000,\n1.ts\n"), "{text}");
     }
 
     #[test]

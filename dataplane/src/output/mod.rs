@@ -18,8 +18,11 @@ use std::path::Path;
 
 use crate::depay::AccessUnit;
 
-/// `index rtp_timestamp content-digest keyframe`, one line per access unit
-/// handed on (the test sender writes the same for what it encoded).
+/// `index rtp_timestamp content-digest keyframe sender-time`, one line per
+/// access unit handed on (the test sender writes the same for what it
+/// encoded). `sender-time` is the sender's wallclock of the unit in
+/// nanoseconds since the UNIX epoch, from its sender reports (`-` before the
+/// first).
 pub struct AuLog {
     out: BufWriter<File>,
     index: u64,
@@ -30,9 +33,13 @@ impl AuLog {
         Ok(Self { out: BufWriter::new(File::create(path)?), index: 0 })
     }
 
-    pub fn write(&mut self, au: &AccessUnit) {
+    pub fn write(&mut self, au: &AccessUnit, sender_time: Option<f64>) {
         // A full disk costs the log, not the stream.
-        let _ = writeln!(self.out, "{} {} {:016x} {}", self.index, au.rtp_timestamp, au.content_digest(), au.keyframe as u8);
+        let (index, ts, digest, key) = (self.index, au.rtp_timestamp, au.content_digest(), au.keyframe as u8);
+        let _ = match sender_time {
+            Some(t) => writeln!(self.out, "{index} {ts} {digest:016x} {key} {}", (t * 1e9).round() as i64),
+            None => writeln!(self.out, "{index} {ts} {digest:016x} {key} -"),
+        };
         self.index += 1;
     }
 

@@ -54,6 +54,9 @@ pub struct RtcpNews {
     pub rtt: Option<Duration>,
     /// The sender acknowledged (TMMBN) the bit rate we asked for.
     pub bitrate_acknowledged: Option<u64>,
+    /// The media sender's report mapped its wallclock (NTP) to RTP time:
+    /// `(ntp, rtp_timestamp)`.
+    pub sender_clock: Option<(u64, u32)>,
     /// The media sender said goodbye (RTCP BYE, RFC 3550 6.6): no more
     /// packets or retransmissions will come from it.
     pub bye: bool,
@@ -201,10 +204,13 @@ impl RtcpSession {
         let mut news = RtcpNews::default();
         for i in 0..self.events.len() {
             match self.events[i] {
-                RtcpEvent::SenderReport { ntp_middle, packet_count, .. } => {
+                RtcpEvent::SenderReport { ssrc, ntp, ntp_middle, rtp_timestamp, packet_count } => {
                     self.last_sr = Some((ntp_middle, now));
                     self.rtcp_peer = from;
                     news.sender_report = Some(packet_count);
+                    if self.media_ssrc == Some(ssrc) {
+                        news.sender_clock = Some((ntp, rtp_timestamp));
+                    }
                 }
                 RtcpEvent::Bye { ref ssrcs } if self.media_ssrc.is_some_and(|m| ssrcs.contains(&m)) => {
                     news.bye = true;
@@ -416,5 +422,6 @@ impl JitterEstimate {
     }
 }
 
+pub mod clock;
 #[cfg(test)]
 mod tests;

@@ -197,9 +197,17 @@ pub struct SendArgs {
     pub linger_ms: u64,
     #[arg(long, default_value_t = 1000)]
     pub sr_interval_ms: u64,
+    /// Run this sender's clock this many parts per million fast (negative:
+    /// slow) against the machine's, from the moment it starts: its RTP
+    /// timestamps and its sender reports' wallclock both follow it, as a
+    /// sender machine with a drifting clock would send them.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub clock_ppm: f64,
     #[arg(long, default_value = "zerodrop-send")]
     pub cname: String,
-    /// Write `<index> <rtp-timestamp> <digest-hex> <keyframe 0|1>` per access unit.
+    /// Write `<index> <rtp-timestamp> <digest-hex> <keyframe 0|1> <sender-time-ns>`
+    /// per access unit (the time by this sender's clock when the unit's
+    /// first packet went out, nanoseconds since the UNIX epoch).
     #[arg(long)]
     pub hashes: Option<PathBuf>,
     /// Write the final counters as JSON.
@@ -208,6 +216,30 @@ pub struct SendArgs {
     /// No per-second progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The sender's own clock: the machine's, running `rate` times as fast from
+/// the moment the sender starts.
+#[derive(Debug, Clone, Copy)]
+pub struct SenderWallclock {
+    start_wall: std::time::SystemTime,
+    start: Instant,
+    pub rate: f64,
+}
+
+impl SenderWallclock {
+    pub fn start(ppm: f64) -> Self {
+        Self { start_wall: std::time::SystemTime::now(), start: Instant::now(), rate: 1.0 + ppm / 1e6 }
+    }
+
+    /// The time by this clock at `at`.
+    pub fn at(&self, at: Instant) -> std::time::SystemTime {
+        self.start_wall + at.saturating_duration_since(self.start).mul_f64(self.rate)
+    }
+
+    pub fn now(&self) -> std::time::SystemTime {
+        self.at(Instant::now())
+    }
 }
 
 /// Live counters of a running sender.
@@ -396,6 +428,7 @@ impl Sender {
             packet_count: 0,
             octet_count: 0,
         }));
+        let wallclock = SenderWallclock::start(args.clock_ppm);
         let responder = RtcpResponder {
             rtcp: rtcp_sock,
             rtp: rtp_sock.try_clone().context("cloning the RTP socket")?,
@@ -415,6 +448,7 @@ impl Sender {
             counters: counters.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             last_rrtr: None,
+            wallclock,
             max_kbps: args.bitrate,
             mtu: args.mtu,
         };
@@ -449,6 +483,9 @@ impl Sender {
             hashes,
             pending_aus: VecDeque::new(),
             last_ts: None,
+            wallclock,
+            first_ts: None,
+            scratch: Vec::with_capacity(2048),
             summary: summary_base,
         };
         let thread = std::thread::Builder::new()
@@ -580,6 +617,11 @@ struct SendWorker {
     hashes: Option<BufWriter<File>>,
     pending_aus: VecDeque<AuRecord>,
     last_ts: Option<u32>,
+    wallclock: SenderWallclock,
+    /// The payloader's first RTP timestamp, from which a drifting clock's
+    /// timestamps are scaled.
+    first_ts: Option<u32>,
+    scratch: Vec<u8>,
     summary: SendSummary,
 }
 
@@ -678,15 +720,33 @@ impl SendWorker {
             self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let data = map.as_slice();
-        let Ok(packet) = RtpPacket::parse(data) else {
+        let Ok(packet) = RtpPacket::parse(map.as_slice()) else {
             self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // A drifting clock: the payloader's timestamps, scaled from the
+        // first one by the clock's rate.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let data: &[u8] = if self.wallclock.rate == 1.0 {
+            map.as_slice()
+        } else {
+            let first = *self.first_ts.get_or_insert(packet.timestamp());
+            let ts = first.wrapping_add((f64::from(packet.timestamp().wrapping_sub(first)) * self.wallclock.rate).round() as u32);
+            scratch.clear();
+            scratch.extend_from_slice(map.as_slice());
+            scratch[4..8].copy_from_slice(&ts.to_be_bytes());
+            &scratch
+        };
+        self.send_packet(data, buffer.pts());
+        self.scratch = scratch;
+    }
+
+    fn send_packet(&mut self, data: &[u8], pts: Option<gst::ClockTime>) {
+        let Ok(packet) = RtpPacket::parse(data) else { return };
         let ts = packet.timestamp();
         if self.last_ts != Some(ts) {
             self.last_ts = Some(ts);
-            self.start_frame(ts, buffer.pts());
+            self.start_frame(ts, pts);
         }
         match self.fec.take() {
             None => self.send_media(data),
@@ -781,7 +841,8 @@ impl SendWorker {
             self.counters.keyframes_sent.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(h) = &mut self.hashes {
-            let line = writeln!(h, "{} {} {:016x} {}", record.index, rtp_ts, record.digest, u8::from(record.keyframe));
+            let sent_ns = self.wallclock.now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            let line = writeln!(h, "{} {} {:016x} {} {sent_ns}", record.index, rtp_ts, record.digest, u8::from(record.keyframe));
             if line.is_err() {
                 self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             }

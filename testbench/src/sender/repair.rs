@@ -82,6 +82,8 @@ pub(super) struct RtcpResponder {
     /// The last XR receiver reference time: (receiver SSRC, middle 32 bits
     /// of its NTP timestamp, when it came), echoed as DLRR in sender reports.
     pub last_rrtr: Option<(u32, u32, Instant)>,
+    /// This sender's clock (the machine's unless `--clock-ppm`).
+    pub wallclock: super::SenderWallclock,
     /// The encoder bit rate asked for on the command line (kbit/s): a TMMBR
     /// limits the rate below it, never raises it above.
     pub max_kbps: u32,
@@ -252,11 +254,11 @@ impl RtcpResponder {
     }
 
     fn send_sender_report(&self, out: &mut Vec<u8>, tmmbn: Option<(u32, u64, u16)>, bye: bool) {
-        let now = SystemTime::now();
+        let now = self.wallclock.now();
         let (rtp_ts, packets, octets) = {
             let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             let Some((ts, at)) = shared.last_frame else { return };
-            let elapsed = at.elapsed().as_secs_f64();
+            let elapsed = at.elapsed().as_secs_f64() * self.wallclock.rate;
             (ts.wrapping_add((elapsed * self.clock_rate as f64) as u32), shared.packet_count, shared.octet_count)
         };
         let dlrr = self.last_rrtr.map(|(receiver, lrr, at)| (receiver, lrr, (at.elapsed().as_secs_f64() * 65_536.0) as u32));
