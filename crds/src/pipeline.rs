@@ -115,12 +115,40 @@ pub struct OutputsSpec {
     /// `/hls/<pipeline>/<source>/index.m3u8` on the data plane's metrics port. Unset: no HLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hls: Option<HlsOutput>,
+    /// Decoded frames for analytics: the latest frame of each stream as a JPEG at
+    /// `/frames/<pipeline>/<source>/latest.jpg` on the metrics port, and, with
+    /// `socketDirectory`, every decoded frame raw through a Unix socket. Needs decoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<FramesOutput>,
 }
 
 impl OutputsSpec {
     pub fn is_empty(&self) -> bool {
-        self.hls.is_none()
+        self.hls.is_none() && self.frames.is_none()
     }
+}
+
+/// Decoded frames for analytics.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FramesOutput {
+    /// How often, in milliseconds, the frame kept for the thumbnail is replaced by a newer
+    /// one, 40 to 60000. Defaults to 1000.
+    #[serde(default = "default_thumbnail_interval_ms")]
+    #[schemars(range(min = 40, max = 60_000))]
+    pub thumbnail_interval_ms: u32,
+    /// A directory in which each source listens on a Unix socket,
+    /// `<pipeline>.<source>.sock`, and sends every decoded frame to each program connected:
+    /// a 48-byte header (`ZDF1`, size, pixel format, frame index, the sender's wallclock, the
+    /// presentation time, the length) and the picture's planes without padding. Unset: no
+    /// socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 200))]
+    pub socket_directory: Option<String>,
+}
+
+fn default_thumbnail_interval_ms() -> u32 {
+    1000
 }
 
 /// How HLS segments are cut and how many the playlist keeps.

@@ -31,6 +31,8 @@ pub struct SourceConfig {
     pub parameter_sets: Vec<Vec<u8>>,
     /// HLS output (`spec.outputs.hls`), if asked for.
     pub hls: Option<crate::output::hls::HlsSettings>,
+    /// Frames for analytics (`spec.outputs.frames`), if asked for.
+    pub frames: Option<crate::output::frames::FrameSettings>,
     /// RTP restream (`spec.sources[].outputs.restream`), if asked for.
     pub restream: Option<crate::output::restream::RestreamSettings>,
 }
@@ -131,6 +133,10 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             hls: spec.outputs.hls.as_ref().map(|h| crate::output::hls::HlsSettings {
                 segment: Duration::from_secs(u64::from(h.segment_seconds)),
                 window: h.window_segments as usize,
+            }),
+            frames: spec.outputs.frames.as_ref().map(|f| crate::output::frames::FrameSettings {
+                thumbnail_interval: Duration::from_millis(u64::from(f.thumbnail_interval_ms)),
+                socket_directory: f.socket_directory.as_ref().map(std::path::PathBuf::from),
             }),
             restream,
         });

@@ -116,6 +116,8 @@ pub struct Metrics {
     frames_dropped: Family<ReasonLabels, Counter>,
     frames_skipped: Family<StreamLabels, Counter>,
     hls_segments: Family<StreamLabels, Counter>,
+    frames_feed_dropped: Family<StreamLabels, Counter>,
+    frames_feed_clients: Family<StreamLabels, Gauge>,
     sender_clock_offset: Family<StreamLabels, F64Gauge>,
     sender_clock_drift: Family<StreamLabels, F64Gauge>,
     restream_packets_sent: Family<StreamLabels, Counter>,
@@ -182,6 +184,8 @@ impl Metrics {
             frames_dropped: Family::default(),
             frames_skipped: Family::default(),
             hls_segments: Family::default(),
+            frames_feed_dropped: Family::default(),
+            frames_feed_clients: Family::default(),
             sender_clock_offset: Family::default(),
             sender_clock_drift: Family::default(),
             restream_packets_sent: Family::default(),
@@ -315,6 +319,16 @@ impl Metrics {
             "sender_clock_drift_ppm",
             "How fast the sender's clock runs against ours, parts per million (positive: fast), fitted over the last minute of reports",
             m.sender_clock_drift.clone(),
+        );
+        r.register(
+            "frames_feed_dropped",
+            "Decoded frames a raw-frame socket client missed because it read too slowly",
+            m.frames_feed_dropped.clone(),
+        );
+        r.register(
+            "frames_feed_clients",
+            "Programs connected to the stream's raw-frame socket",
+            m.frames_feed_clients.clone(),
         );
         r.register(
             "restream_packets_sent",
@@ -467,6 +481,10 @@ impl Metrics {
             kernel_drops_total: handle(&self.kernel_drops_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
             hls_segments: handle(&self.hls_segments, &l),
+            frames: crate::output::frames::FrameCounters {
+                feed_dropped: handle(&self.frames_feed_dropped, &l),
+                feed_clients: handle(&self.frames_feed_clients, &l),
+            },
             sender_clock_offset: handle(&self.sender_clock_offset, &l),
             sender_clock_drift: handle(&self.sender_clock_drift, &l),
             restream: crate::output::restream::RestreamCounters {
@@ -538,6 +556,7 @@ pub struct StreamMetrics {
     pub kernel_drops_total: Counter,
     pub frames_skipped: Counter,
     pub hls_segments: Counter,
+    pub frames: crate::output::frames::FrameCounters,
     pub sender_clock_offset: F64Gauge,
     pub sender_clock_drift: F64Gauge,
     pub restream: crate::output::restream::RestreamCounters,
@@ -698,19 +717,28 @@ impl Readiness {
 /// Serves `/metrics` (OpenMetrics), `/healthz` (the process is alive) and
 /// `/readyz` (every source is receiving) on `addr` from a thread. Returns the
 /// bound address (useful with port 0).
-/// Serves `/metrics`, `/healthz`, `/readyz` and the HLS playlists and
-/// segments of `hls` (`/hls/<pipeline>/<stream>/...`).
+/// Serves `/metrics`, `/healthz`, `/readyz`, and what the outputs publish:
+/// HLS (`/hls/<pipeline>/<stream>/...`) and thumbnails
+/// (`/frames/<pipeline>/<stream>/latest.jpg`).
 pub fn serve(
     addr: &str,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
-    hls: Arc<crate::output::hls::HlsCatalog>,
+    published: Arc<crate::output::Published>,
 ) -> anyhow::Result<std::net::SocketAddr> {
+    use crate::output::frames::FramesReply;
     use crate::output::hls::{HlsReply, PLAYLIST_CONTENT_TYPE, SEGMENT_CONTENT_TYPE};
     use zerodrop_telemetry::{Reply, Server};
     let server = Server::bind(addr).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     server.spawn("metrics-http", move |path| match path {
-        _ if path.starts_with("/hls/") => match hls.serve(path) {
+        _ if path.starts_with("/frames/") => match published.frames.serve(path) {
+            // The latest frame changes all the time.
+            Some(FramesReply::Jpeg(t)) => Reply::Body { content_type: "image/jpeg", cache_control: "no-store", body: t.jpeg },
+            Some(FramesReply::NotFound(why)) => Reply::not_found(&why),
+            Some(FramesReply::Error(why)) => Reply::Text(500, format!("{why}\n")),
+            None => Reply::not_found("try /frames/<pipeline>/<stream>/latest.jpg"),
+        },
+        _ if path.starts_with("/hls/") => match published.hls.serve(path) {
             // A live playlist changes with every segment: never cached.
             Some(HlsReply::Playlist(text)) => {
                 Reply::Body { content_type: PLAYLIST_CONTENT_TYPE, cache_control: "no-store", body: Arc::from(text.into_bytes()) }

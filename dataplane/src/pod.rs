@@ -82,11 +82,11 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
     let stop = crate::shutdown::on_signal()?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::new());
-    let hls = Arc::new(crate::output::hls::HlsCatalog::default());
-    let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone(), hls.clone())?;
+    let published = Arc::new(crate::output::Published::default());
+    let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone(), published.clone())?;
     tracing::info!(pod = %args.pod_name, shard = ordinal, config = %args.config.display(), metrics = %bound, "data plane pod starting");
 
-    let mut supervisor = Supervisor::new(metrics, readiness, SupervisorOptions { au_log_dir: None, no_decode: args.no_decode, workers: args.workers, hls: Some(hls) });
+    let mut supervisor = Supervisor::new(metrics, readiness, SupervisorOptions { au_log_dir: None, no_decode: args.no_decode, workers: args.workers, published: Some(published) });
     // A pod sees its own sockets in its network namespace's /proc/net/udp;
     // the node agent counts with eBPF and by reason.
     let mut kernel_drops = crate::kernel_drops::KernelDrops::start(args.kernel_drops);

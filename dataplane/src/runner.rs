@@ -112,18 +112,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(crate::metrics::Readiness::new());
     readiness.set_expected(sources.iter().map(SourceConfig::id));
-    let hls = Arc::new(crate::output::hls::HlsCatalog::default());
-    let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone(), hls.clone())?;
+    let published = Arc::new(crate::output::Published::default());
+    let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone(), published.clone())?;
     eprintln!("zerodrop: {} source(s) from {}; metrics at http://{bound}/metrics", sources.len(), args.file.display());
     for s in sources.iter().filter(|s| s.hls.is_some()) {
         eprintln!("zerodrop: {}: HLS at http://{bound}/hls/{}/{}/index.m3u8", s.id(), s.pipeline, s.name);
+    }
+    for s in sources.iter().filter(|s| s.frames.is_some()) {
+        eprintln!("zerodrop: {}: latest frame at http://{bound}/frames/{}/{}/latest.jpg", s.id(), s.pipeline, s.name);
     }
 
     let mut kernel_drops = crate::kernel_drops::KernelDrops::start(args.kernel_drops);
     let mut supervisor = Supervisor::new(
         metrics,
         readiness,
-        SupervisorOptions { au_log_dir: args.au_log_dir.clone(), no_decode: args.no_decode, workers: args.workers, hls: Some(hls) },
+        SupervisorOptions { au_log_dir: args.au_log_dir.clone(), no_decode: args.no_decode, workers: args.workers, published: Some(published) },
     );
     supervisor.apply(&sources);
     let mut path_policy = crate::path_policy::PathPolicy::new(&pipelines);

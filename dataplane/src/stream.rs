@@ -26,7 +26,9 @@ use crate::decode::Decoder;
 use crate::depay::{Depacketizer, DepayEvent};
 use crate::ingest::udp::RecvBatch;
 use crate::metrics::StreamMetrics;
-use crate::output::hls::{HlsCatalog, HlsWriter};
+use crate::output::Published;
+use crate::output::frames::FrameTap;
+use crate::output::hls::HlsWriter;
 use crate::output::restream::Restream;
 use crate::session::clock::SenderClock;
 use crate::output::{AuLog, RecoveredLog};
@@ -69,8 +71,9 @@ pub struct StreamOptions {
     pub readiness: Option<Arc<crate::metrics::Readiness>>,
     /// Write one line per packet FEC rebuilt: `seq xxh3-digest-of-datagram`.
     pub recovered_log: Option<PathBuf>,
-    /// Where HLS playlists are published, for sources that ask for HLS.
-    pub hls: Option<Arc<HlsCatalog>>,
+    /// Where outputs publish what the HTTP server serves (HLS playlists,
+    /// thumbnails), for sources that ask for them.
+    pub published: Option<Arc<Published>>,
 }
 
 /// Final figures for one stream, written to the run report.
@@ -161,6 +164,8 @@ pub struct Stream {
     restream: Option<Restream>,
     /// The sender's wallclock, from its reports.
     clock: SenderClock,
+    /// The frames output, and where it is published.
+    frames: Option<(Arc<FrameTap>, Option<Arc<Published>>)>,
     /// When the media sender said goodbye (RTCP BYE), until what it sent
     /// before is handed on.
     bye_at: Option<Instant>,
@@ -205,14 +210,28 @@ impl Stream {
             ),
             None => None,
         };
-        let decoder = if options.no_decode { None } else { Some(Decoder::start(cfg.codec, cfg.decoder, metrics.clone())?) };
+        let frames = match (&cfg.frames, options.no_decode) {
+            (Some(settings), false) => Some(
+                FrameTap::start(&cfg.pipeline, &cfg.name, settings.clone(), metrics.frames.clone())
+                    .with_context(|| format!("{id}: cannot start the frames output"))?,
+            ),
+            (Some(_), true) => {
+                tracing::warn!(stream = %id, "outputs.frames needs decoding, which --no-decode turns off: no frames output");
+                None
+            }
+            (None, _) => None,
+        };
+        if let (Some(tap), Some(published)) = (&frames, &options.published) {
+            published.frames.insert(&cfg.pipeline, &cfg.name, tap.clone());
+        }
+        let decoder = if options.no_decode { None } else { Some(Decoder::start(cfg.codec, cfg.decoder, metrics.clone(), frames.clone())?) };
         let au_log = match &options.au_log {
             Some(path) => Some(AuLog::create(path).with_context(|| format!("{id}: cannot create AU log {}", path.display()))?),
             None => None,
         };
-        let hls = match (cfg.hls, &options.hls) {
-            (Some(settings), Some(catalog)) => Some(HlsWriter::new(
-                catalog.playlist(&cfg.pipeline, &cfg.name, settings),
+        let hls = match (cfg.hls, &options.published) {
+            (Some(settings), Some(published)) => Some(HlsWriter::new(
+                published.hls.playlist(&cfg.pipeline, &cfg.name, settings),
                 cfg.codec,
                 cfg.clock_rate,
                 settings,
@@ -246,6 +265,7 @@ impl Stream {
             hls,
             restream,
             clock: SenderClock::new(cfg.clock_rate),
+            frames: frames.map(|tap| (tap, options.published.clone())),
             bye_at: None,
             sender_left: false,
             last_packet: None,
@@ -693,7 +713,7 @@ impl Stream {
                     }
                     let pts_ns = (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;
                     let queued = match &mut self.decoder {
-                        Some(d) => d.push(au.data, pts_ns, au.first_arrival, au.keyframe),
+                        Some(d) => d.push(au.data, pts_ns, au.first_arrival, au.keyframe, sender_time),
                         None => {
                             // Nobody takes the buffer: the depacketiser reuses it.
                             self.depay.recycle(au.data);
@@ -830,6 +850,9 @@ impl Stream {
         }
         if let Some(r) = &mut self.restream {
             r.end(now, SystemTime::now());
+        }
+        if let Some((tap, Some(published))) = &self.frames {
+            published.frames.remove(&self.cfg.pipeline, &self.cfg.name, tap);
         }
         if let Some(log) = &mut self.au_log {
             log.flush();

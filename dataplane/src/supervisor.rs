@@ -20,9 +20,9 @@ pub struct SupervisorOptions {
     pub no_decode: bool,
     /// Receive threads; 0 means one per available core.
     pub workers: usize,
-    /// Where sources with HLS output publish it (served by the process's
-    /// HTTP server).
-    pub hls: Option<Arc<crate::output::hls::HlsCatalog>>,
+    /// Where sources' outputs publish what the process's HTTP server
+    /// serves (HLS, thumbnails).
+    pub published: Option<Arc<crate::output::Published>>,
 }
 
 /// How long stopping waits for a receiver's report (its decoder drains for
@@ -181,7 +181,7 @@ impl Supervisor {
             }),
             no_decode: self.options.no_decode,
             readiness: Some(self.readiness.clone()),
-            hls: self.options.hls.clone(),
+            published: self.options.published.clone(),
         };
         self.workers[worker].start(cfg.clone(), metrics, options, generation);
         self.workers[worker].load += 1;

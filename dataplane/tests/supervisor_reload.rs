@@ -33,7 +33,7 @@ fn wait_ready(readiness: &Readiness) {
 fn changing_one_source_restarts_it_alone_and_removing_it_stops_it() {
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::new());
-    let mut sup = Supervisor::new(metrics, readiness.clone(), SupervisorOptions { au_log_dir: None, no_decode: true, workers: 1, hls: None });
+    let mut sup = Supervisor::new(metrics, readiness.clone(), SupervisorOptions { au_log_dir: None, no_decode: true, workers: 1, published: None });
 
     let (change, _) = sup.apply(&owned_sources(&pipeline(24106), 0).unwrap());
     assert_eq!(change.started, vec!["reload/a", "reload/b"]);

@@ -18,6 +18,11 @@ use gstreamer_app as gst_app;
 use zerodrop_crds::{Codec, DecoderChoice};
 
 use crate::metrics::StreamMetrics;
+use crate::output::frames::FrameTap;
+
+/// Access units handed in, awaited at the decoder's output: (presentation
+/// time, arrival of the first packet, the sender's wallclock of the unit).
+type Pending = Arc<Mutex<VecDeque<(u64, Instant, Option<f64>)>>>;
 
 /// Initialises GStreamer once; safe to call from every thread.
 pub fn init() -> anyhow::Result<()> {
@@ -59,7 +64,7 @@ pub fn choose_decoder(codec: Codec, choice: DecoderChoice) -> anyhow::Result<gst
 pub struct Decoder {
     pipeline: gst::Pipeline,
     appsrc: gst_app::AppSrc,
-    pending: Arc<Mutex<VecDeque<(u64, Instant)>>>,
+    pending: Pending,
     sink_thread: Option<JoinHandle<()>>,
     name: String,
     metrics: StreamMetrics,
@@ -71,10 +76,12 @@ pub struct Decoder {
 const MAX_QUEUED_FRAMES: u64 = 300;
 
 impl Decoder {
+    /// `frames`, when given, is offered every decoded picture.
     pub fn start(
         codec: Codec,
         choice: DecoderChoice,
         metrics: StreamMetrics,
+        frames: Option<Arc<FrameTap>>,
     ) -> anyhow::Result<Self> {
         let decoder = choose_decoder(codec, choice)?;
         let name = decoder
@@ -118,7 +125,7 @@ impl Decoder {
             .context("decode pipeline failed to start")?;
         metrics.set_decoder(&name);
 
-        let pending: Arc<Mutex<VecDeque<(u64, Instant)>>> = Arc::default();
+        let pending: Pending = Arc::default();
         let sink_thread = {
             let pending = pending.clone();
             let metrics = metrics.clone();
@@ -127,7 +134,7 @@ impl Decoder {
             std::thread::Builder::new()
                 .name(format!("decode-{}", metrics.labels.stream))
                 .spawn(move || {
-                    pull_decoded(appsink, bus, pending, metrics, stream);
+                    pull_decoded(appsink, bus, pending, metrics, stream, frames);
                 })?
         };
         Ok(Decoder {
@@ -154,6 +161,7 @@ impl Decoder {
         pts_ns: u64,
         first_arrival: Instant,
         keyframe: bool,
+        sender_time: Option<f64>,
     ) -> bool {
         if self.appsrc.current_level_buffers() >= MAX_QUEUED_FRAMES {
             return false;
@@ -171,7 +179,7 @@ impl Decoder {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back((pts, first_arrival));
+            .push_back((pts, first_arrival, sender_time));
         self.appsrc.push_buffer(buffer).is_ok()
     }
 
@@ -202,9 +210,10 @@ impl Drop for Decoder {
 fn pull_decoded(
     appsink: gst_app::AppSink,
     bus: gst::Bus,
-    pending: Arc<Mutex<VecDeque<(u64, Instant)>>>,
+    pending: Pending,
     metrics: StreamMetrics,
     stream: String,
+    frames: Option<Arc<FrameTap>>,
 ) {
     loop {
         match appsink.try_pull_sample(gst::ClockTime::from_mseconds(100)) {
@@ -217,9 +226,12 @@ fn pull_decoded(
                 // decoded only if it answers an access unit handed in: a
                 // decoder that makes two pictures of one unit (or repeats one)
                 // must not make the books show more frames than were sent.
-                let mut matched = pts.is_none() && q.pop_front().is_some();
+                let mut matched = None;
+                if pts.is_none() {
+                    matched = q.pop_front().map(|(_, _, sender_time)| sender_time);
+                }
                 while let Some(pts) = pts
-                    && let Some(&(p, arrival)) = q.front()
+                    && let Some(&(p, arrival, sender_time)) = q.front()
                 {
                     if p > pts {
                         break;
@@ -227,14 +239,18 @@ fn pull_decoded(
                     q.pop_front();
                     if p == pts {
                         StreamMetrics::observe(&metrics.decode_latency, now - arrival);
-                        matched = true;
+                        matched = Some(sender_time);
                     } else {
                         // Handed in, passed over: the decoder gave no picture for it.
                         metrics.frames_dropped_by_decoder(1);
                     }
                 }
-                if matched {
+                drop(q);
+                if let Some(sender_time) = matched {
                     metrics.frames_decoded.inc();
+                    if let Some(tap) = &frames {
+                        tap.offer(&sample, sender_time);
+                    }
                 } else {
                     tracing::debug!(%stream, ?pts, "decoder output answers no access unit handed in; not counted");
                 }

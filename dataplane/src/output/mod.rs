@@ -6,11 +6,21 @@
 //! with what the sender encoded: [`AuLog`], one line per access unit, and
 //! [`RecoveredLog`], one line per packet FEC rebuilt. For players, [`hls`]
 //! (MPEG-TS segments muxed by [`ts`], served from memory) and [`restream`]
-//! (RTP to other receivers). Frames for analytics belong here too.
+//! (RTP to other receivers), and [`frames`] (decoded frames for analytics:
+//! thumbnails over HTTP, raw frames through a Unix socket).
 
+pub mod frames;
 pub mod hls;
 pub mod restream;
 pub mod ts;
+
+/// What this process's outputs publish over HTTP, per stream: HLS
+/// playlists and segments, thumbnails.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub hls: hls::HlsCatalog,
+    pub frames: frames::FrameCatalog,
+}
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -37,7 +47,7 @@ impl AuLog {
         // A full disk costs the log, not the stream.
         let (index, ts, digest, key) = (self.index, au.rtp_timestamp, au.content_digest(), au.keyframe as u8);
         let _ = match sender_time {
-            Some(t) => writeln!(self.out, "{index} {ts} {digest:016x} {key} {}", (t * 1e9).round() as i64),
+            Some(t) => writeln!(self.out, "{index} {ts} {digest:016x} {key} {}", crate::session::clock::unix_nanos(t)),
             None => writeln!(self.out, "{index} {ts} {digest:016x} {key} -"),
         };
         self.index += 1;

@@ -141,6 +141,13 @@ impl SenderClock {
     }
 }
 
+/// Nanoseconds since the UNIX epoch of `unix_seconds`, without the
+/// rounding a single multiplication by 1e9 would suffer at today's dates.
+pub fn unix_nanos(unix_seconds: f64) -> i64 {
+    let whole = unix_seconds.floor();
+    whole as i64 * 1_000_000_000 + ((unix_seconds - whole) * 1e9).round() as i64
+}
+
 /// `YYYY-MM-DDThh:mm:ss.sssZ` for seconds since the UNIX epoch (HLS
 /// `#EXT-X-PROGRAM-DATE-TIME`, RFC 3339).
 pub fn rfc3339(unix_seconds: f64) -> String {
