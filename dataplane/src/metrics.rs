@@ -86,6 +86,11 @@ pub struct WorkerLabels {
     pub worker: String,
 }
 
+/// 1 µs .. ~16 ms: work done on the receive thread per frame.
+fn short_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-6, 2.0, 15))
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~8 s
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -116,6 +121,8 @@ pub struct Metrics {
     frames_dropped: Family<ReasonLabels, Counter>,
     frames_skipped: Family<StreamLabels, Counter>,
     hls_segments: Family<StreamLabels, Counter>,
+    hls_segment_delay: Family<StreamLabels, Histogram, fn() -> Histogram>,
+    restream_send: Family<StreamLabels, Histogram, fn() -> Histogram>,
     frames_feed_dropped: Family<StreamLabels, Counter>,
     frames_feed_clients: Family<StreamLabels, Gauge>,
     sender_clock_offset: Family<StreamLabels, F64Gauge>,
@@ -184,6 +191,8 @@ impl Metrics {
             frames_dropped: Family::default(),
             frames_skipped: Family::default(),
             hls_segments: Family::default(),
+            hls_segment_delay: Family::new_with_constructor(latency_histogram),
+            restream_send: Family::new_with_constructor(short_histogram),
             frames_feed_dropped: Family::default(),
             frames_feed_clients: Family::default(),
             sender_clock_offset: Family::default(),
@@ -319,6 +328,18 @@ impl Metrics {
             "sender_clock_drift_ppm",
             "How fast the sender's clock runs against ours, parts per million (positive: fast), fitted over the last minute of reports",
             m.sender_clock_drift.clone(),
+        );
+        r.register_with_unit(
+            "hls_segment_delay",
+            "From the arrival of a segment's first packet to the segment's publication: how far behind the live edge the newest segment starts",
+            Unit::Seconds,
+            m.hls_segment_delay.clone(),
+        );
+        r.register_with_unit(
+            "restream_send",
+            "Time to packetise one frame and send it to every restream destination",
+            Unit::Seconds,
+            m.restream_send.clone(),
         );
         r.register(
             "frames_feed_dropped",
@@ -481,6 +502,8 @@ impl Metrics {
             kernel_drops_total: handle(&self.kernel_drops_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
             hls_segments: handle(&self.hls_segments, &l),
+            hls_segment_delay: handle(&self.hls_segment_delay, &l),
+            restream_send: handle(&self.restream_send, &l),
             frames: crate::output::frames::FrameCounters {
                 feed_dropped: handle(&self.frames_feed_dropped, &l),
                 feed_clients: handle(&self.frames_feed_clients, &l),
@@ -556,6 +579,8 @@ pub struct StreamMetrics {
     pub kernel_drops_total: Counter,
     pub frames_skipped: Counter,
     pub hls_segments: Counter,
+    pub hls_segment_delay: Histogram,
+    pub restream_send: Histogram,
     pub frames: crate::output::frames::FrameCounters,
     pub sender_clock_offset: F64Gauge,
     pub sender_clock_drift: F64Gauge,

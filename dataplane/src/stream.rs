@@ -236,7 +236,8 @@ impl Stream {
                 cfg.clock_rate,
                 settings,
                 metrics.hls_segments.clone(),
-            )),
+            )
+            .with_delay_histogram(metrics.hls_segment_delay.clone())),
             _ => None,
         };
         let restream = match &cfg.restream {
@@ -706,10 +707,12 @@ impl Stream {
                         log.write(&au, sender_time);
                     }
                     if let Some(hls) = &mut self.hls {
-                        hls.push(&au.data, ts, au.keyframe, sender_time);
+                        hls.push(&au.data, ts, au.keyframe, sender_time, au.first_arrival);
                     }
                     if let Some(r) = &mut self.restream {
+                        let started = Instant::now();
                         r.push(&au.data, ts, now);
+                        StreamMetrics::observe(&self.metrics.restream_send, started.elapsed());
                     }
                     let pts_ns = (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;
                     let queued = match &mut self.decoder {

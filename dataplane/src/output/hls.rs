@@ -23,9 +23,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use zerodrop_core::Codec;
 
 use super::ts::{TIMESTAMP_ORIGIN, TsMuxer};
@@ -239,6 +240,8 @@ impl HlsCatalog {
 /// The segment being written.
 struct OpenSegment {
     start: i64,
+    /// When the first packet of its first frame arrived.
+    first_arrival: Instant,
     program_date_time: Option<f64>,
     last: i64,
     frames: u32,
@@ -258,6 +261,8 @@ pub struct HlsWriter {
     frame_ticks: i64,
     discontinuity_next: bool,
     segments: Counter,
+    /// From a segment's first packet to its publication.
+    delay: Option<Histogram>,
     frames_skipped: u64,
 }
 
@@ -277,15 +282,22 @@ impl HlsWriter {
             // A restarted stream continues a playlist that has segments.
             discontinuity_next: has_segments,
             segments,
+            delay: None,
             frames_skipped: 0,
         }
+    }
+
+    /// Observes each segment's delay (`zerodrop_hls_segment_delay_seconds`).
+    pub fn with_delay_histogram(mut self, delay: Histogram) -> Self {
+        self.delay = Some(delay);
+        self
     }
 
     /// One access unit (Annex B) at `ts`, the stream's extended RTP
     /// timestamp, captured at `sender_time` by the sender's clock (when
     /// known). Units before the first keyframe have nothing to decode from
     /// and are left out.
-    pub fn push(&mut self, annexb: &[u8], ts: i64, keyframe: bool, sender_time: Option<f64>) {
+    pub fn push(&mut self, annexb: &[u8], ts: i64, keyframe: bool, sender_time: Option<f64>, first_arrival: Instant) {
         if let Some(open) = &self.open {
             if ts > open.last {
                 self.frame_ticks = ts - open.last;
@@ -305,7 +317,7 @@ impl HlsWriter {
                 return;
             }
             let discontinuity = std::mem::take(&mut self.discontinuity_next);
-            self.open = Some(OpenSegment { start: ts, program_date_time: sender_time, last: ts, frames: 0, discontinuity, data });
+            self.open = Some(OpenSegment { start: ts, first_arrival, program_date_time: sender_time, last: ts, frames: 0, discontinuity, data });
         }
         let pts = TIMESTAMP_ORIGIN + (ts.max(0) as i128 * TS_CLOCK as i128 / self.clock_rate as i128) as u64;
         let Some(open) = &mut self.open else { return };
@@ -351,6 +363,9 @@ impl HlsWriter {
         let duration = (end - open.start).max(0) as f64 / self.clock_rate as f64;
         self.playlist.publish(duration, open.frames, open.discontinuity, open.program_date_time, open.data);
         self.segments.inc();
+        if let Some(h) = &self.delay {
+            h.observe(open.first_arrival.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -371,7 +386,7 @@ mod tests {
         for i in from..to {
             let key = i % gop == 0;
             let nal = if key { [0, 0, 0, 1, 0x65, i as u8] } else { [0, 0, 0, 1, 0x41, i as u8] };
-            w.push(&nal, i * 3000, key, Some(1_800_000_000.0 + i as f64 / 30.0));
+            w.push(&nal, i * 3000, key, Some(1_800_000_000.0 + i as f64 / 30.0), Instant::now());
         }
     }
 
