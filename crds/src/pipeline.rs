@@ -292,6 +292,13 @@ pub struct SourceOutputs {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub restream: Vec<RestreamTarget>,
+    /// The UDP port the restream sends from, and on which it hears its receivers' RTCP (a
+    /// picture loss indication from a receiver that joined mid-GOP asks the source for a
+    /// keyframe at once). Defaults to any free port; set it when a firewall must let the
+    /// receivers' RTCP back in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub restream_local_port: Option<u16>,
 }
 
 /// One destination of a restream.

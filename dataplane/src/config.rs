@@ -110,7 +110,10 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                 payload_type: t.payload_type.unwrap_or(source.payload_type),
             });
         }
-        let restream = (!destinations.is_empty()).then_some(crate::output::restream::RestreamSettings { destinations });
+        let restream = (!destinations.is_empty()).then(|| crate::output::restream::RestreamSettings {
+            destinations,
+            local_port: source.outputs.as_ref().and_then(|o| o.restream_local_port),
+        });
         out.push(SourceConfig {
             pipeline: name.clone(),
             name: source.name.clone(),

@@ -128,6 +128,7 @@ pub struct Metrics {
     sender_clock_offset: Family<StreamLabels, F64Gauge>,
     sender_clock_drift: Family<StreamLabels, F64Gauge>,
     restream_packets_sent: Family<StreamLabels, Counter>,
+    restream_keyframe_requests: Family<StreamLabels, Counter>,
     restream_send_errors: Family<StreamLabels, Counter>,
     gop_interval: Family<StreamLabels, F64Gauge>,
     join_to_first_frame: Family<StreamLabels, F64Gauge>,
@@ -198,6 +199,7 @@ impl Metrics {
             sender_clock_offset: Family::default(),
             sender_clock_drift: Family::default(),
             restream_packets_sent: Family::default(),
+            restream_keyframe_requests: Family::default(),
             restream_send_errors: Family::default(),
             gop_interval: Family::default(),
             join_to_first_frame: Family::default(),
@@ -357,6 +359,11 @@ impl Metrics {
             m.restream_packets_sent.clone(),
         );
         r.register(
+            "restream_keyframe_requests",
+            "Keyframe requests (PLI, FIR) from the restream's receivers, each passed on to the source at once",
+            m.restream_keyframe_requests.clone(),
+        );
+        r.register(
             "restream_send_errors",
             "Restream RTP and RTCP packets the kernel did not take (buffer full, no route)",
             m.restream_send_errors.clone(),
@@ -513,6 +520,7 @@ impl Metrics {
             restream: crate::output::restream::RestreamCounters {
                 packets_sent: handle(&self.restream_packets_sent, &l),
                 send_errors: handle(&self.restream_send_errors, &l),
+                keyframe_requests: handle(&self.restream_keyframe_requests, &l),
             },
             gop_interval: handle(&self.gop_interval, &l),
             join_to_first_frame: handle(&self.join_to_first_frame, &l),

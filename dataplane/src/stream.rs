@@ -396,6 +396,24 @@ impl Stream {
         wake
     }
 
+    /// The restream's socket, if the source is restreamed: its receivers'
+    /// RTCP comes in on it.
+    pub fn restream_socket(&self) -> Option<&std::net::UdpSocket> {
+        self.restream.as_ref().map(Restream::socket)
+    }
+
+    /// The restream's socket is readable: a receiver that asks for a
+    /// keyframe (one that joined mid-GOP) gets the source asked at once,
+    /// not after the usual pacing of our own requests.
+    pub fn on_restream_readable(&mut self) {
+        if let Some(r) = &mut self.restream
+            && r.read_feedback()
+        {
+            self.keyframe_wanted = true;
+            self.session.allow_keyframe_request();
+        }
+    }
+
     /// Asks the sender to send at most `bitrate_bps` (TMMBR, RFC 5104),
     /// again every second until its TMMBN acknowledges it.
     pub fn request_bitrate(&mut self, bitrate_bps: u64, now: Instant) {

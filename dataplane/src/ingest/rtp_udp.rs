@@ -20,6 +20,8 @@ pub enum SocketRole {
     Rtcp,
     /// The n-th FEC socket (ST 2022-1: 0 = column, 1 = row).
     Fec(u8),
+    /// The restream's socket: RTCP from the restream's receivers.
+    Restream,
 }
 
 /// RTCP sockets get a small receive buffer: a few compounds a second.
@@ -79,6 +81,7 @@ impl UdpSource {
         std::iter::once((self.rtp_socket.as_raw_fd(), SocketRole::Rtp))
             .chain(self.rtcp_socket.as_ref().map(|s| (s.as_raw_fd(), SocketRole::Rtcp)))
             .chain(self.fec_sockets.iter().enumerate().map(|(i, s)| (s.as_raw_fd(), SocketRole::Fec(i as u8))))
+            .chain(self.stream.restream_socket().map(|s| (s.as_raw_fd(), SocketRole::Restream)))
     }
 
     /// Reads what is queued on one socket, at most `max_batches` batches (the
@@ -86,6 +89,10 @@ impl UdpSource {
     /// others sharing the thread). Returns whether more may be queued.
     pub fn on_readable(&mut self, role: SocketRole, batch: &mut RecvBatch, max_batches: usize) -> std::io::Result<bool> {
         let socket = match role {
+            SocketRole::Restream => {
+                self.stream.on_restream_readable();
+                return Ok(false);
+            }
             SocketRole::Rtp => &self.rtp_socket,
             SocketRole::Rtcp => match &self.rtcp_socket {
                 Some(s) => s,
@@ -123,6 +130,7 @@ impl UdpSource {
                         self.stream.handle_fec(batch.datagram(i));
                     }
                 }
+                SocketRole::Restream => {}
             }
             if n < batch.capacity() {
                 more = false;

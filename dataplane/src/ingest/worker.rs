@@ -68,6 +68,7 @@ fn token(slot: usize, role: SocketRole) -> u64 {
         SocketRole::Rtp => 0,
         SocketRole::Rtcp => 1,
         SocketRole::Fec(i) => 2 + i as u64,
+        SocketRole::Restream => 0xff,
     };
     (slot as u64) << 8 | role
 }
@@ -76,6 +77,7 @@ fn untoken(t: u64) -> (usize, SocketRole) {
     let role = match t & 0xff {
         0 => SocketRole::Rtp,
         1 => SocketRole::Rtcp,
+        0xff => SocketRole::Restream,
         r => SocketRole::Fec((r - 2) as u8),
     };
     ((t >> 8) as usize, role)

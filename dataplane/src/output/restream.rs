@@ -45,6 +45,8 @@ pub struct RestreamDestination {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestreamSettings {
     pub destinations: Vec<RestreamDestination>,
+    /// The port the restream sends from and hears RTCP on (any when unset).
+    pub local_port: Option<u16>,
 }
 
 /// Cuts access units into RTP packets of one SSRC.
@@ -139,6 +141,8 @@ impl Packetizer {
 pub struct RestreamCounters {
     pub packets_sent: Counter,
     pub send_errors: Counter,
+    /// Keyframe requests (PLI, FIR) from the restream's receivers.
+    pub keyframe_requests: Counter,
 }
 
 /// One source's restream.
@@ -163,9 +167,10 @@ pub struct Restream {
 impl Restream {
     /// Binds a UDP socket of its own (any port) for `settings`.
     pub fn open(settings: &RestreamSettings, codec: Codec, clock_rate: u32, cname: String, counters: RestreamCounters, now: Instant) -> std::io::Result<Self> {
+        let port = settings.local_port.unwrap_or(0);
         let any: SocketAddr = match settings.destinations.first() {
-            Some(d) if d.rtp.is_ipv6() => "[::]:0".parse().expect("literal"),
-            _ => "0.0.0.0:0".parse().expect("literal"),
+            Some(d) if d.rtp.is_ipv6() => SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
+            _ => SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
         };
         let socket = UdpSocket::bind(any)?;
         socket.set_nonblocking(true)?;
@@ -190,6 +195,39 @@ impl Restream {
     /// The address the restream sends from.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// The socket, for the ingest's poll set: its receivers' RTCP comes in
+    /// on it.
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// Reads the receivers' RTCP queued on the socket. True when one asked
+    /// for a keyframe (PLI or FIR: a receiver that joined mid-GOP, or lost
+    /// one): the caller asks the source for one at once, so the receiver
+    /// need not wait for the next periodic keyframe. Malformed compounds
+    /// are ignored.
+    pub fn read_feedback(&mut self) -> bool {
+        let mut buf = [0u8; 1500];
+        let mut events = Vec::new();
+        let mut wanted = false;
+        for _ in 0..64 {
+            let Ok((n, _)) = self.socket.recv_from(&mut buf) else { break };
+            events.clear();
+            if rtp::parse_rtcp(&buf[..n], &mut events).is_err() {
+                continue;
+            }
+            for e in &events {
+                if let rtp::RtcpEvent::Pli { media_ssrc } | rtp::RtcpEvent::Fir { media_ssrc } = e
+                    && (*media_ssrc == self.ssrc || *media_ssrc == 0)
+                {
+                    self.counters.keyframe_requests.inc();
+                    wanted = true;
+                }
+            }
+        }
+        wanted
     }
 
     /// Sends one whole access unit; `ts` is the stream's extended RTP
@@ -347,6 +385,7 @@ mod tests {
                 RestreamDestination { rtp: a.local_addr().unwrap(), rtcp: rtcp.local_addr().unwrap(), payload_type: 100 },
                 RestreamDestination { rtp: b.local_addr().unwrap(), rtcp: rtcp.local_addr().unwrap(), payload_type: 101 },
             ],
+            local_port: None,
         };
         let t0 = Instant::now();
         let counters = RestreamCounters::default();
@@ -373,5 +412,33 @@ mod tests {
         let reports: Vec<_> =
             events.iter().filter_map(|e| match e { rtp::RtcpEvent::SenderReport { packet_count, .. } => Some(*packet_count), _ => None }).collect();
         assert_eq!(reports, vec![2, 2], "one report per destination, counting the packets of the stream");
+
+        // A receiver's picture loss indication about our SSRC asks for a
+        // keyframe; one about another SSRC, or garbage, does not.
+        let to = SocketAddr::from(([127, 0, 0, 1], r.local_addr().unwrap().port()));
+        let pli = |ssrc: u32| {
+            let mut out = Vec::new();
+            let fb = rtp::ReceiverFeedback { report: None, nacks: &[], pli: true, media_ssrc: ssrc, rrtr_ntp: None, tmmbr_bps: None };
+            rtp::write_receiver_rtcp(0x1111, "viewer", &fb, &mut out).unwrap();
+            out
+        };
+        rtcp.send_to(&pli(r.ssrc ^ 1), to).unwrap();
+        rtcp.send_to(b"garbage", to).unwrap();
+        assert!(!wait_feedback(&mut r, Duration::from_millis(200)), "not about our stream");
+        rtcp.send_to(&pli(r.ssrc), to).unwrap();
+        assert!(wait_feedback(&mut r, Duration::from_secs(2)), "a keyframe is wanted");
+        assert_eq!(counters.keyframe_requests.get(), 1);
+    }
+
+    /// Whether feedback asking for a keyframe is read within `within`.
+    fn wait_feedback(r: &mut Restream, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if r.read_feedback() {
+                return true;
+            }
+            std::thread::park_timeout(Duration::from_millis(5));
+        }
+        false
     }
 }

@@ -21,8 +21,19 @@
 //! one frame), `zerodrop_frame_latency_seconds` (first packet to decoded
 //! frame, which the frames output hands on).
 //!
+//! Then **fast start**: one stream from `zerodrop send` (a live x264
+//! encoder with a 5 s GOP that answers PLI with a keyframe) restreamed and
+//! served as HLS; 20 times each, at seeded random moments:
+//! - a restream receiver joins (binds the destination port) and, as an AVPF
+//!   receiver does, sends a PLI once it knows the stream's SSRC; the time
+//!   from joining to the first packet of a keyframe is its join-to-first-
+//!   frame. Baseline: the same receiver sending no PLI, which waits for the
+//!   sender's next periodic keyframe.
+//! - an HLS viewer fetches the playlist and the newest segment (which starts
+//!   with a keyframe): the time until it holds it.
+//!
 //! ```text
-//! cargo run --release -p zerodrop-e2e --bin bench-outputs -- [--streams 8] [--seconds 20]
+//! cargo run --release -p zerodrop-e2e --bin bench-outputs -- [--streams 8] [--seconds 20] [--joins 20]
 //! ```
 //! Results: `results/outputs-benchmark.json` and a table in BENCHMARKS.md.
 
@@ -59,6 +70,9 @@ struct Args {
     seconds: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Joins per fast-start case.
+    #[arg(long, default_value_t = 20)]
+    joins: usize,
     /// Do not write the results file or BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
@@ -328,6 +342,139 @@ fn run_config(config: Config, args: &Args, clip: &Arc<Clip>) -> anyhow::Result<s
     Ok(result)
 }
 
+/// Whether an RTP packet (H.264) begins a keyframe: an SPS, or an IDR
+/// slice in a single NAL unit or the first fragment of an FU-A.
+fn starts_keyframe(packet: &[u8]) -> Option<u32> {
+    let p = zerodrop_dataplane::rtp::RtpPacket::parse(packet).ok()?;
+    let pl = p.payload();
+    let t = *pl.first()? & 0x1F;
+    let key = match t {
+        5 | 7 => true,
+        28 => pl.get(1).is_some_and(|h| h & 0x80 != 0 && h & 0x1F == 5),
+        24 => pl.get(3).is_some_and(|h| matches!(h & 0x1F, 5 | 7)),
+        _ => false,
+    };
+    key.then_some(p.ssrc())
+}
+
+/// One restream receiver joining at `port`: the time from binding it to the
+/// first packet of a keyframe, sending a PLI to `feedback` as soon as the
+/// stream's SSRC is known when `pli`.
+fn restream_join(port: u16, feedback: SocketAddr, pli: bool, timeout: Duration) -> anyhow::Result<Duration> {
+    let socket = UdpSocket::bind(("127.0.0.1", port)).with_context(|| format!("binding the restream destination {port}"))?;
+    let joined = Instant::now();
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut buf = [0u8; 2048];
+    let mut asked = false;
+    while joined.elapsed() < timeout {
+        let Ok(n) = socket.recv(&mut buf) else { continue };
+        if starts_keyframe(&buf[..n]).is_some() {
+            return Ok(joined.elapsed());
+        }
+        if pli && !asked && let Ok(p) = zerodrop_dataplane::rtp::RtpPacket::parse(&buf[..n]) {
+            let fb = zerodrop_dataplane::rtp::ReceiverFeedback {
+                report: None,
+                nacks: &[],
+                pli: true,
+                media_ssrc: p.ssrc(),
+                rrtr_ntp: None,
+                tmmbr_bps: None,
+            };
+            let mut out = Vec::new();
+            zerodrop_dataplane::rtp::write_receiver_rtcp(0x5eed, "bench-viewer", &fb, &mut out).map_err(|e| anyhow::anyhow!("{e}"))?;
+            socket.send_to(&out, feedback)?;
+            asked = true;
+        }
+    }
+    anyhow::bail!("no keyframe within {timeout:?}")
+}
+
+/// An HLS viewer starting now: the time to hold the playlist and its newest
+/// segment.
+fn hls_join(http: SocketAddr, dir: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let playlist = zerodrop_telemetry::get(http, &format!("{dir}/index.m3u8"))?;
+    anyhow::ensure!(playlist.status == 200, "playlist: HTTP {}", playlist.status);
+    let newest = playlist.body.lines().filter(|l| l.ends_with(".ts")).last().context("an empty playlist")?.to_string();
+    let segment = zerodrop_telemetry::fetch(http, &format!("{dir}/{newest}"))?;
+    anyhow::ensure!(segment.status == 200 && segment.body.first() == Some(&0x47), "segment {newest}: HTTP {}", segment.status);
+    Ok(started.elapsed())
+}
+
+fn distribution_ms(samples: &[Duration]) -> serde_json::Value {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    serde_json::json!({ "n": ms.len(), "min_ms": ms[0], "p50_ms": at(0.5), "p90_ms": at(0.9), "max_ms": ms[ms.len() - 1], "mean_ms": ms.iter().sum::<f64>() / ms.len() as f64, "samples_ms": ms })
+}
+
+/// Join-to-first-frame for restream receivers (with and without a PLI) and
+/// HLS viewers, on one live stream with a 5 s GOP.
+fn fast_start(args: &Args) -> anyhow::Result<serde_json::Value> {
+    use rand::{Rng, SeedableRng};
+    let ports = free_rtp_ports(2)?;
+    let (source, destination) = (ports[0], ports[1]);
+    let feedback_port = free_rtp_port_pair_hint(&ports)?;
+    let text = format!(
+        "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata:\n  name: join\nspec:\n  sources:\n    - name: cam\n      codec: h264\n      rtxPayloadType: 97\n      transport:\n        rtp: {{listenAddress: 127.0.0.1, port: {source}}}\n      outputs:\n        restream: [{{address: 127.0.0.1, port: {destination}}}]\n        restreamLocalPort: {feedback_port}\n  outputs:\n    hls: {{segmentSeconds: 2, windowSegments: 6}}\n"
+    );
+    let runner = RunnerProcess::start_with(&text, free_tcp_port()?, &["--no-decode"], false).context("starting zerodrop run for fast start")?;
+    let mut sender = std::process::Command::new(zerodrop_e2e::runner::zerodrop_bin())
+        .args(["send", "--dest", &format!("127.0.0.1:{source}"), "--codec", "h264", "--width", "640", "--height", "360"])
+        .args(["--fps", "30", "--key-int", "150", "--bitrate", "1500", "--frames", "100000", "--quiet"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("starting zerodrop send")?;
+    let feedback = SocketAddr::from(([127, 0, 0, 1], feedback_port));
+    let http = runner.metrics_addr;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let result = (|| -> anyhow::Result<serde_json::Value> {
+        // The HLS playlist needs its first segment: one GOP and a bit.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while zerodrop_telemetry::get(http, "/hls/join/cam/index.m3u8").map_or(true, |r| r.status != 200) {
+            anyhow::ensure!(Instant::now() < deadline, "no HLS playlist within 20 s");
+            std::thread::park_timeout(Duration::from_millis(100));
+        }
+        let mut cases = serde_json::Map::new();
+        for (name, pli) in [("restream_with_pli", true), ("restream_without_pli", false)] {
+            let mut samples = Vec::new();
+            for _ in 0..args.joins {
+                // A random moment in the GOP.
+                std::thread::park_timeout(Duration::from_secs_f64(rng.random_range(0.3..1.5)));
+                samples.push(restream_join(destination, feedback, pli, Duration::from_secs(10))?);
+            }
+            eprintln!("bench-outputs: fast start {name}: {:?}", distribution_ms(&samples)["p50_ms"]);
+            cases.insert(name.into(), distribution_ms(&samples));
+        }
+        let mut samples = Vec::new();
+        for _ in 0..args.joins {
+            std::thread::park_timeout(Duration::from_secs_f64(rng.random_range(0.3..1.5)));
+            samples.push(hls_join(http, "/hls/join/cam")?);
+        }
+        cases.insert("hls_newest_segment".into(), distribution_ms(&samples));
+        let metrics = runner.metrics()?;
+        cases.insert("restream_keyframe_requests".into(), metric_sum(&metrics, "zerodrop_restream_keyframe_requests_total").into());
+        cases.insert("hls_segment_delay_mean_s".into(), histogram_mean(&metrics, "zerodrop_hls_segment_delay_seconds").into());
+        cases.insert("gop_s".into(), 5.0.into());
+        Ok(cases.into())
+    })();
+    let _ = sender.kill();
+    let _ = sender.wait();
+    let _ = runner.stop();
+    result
+}
+
+/// A free UDP port that is none of `taken`.
+fn free_rtp_port_pair_hint(taken: &[u16]) -> anyhow::Result<u16> {
+    for _ in 0..32 {
+        let p = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        if !taken.iter().any(|&t| p == t || p == t + 1) {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!("no free UDP port")
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let root = results::workspace_root();
@@ -343,6 +490,7 @@ fn main() -> anyhow::Result<()> {
     for config in Config::ALL {
         runs.push((config, run_config(config, &args, &clip)?));
     }
+    let joins = fast_start(&args)?;
     let cpu_of = |c: Config| runs.iter().find(|(k, _)| *k == c).map_or(f64::NAN, |(_, r)| r["receiver_cpu_core_share"].as_f64().unwrap_or(f64::NAN));
     let receive = cpu_of(Config::Receive);
     let mut table = String::from(
@@ -379,6 +527,26 @@ fn main() -> anyhow::Result<()> {
         );
         outputs.push(r.clone());
     }
+    let case = |k: &str| &joins[k];
+    let row = |label: &str, k: &str| {
+        let c = case(k);
+        format!(
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            c["min_ms"].as_f64().unwrap_or(f64::NAN),
+            c["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            c["p90_ms"].as_f64().unwrap_or(f64::NAN),
+            c["max_ms"].as_f64().unwrap_or(f64::NAN),
+            c["mean_ms"].as_f64().unwrap_or(f64::NAN)
+        )
+    };
+    let _ = write!(
+        table,
+        "\n**Fast start**, {} joins each at random moments of a live 640×360 stream with a 5 s GOP (`zerodrop send`, which answers a PLI with a keyframe), join to first keyframe (ms):\n\n| viewer | min | p50 | p90 | max | mean |\n|---|---|---|---|---|---|\n{}{}{}",
+        args.joins,
+        row("restream receiver sending a PLI on joining (passed on to the source at once)", "restream_with_pli"),
+        row("restream receiver sending no PLI (baseline: the next periodic keyframe)", "restream_without_pli"),
+        row("HLS viewer: playlist and newest segment fetched", "hls_newest_segment"),
+    );
     print!("{table}");
     if args.no_write {
         return Ok(());
@@ -391,6 +559,7 @@ fn main() -> anyhow::Result<()> {
             "clip": clip.summary(encode_s),
         },
         "runs": outputs,
+        "fast_start": joins,
     });
     results::write_json(&root.join("results/outputs-benchmark.json"), &json)?;
     let section = format!(
