@@ -129,6 +129,7 @@ pub struct Metrics {
     sender_clock_drift: Family<StreamLabels, F64Gauge>,
     restream_packets_sent: Family<StreamLabels, Counter>,
     restream_keyframe_requests: Family<StreamLabels, Counter>,
+    restream_keyframe_delay: Family<StreamLabels, Histogram, fn() -> Histogram>,
     restream_send_errors: Family<StreamLabels, Counter>,
     gop_interval: Family<StreamLabels, F64Gauge>,
     join_to_first_frame: Family<StreamLabels, F64Gauge>,
@@ -200,6 +201,7 @@ impl Metrics {
             sender_clock_drift: Family::default(),
             restream_packets_sent: Family::default(),
             restream_keyframe_requests: Family::default(),
+            restream_keyframe_delay: Family::new_with_constructor(latency_histogram),
             restream_send_errors: Family::default(),
             gop_interval: Family::default(),
             join_to_first_frame: Family::default(),
@@ -363,6 +365,12 @@ impl Metrics {
             "Keyframe requests (PLI, FIR) from the restream's receivers, each passed on to the source at once",
             m.restream_keyframe_requests.clone(),
         );
+        r.register_with_unit(
+            "restream_keyframe_delay",
+            "From a restream receiver's keyframe request to the first keyframe sent after it (a joining receiver's wait for its first picture, on our side)",
+            Unit::Seconds,
+            m.restream_keyframe_delay.clone(),
+        );
         r.register(
             "restream_send_errors",
             "Restream RTP and RTCP packets the kernel did not take (buffer full, no route)",
@@ -521,6 +529,7 @@ impl Metrics {
                 packets_sent: handle(&self.restream_packets_sent, &l),
                 send_errors: handle(&self.restream_send_errors, &l),
                 keyframe_requests: handle(&self.restream_keyframe_requests, &l),
+                keyframe_delay: handle(&self.restream_keyframe_delay, &l),
             },
             gop_interval: handle(&self.gop_interval, &l),
             join_to_first_frame: handle(&self.join_to_first_frame, &l),

@@ -729,7 +729,7 @@ impl Stream {
                     }
                     if let Some(r) = &mut self.restream {
                         let started = Instant::now();
-                        r.push(&au.data, ts, now);
+                        r.push(&au.data, ts, au.keyframe, now);
                         StreamMetrics::observe(&self.metrics.restream_send, started.elapsed());
                     }
                     let pts_ns = (ts.max(0) as u128 * 1_000_000_000 / self.cfg.clock_rate as u128) as u64;

@@ -19,8 +19,8 @@ use zerodrop_telemetry::fetch;
 
 const FRAMES: u32 = 300;
 
-fn manifest(port: u16) -> String {
-    zerodrop_e2e::single_source_manifest("live", "h264", port, 400, 15)
+fn manifest(port: u16, codec: &str) -> String {
+    zerodrop_e2e::single_source_manifest("live", codec, port, 400, 15)
         + "  outputs:\n    hls:\n      segmentSeconds: 1\n      windowSegments: 30\n"
 }
 
@@ -105,12 +105,12 @@ fn read_as_fast_as_possible(addr: SocketAddr, path: &str, stop: &AtomicBool) -> 
 }
 
 /// Frames GStreamer's own HLS client decodes from `url`, to the end.
-fn frames_decoded_by_gstreamer_hlsdemux(url: &str) -> u64 {
+fn frames_decoded_by_gstreamer_hlsdemux(url: &str, codec: &str) -> u64 {
     gst::init().unwrap();
     let pipeline = gst::parse::launch(&format!(
-        "souphttpsrc location={url} ! hlsdemux ! tsdemux ! h264parse ! avdec_h264 ! fakesink name=sink sync=false signal-handoffs=true"
+        "souphttpsrc location={url} ! hlsdemux ! tsdemux ! {codec}parse ! avdec_{codec} ! fakesink name=sink sync=false signal-handoffs=true"
     ))
-    .expect("GStreamer has souphttpsrc, hlsdemux, tsdemux, h264parse and avdec_h264")
+    .expect("GStreamer has souphttpsrc, hlsdemux, tsdemux, the parser and the libav decoder")
     .downcast::<gst::Pipeline>()
     .unwrap();
     let frames = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -134,8 +134,16 @@ fn frames_decoded_by_gstreamer_hlsdemux(url: &str) -> u64 {
 
 #[test]
 fn a_repaired_stream_plays_as_hls_in_ffmpeg_and_gstreamer_with_every_frame_and_no_partial_segment() {
-    let port = 25304;
-    let runner = RunnerProcess::start(&manifest(port), 25390, &[]).expect("runner starts");
+    plays_as_hls("h264", 25304, 25390);
+}
+
+#[test]
+fn an_h265_stream_plays_as_hls_too() {
+    plays_as_hls("h265", 25324, 25391);
+}
+
+fn plays_as_hls(codec: &str, port: u16, metrics_port: u16) {
+    let runner = RunnerProcess::start(&manifest(port, codec), metrics_port, &[]).expect("runner starts");
     let addr = runner.metrics_addr;
     let path = "/hls/live/cam/index.m3u8";
     let url = format!("http://{addr}{path}");
@@ -149,7 +157,7 @@ fn a_repaired_stream_plays_as_hls_in_ffmpeg_and_gstreamer_with_every_frame_and_n
     // lost on the way (repaired by NACK/RTX). The sender ends with an RTCP
     // BYE, which closes the playlist.
     let status = Command::new(zerodrop_bin())
-        .args(["send", "--dest", &format!("127.0.0.1:{port}"), "--codec", "h264"])
+        .args(["send", "--dest", &format!("127.0.0.1:{port}"), "--codec", codec])
         .args(["--width", "640", "--height", "360", "--fps", "30", "--key-int", "30", "--bitrate", "1500"])
         .args(["--frames", &FRAMES.to_string(), "--loss", "uniform:0.03", "--seed", "11", "--quiet", "--linger-ms", "1000"])
         .stdin(Stdio::null())
@@ -190,7 +198,8 @@ fn a_repaired_stream_plays_as_hls_in_ffmpeg_and_gstreamer_with_every_frame_and_n
     let probe_err = String::from_utf8_lossy(&probe.stderr).into_owned();
     eprintln!("ffprobe:\n{probed}{probe_err}");
     assert!(probe.status.success() && probe_err.trim().is_empty(), "ffprobe reported errors: {probe_err}");
-    assert!(probed.contains("codec_name=h264\nwidth=640\nheight=360\n"), "{probed}");
+    let ffmpeg_codec = if codec == "h265" { "hevc" } else { "h264" };
+    assert!(probed.contains(&format!("codec_name={ffmpeg_codec}\nwidth=640\nheight=360\n")), "{probed}");
     assert!(probed.contains(&format!("nb_read_frames={FRAMES}\n")), "ffprobe decoded every frame sent: {probed}");
 
     // ffmpeg reads the playlist and every segment without a complaint.
@@ -202,7 +211,7 @@ fn a_repaired_stream_plays_as_hls_in_ffmpeg_and_gstreamer_with_every_frame_and_n
     assert!(ffmpeg.status.success() && ffmpeg_err.trim().is_empty(), "ffmpeg reported errors: {ffmpeg_err}");
 
     // GStreamer's own HLS client plays it too.
-    assert_eq!(frames_decoded_by_gstreamer_hlsdemux(&url), FRAMES as u64, "hlsdemux decoded every frame sent");
+    assert_eq!(frames_decoded_by_gstreamer_hlsdemux(&url, codec), FRAMES as u64, "hlsdemux decoded every frame sent");
 
     let metrics = runner.metrics().unwrap();
     let segments = metric_value(&metrics, "zerodrop_hls_segments_total", &["stream=\"cam\""]).unwrap();

@@ -252,6 +252,10 @@ fn pod_spec(sp: &StreamPipeline, name: &str, settings: &BuildSettings) -> PodSpe
             ports.push(ContainerPort { container_port: port as i32, protocol: Some("UDP".into()), ..Default::default() });
         }
     }
+    // A restream's fixed port, on which its receivers' RTCP comes back.
+    for port in sp.spec.sources.iter().filter_map(|s| s.outputs.as_ref()?.restream_local_port) {
+        ports.push(ContainerPort { container_port: i32::from(port), protocol: Some("UDP".into()), ..Default::default() });
+    }
     let resources = sp.spec.resources.as_ref().map(|r| ResourceRequirements {
         requests: quantities(&r.requests),
         limits: quantities(&r.limits),
@@ -453,5 +457,19 @@ spec:
             .map(|p| (p.name.clone().unwrap(), p.port))
             .collect();
         assert_eq!(service, [("rtp".into(), 5004), ("rtcp".into(), 5005), ("fec-0".into(), 5006), ("fec-1".into(), 5008)]);
+    }
+
+    #[test]
+    fn a_restreams_fixed_port_is_declared_on_the_pod() {
+        let sp: StreamPipeline = serde_yaml::from_str(
+            "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {name: relay, namespace: video, uid: 1}\n\
+             spec:\n  sources:\n    - {name: studio, codec: h264, transport: {rtp: {port: 5004}}, outputs: {restream: [{address: 10.0.0.7, port: 6004}], restreamLocalPort: 7004}}\n",
+        )
+        .unwrap();
+        let d = build(&sp, &settings()).unwrap();
+        let pod = d.statefulset.spec.unwrap().template.spec.unwrap();
+        let udp: Vec<i32> =
+            pod.containers[0].ports.iter().flatten().filter(|p| p.protocol.as_deref() == Some("UDP")).map(|p| p.container_port).collect();
+        assert_eq!(udp, [5004, 5005, 7004]);
     }
 }

@@ -89,7 +89,13 @@ fn serve(server: &tiny_http::Server, handler: &dyn Fn(&str) -> Reply) {
                 let len = body.len();
                 let response = tiny_http::Response::new(
                     tiny_http::StatusCode(200),
-                    vec![header("Content-Type", content_type), header("Cache-Control", cache_control)],
+                    // Media for players: a web page on another origin
+                    // (hls.js, a dashboard's thumbnails) may fetch it.
+                    vec![
+                        header("Content-Type", content_type),
+                        header("Cache-Control", cache_control),
+                        header("Access-Control-Allow-Origin", "*"),
+                    ],
                     std::io::Cursor::new(body),
                     Some(len),
                     None,
@@ -185,6 +191,7 @@ mod tests {
         let body = fetch(addr, "/body").unwrap();
         assert_eq!((body.status, body.header("content-type"), body.header("cache-control")), (200, Some("video/mp2t"), Some("max-age=60")));
         assert_eq!(body.body, vec![0x47, 0, 0xFF]);
+        assert_eq!(body.header("access-control-allow-origin"), Some("*"), "players on other origins may fetch media");
         assert_eq!((missing.status, missing.body.as_str()), (404, "not found: try /metrics\n"));
     }
 

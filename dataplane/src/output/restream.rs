@@ -21,6 +21,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use rtp_types::RtpPacketBuilder;
 use zerodrop_core::Codec;
 
@@ -137,12 +138,29 @@ impl Packetizer {
 }
 
 /// Counters a restream reports into.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RestreamCounters {
     pub packets_sent: Counter,
     pub send_errors: Counter,
     /// Keyframe requests (PLI, FIR) from the restream's receivers.
     pub keyframe_requests: Counter,
+    /// From a receiver's keyframe request to the first keyframe sent after
+    /// it: the restream's part of a joining receiver's wait for its first
+    /// picture.
+    pub keyframe_delay: Histogram,
+}
+
+impl Default for RestreamCounters {
+    /// Counters of their own (tests); the data plane hands out the
+    /// registry's.
+    fn default() -> Self {
+        Self {
+            packets_sent: Counter::default(),
+            send_errors: Counter::default(),
+            keyframe_requests: Counter::default(),
+            keyframe_delay: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14)),
+        }
+    }
 }
 
 /// One source's restream.
@@ -162,6 +180,8 @@ pub struct Restream {
     next_report: Instant,
     rtcp: Vec<u8>,
     counters: RestreamCounters,
+    /// The first keyframe request not yet answered by a keyframe.
+    keyframe_asked: Option<Instant>,
 }
 
 impl Restream {
@@ -189,6 +209,7 @@ impl Restream {
             next_report: now,
             rtcp: Vec::with_capacity(256),
             counters,
+            keyframe_asked: None,
         })
     }
 
@@ -223,6 +244,7 @@ impl Restream {
                     && (*media_ssrc == self.ssrc || *media_ssrc == 0)
                 {
                     self.counters.keyframe_requests.inc();
+                    self.keyframe_asked.get_or_insert_with(Instant::now);
                     wanted = true;
                 }
             }
@@ -232,7 +254,10 @@ impl Restream {
 
     /// Sends one whole access unit; `ts` is the stream's extended RTP
     /// timestamp.
-    pub fn push(&mut self, annexb: &[u8], ts: i64, now: Instant) {
+    pub fn push(&mut self, annexb: &[u8], ts: i64, keyframe: bool, now: Instant) {
+        if keyframe && let Some(asked) = self.keyframe_asked.take() {
+            self.counters.keyframe_delay.observe(now.saturating_duration_since(asked).as_secs_f64());
+        }
         let timestamp = self.timestamp_offset.wrapping_add(ts as u32);
         let Self { packetizer, socket, destinations, counters, packets, octets, .. } = self;
         packetizer.packetize(annexb, timestamp, |packet| {
@@ -390,8 +415,8 @@ mod tests {
         let t0 = Instant::now();
         let counters = RestreamCounters::default();
         let mut r = Restream::open(&settings, Codec::H264, 90_000, "test".into(), counters.clone(), t0).unwrap();
-        r.push(&[0, 0, 0, 1, 0x65, 1, 2, 3], 0, t0);
-        r.push(&[0, 0, 0, 1, 0x41, 4, 5], 3000, t0);
+        r.push(&[0, 0, 0, 1, 0x65, 1, 2, 3], 0, true, t0);
+        r.push(&[0, 0, 0, 1, 0x41, 4, 5], 3000, false, t0);
         let mut buf = [0u8; 2000];
         for (s, pt) in [(&a, 100), (&b, 101)] {
             let n = s.recv(&mut buf).unwrap();
@@ -428,6 +453,14 @@ mod tests {
         rtcp.send_to(&pli(r.ssrc), to).unwrap();
         assert!(wait_feedback(&mut r, Duration::from_secs(2)), "a keyframe is wanted");
         assert_eq!(counters.keyframe_requests.get(), 1);
+        r.push(&[0, 0, 0, 1, 0x41, 6], 6000, false, Instant::now());
+        r.push(&[0, 0, 0, 1, 0x65, 7], 9000, true, Instant::now());
+        r.push(&[0, 0, 0, 1, 0x65, 8], 12000, true, Instant::now());
+        let mut text = String::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("delay", "d", counters.keyframe_delay.clone());
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("delay_count 1\n"), "one request, answered by the first keyframe after it: {text}");
     }
 
     /// Whether feedback asking for a keyframe is read within `within`.

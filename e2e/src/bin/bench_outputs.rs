@@ -459,6 +459,7 @@ fn fast_start(args: &Args) -> anyhow::Result<serde_json::Value> {
         cases.insert("hls_newest_segment".into(), distribution_ms(&samples));
         let metrics = runner.metrics()?;
         cases.insert("restream_keyframe_requests".into(), metric_sum(&metrics, "zerodrop_restream_keyframe_requests_total").into());
+        cases.insert("restream_keyframe_delay_mean_s".into(), histogram_mean(&metrics, "zerodrop_restream_keyframe_delay_seconds").into());
         cases.insert("hls_segment_delay_mean_s".into(), histogram_mean(&metrics, "zerodrop_hls_segment_delay_seconds").into());
         cases.insert("gop_s".into(), GOP_S.into());
         Ok(cases.into())
