@@ -119,13 +119,17 @@ fn sender_sends_one_rtp_timestamp_per_frame_and_answers_nack_with_original_paylo
     }
     assert!(srs >= 1, "no sender report received");
 
-    // One digest line per frame, keyed by the frame's RTP timestamp.
+    // One digest line per frame, keyed by the frame's RTP timestamp, with
+    // the sender's clock when it went out.
     let text = std::fs::read_to_string(&hashes).unwrap();
     std::fs::remove_file(&hashes).ok();
     let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
     assert_eq!(lines.len(), 60);
     for (i, fields) in lines.iter().enumerate() {
-        assert_eq!(fields.len(), 4, "{fields:?}");
+        assert_eq!(fields.len(), 5, "{fields:?}");
+        let sent_ns: u128 = fields[4].parse().unwrap();
+        let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        assert!(sent_ns <= now_ns && now_ns - sent_ns < 60_000_000_000, "sent within the last minute: {sent_ns}");
         assert_eq!(fields[0], i.to_string());
         assert!(timestamps.contains(&fields[1].parse::<u32>().unwrap()));
         assert_eq!(fields[2].len(), 16);

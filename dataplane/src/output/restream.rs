@@ -59,6 +59,9 @@ pub struct Packetizer {
     max_payload: usize,
     payload: Vec<u8>,
     packet: Vec<u8>,
+    /// The NAL units of the unit being packetised, as ranges (reused: no
+    /// allocation per frame).
+    nals: Vec<std::ops::Range<usize>>,
 }
 
 impl Packetizer {
@@ -71,6 +74,7 @@ impl Packetizer {
             max_payload: max_payload.max(16),
             payload: Vec::with_capacity(max_payload),
             packet: Vec::with_capacity(max_payload + 12),
+            nals: Vec::with_capacity(16),
         }
     }
 
@@ -82,8 +86,16 @@ impl Packetizer {
     /// Hands each RTP packet of the access unit (Annex B) to `emit`, in
     /// order; the last carries the marker bit.
     pub fn packetize(&mut self, annexb: &[u8], timestamp: u32, mut emit: impl FnMut(&[u8])) {
-        let nals: Vec<&[u8]> = crate::depay::au::annexb_nal_units(annexb).filter(|n| n.len() > self.header_len()).collect();
-        for (i, nal) in nals.iter().enumerate() {
+        let h = self.header_len();
+        let mut nals = std::mem::take(&mut self.nals);
+        nals.clear();
+        let base = annexb.as_ptr() as usize;
+        nals.extend(crate::depay::au::annexb_nal_units(annexb).filter(|n| n.len() > h).map(|n| {
+            let start = n.as_ptr() as usize - base;
+            start..start + n.len()
+        }));
+        for (i, range) in nals.iter().enumerate() {
+            let nal = &annexb[range.clone()];
             let last_nal = i + 1 == nals.len();
             if nal.len() <= self.max_payload {
                 self.payload.clear();
@@ -93,10 +105,9 @@ impl Packetizer {
             }
             // A fragmentation unit per piece: the NAL header is replaced by
             // the FU indicator/payload header and the FU header.
-            let h = self.header_len();
-            let (indicator, nal_type): (Vec<u8>, u8) = match self.codec {
-                Codec::H264 => (vec![(nal[0] & 0xE0) | 28], nal[0] & 0x1F),
-                Codec::H265 => (vec![(nal[0] & 0x81) | (49 << 1), nal[1]], (nal[0] >> 1) & 0x3F),
+            let (indicator, nal_type): (&[u8], u8) = match self.codec {
+                Codec::H264 => (&[(nal[0] & 0xE0) | 28], nal[0] & 0x1F),
+                Codec::H265 => (&[(nal[0] & 0x81) | (49 << 1), nal[1]], (nal[0] >> 1) & 0x3F),
             };
             let room = self.max_payload - indicator.len() - 1;
             let body = &nal[h..];
@@ -104,12 +115,13 @@ impl Packetizer {
             for (k, piece) in body.chunks(room).enumerate() {
                 let (start, end) = (k == 0, k + 1 == pieces);
                 self.payload.clear();
-                self.payload.extend_from_slice(&indicator);
+                self.payload.extend_from_slice(indicator);
                 self.payload.push(((start as u8) << 7) | ((end as u8) << 6) | nal_type);
                 self.payload.extend_from_slice(piece);
                 self.send(timestamp, last_nal && end, &mut emit);
             }
         }
+        self.nals = nals;
     }
 
     fn header_len(&self) -> usize {

@@ -53,7 +53,8 @@ impl SenderClock {
         Self {
             clock_rate: f64::from(clock_rate.max(1)),
             anchor: None,
-            samples: VecDeque::new(),
+            // Full size at once: no allocation on the receive thread later.
+            samples: VecDeque::with_capacity(MAX_SAMPLES),
             last_offset: None,
             continuity: 0.0,
             last: None,
