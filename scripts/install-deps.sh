@@ -2,7 +2,8 @@
 # Installs what ZeroDrop needs to build and test on Debian bookworm:
 # GStreamer 1.22 with its plugin sets and dev headers, ffmpeg, and the tools
 # the tests drive (among them Prometheus 2.42 and promtool, which the chart's
-# alert and dashboard tests run). Safe to run again; skips apt when everything
+# alert and dashboard tests run, and Chromium with hls.js from npm, which play
+# the HLS output in e2e/tests/hls_browser.rs). Safe to run again; skips apt when everything
 # is present.
 set -euo pipefail
 
@@ -13,7 +14,7 @@ PACKAGES=(
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   ffmpeg iproute2 nftables curl python3 openssl unzip
   clang libbpf-dev bpftool linux-libc-dev
-  prometheus
+  prometheus chromium
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
@@ -74,3 +75,18 @@ log "$(cargo --version); GStreamer $(gst-launch-1.0 --version | sed -n 's/^GStre
 for e in x264enc rtph264pay rtpbin rtprtxsend avdec_h264 h264parse x265enc; do
   gst-inspect-1.0 "$e" >/dev/null 2>&1 || { log "GStreamer element $e is missing"; exit 1; }
 done
+
+# hls.js for the browser test, pinned, from npm into target/web (not in git).
+HLSJS_VERSION=1.7.4
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+HLSJS_DIR="$ROOT/target/web"
+if ! grep -qs "\"version\": \"$HLSJS_VERSION\"" "$HLSJS_DIR/node_modules/hls.js/package.json"; then
+  if ! command -v npm >/dev/null 2>&1; then
+    log "installing npm (Debian) for hls.js"
+    $SUDO apt-get install -y -qq --no-install-recommends npm
+  fi
+  log "installing hls.js $HLSJS_VERSION from npm into $HLSJS_DIR"
+  mkdir -p "$HLSJS_DIR"
+  npm install --prefix "$HLSJS_DIR" --no-audit --no-fund --silent "hls.js@$HLSJS_VERSION"
+fi
+log "hls.js $HLSJS_VERSION at $HLSJS_DIR; $(chromium --version 2>/dev/null | head -1)"
