@@ -169,16 +169,25 @@ fn dataplane_pod_mode_runs_its_shard_from_the_rendered_config_and_decodes() -> a
     let cluster = TestCluster::start()?;
     install_crd(&cluster)?;
     let _operator = Operator::start(&cluster, 27082, "operator.log", &[]);
-    cluster.apply_yaml(&fleet(6, 2))?;
+    // With HLS: the pod serves it, and status says where.
+    cluster.apply_yaml(&fleet(6, 2).replace("  decode: {decoder: software}\n", "  decode: {decoder: software}\n  outputs: {hls: {segmentSeconds: 1}}\n"))?;
     let config = cluster.wait_for("the rendered ConfigMap", Duration::from_secs(60), || {
         let out = cluster.kubectl(["get", "configmap", "fleet-config", "-o", "jsonpath={.data.pipeline\\.yaml}"]);
         Ok((out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
     })?;
+    assert!(config.contains("hls:"), "the rendered pipeline carries the outputs: {config}");
     let sp = cluster.wait_for("stream owners in status", Duration::from_secs(60), || {
         let sp = json(&cluster, &["get", "sp", "fleet"]);
         Ok((owners(&sp).len() == 6).then_some(sp))
     })?;
     let (stream, shard) = owners(&sp).into_iter().next().unwrap();
+    let namespace = sp["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+    let listed = sp["status"]["streams"].as_array().unwrap().iter().find(|s| s["name"] == stream.as_str()).unwrap()["hls"].clone();
+    assert_eq!(
+        listed.as_str(),
+        Some(format!("http://fleet-dataplane-{shard}.fleet-dataplane.{namespace}.svc:9464/hls/fleet/{stream}/index.m3u8").as_str()),
+        "status names the playlist on the pod that owns the stream"
+    );
     let port = 26000 + 2 * stream.trim_start_matches("cam-").parse::<u16>()?;
 
     // The pod, as a host process: its name gives the shard, the file the pipeline.
@@ -217,6 +226,18 @@ fn dataplane_pod_mode_runs_its_shard_from_the_rendered_config_and_decodes() -> a
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         assert_eq!(dropped, 0.0);
+        // The playlist status names, served by the pod (its path; the pod
+        // here is a host process, not behind the Service's DNS name), closed
+        // by the sender's BYE, and every frame in it for ffprobe.
+        let path = format!("/hls/fleet/{stream}/index.m3u8");
+        cluster.wait_for("the pod's HLS playlist to end", Duration::from_secs(10), || {
+            Ok(http_get(metrics_addr, &path).is_ok_and(|r| r.status == 200 && r.body.contains("#EXT-X-ENDLIST")).then_some(()))
+        })?;
+        let probe = Command::new("ffprobe")
+            .args(["-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])
+            .arg(format!("http://{metrics_addr}{path}"))
+            .output()?;
+        assert_eq!(String::from_utf8_lossy(&probe.stdout).lines().next(), Some("90"), "ffprobe reads every frame from the pod's HLS");
         Ok(())
     })();
     // SAFETY: kill(2) on our own child.
