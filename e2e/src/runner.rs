@@ -157,6 +157,18 @@ impl Drop for RunnerProcess {
 
 /// Value of a metric sample line `name{labels} value` whose name and labels
 /// contain all of `needles`.
+/// Sum of the samples of metric `name` whose labels contain `needle` (every
+/// series with `""`).
+pub fn metric_sum(text: &str, name: &str, needle: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        // The empty sum of floats is -0.
+        .fold(0.0, |a, b| a + b)
+}
+
 pub fn metric_value(metrics: &str, name: &str, needles: &[&str]) -> Option<f64> {
     metrics
         .lines()

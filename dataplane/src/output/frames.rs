@@ -17,12 +17,11 @@
 //!   counted (`zerodrop_frames_feed_dropped_total`) and skipped, never waited
 //!   for by the decoder.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gstreamer as gst;
@@ -275,16 +274,9 @@ pub fn write_header(f: &RawFrame, out: &mut [u8; HEADER_LEN]) {
 }
 
 /// Every stream's frame tap in this process, for the HTTP server.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct FrameCatalog {
-    streams: RwLock<HashMap<(String, String), Arc<FrameTap>>>,
-}
-
-impl std::fmt::Debug for FrameCatalog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.streams.read().map_or(0, |s| s.len());
-        f.debug_struct("FrameCatalog").field("streams", &n).finish()
-    }
+    streams: super::StreamMap<FrameTap>,
 }
 
 /// What the server sends for a frames path.
@@ -296,27 +288,21 @@ pub enum FramesReply {
 
 impl FrameCatalog {
     pub fn insert(&self, pipeline: &str, stream: &str, tap: Arc<FrameTap>) {
-        self.streams.write().unwrap_or_else(|e| e.into_inner()).insert((pipeline.to_owned(), stream.to_owned()), tap);
+        self.streams.insert(pipeline, stream, tap);
     }
 
+    /// Removes `tap`, unless a restarted stream's has taken its place.
     pub fn remove(&self, pipeline: &str, stream: &str, tap: &Arc<FrameTap>) {
-        let mut streams = self.streams.write().unwrap_or_else(|e| e.into_inner());
-        let key = (pipeline.to_owned(), stream.to_owned());
-        if streams.get(&key).is_some_and(|t| Arc::ptr_eq(t, tap)) {
-            streams.remove(&key);
-        }
+        self.streams.remove(pipeline, stream, tap);
     }
 
     /// Answers `/frames/<pipeline>/<stream>/latest.jpg`; `None` for other
     /// paths.
     pub fn serve(&self, path: &str) -> Option<FramesReply> {
-        let rest = path.strip_prefix("/frames/")?;
-        let parts: Vec<&str> = rest.splitn(3, '/').collect();
-        let [pipeline, stream, "latest.jpg"] = parts[..] else {
+        let Some((pipeline, stream, "latest.jpg")) = super::stream_path(path, "/frames/")? else {
             return Some(FramesReply::NotFound(format!("{path}: expected /frames/<pipeline>/<stream>/latest.jpg")));
         };
-        let tap = self.streams.read().unwrap_or_else(|e| e.into_inner()).get(&(pipeline.to_owned(), stream.to_owned())).cloned();
-        let Some(tap) = tap else {
+        let Some(tap) = self.streams.get(pipeline, stream) else {
             return Some(FramesReply::NotFound(format!("no frames output for stream {pipeline}/{stream}")));
         };
         Some(match tap.thumbnail() {

@@ -20,9 +20,9 @@
 //! Not yet: low-latency HLS (partial segments, blocking reload), fMP4, and
 //! decode timestamps for streams with B-frames (the PTS is written alone).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -144,6 +144,10 @@ impl HlsPlaylist {
         self.lock().segments.iter().cloned().collect()
     }
 
+    pub fn has_segments(&self) -> bool {
+        !self.lock().segments.is_empty()
+    }
+
     pub fn ended(&self) -> bool {
         self.lock().ended
     }
@@ -174,9 +178,9 @@ impl HlsPlaylist {
 
 /// Every stream's playlist in this process, for the HTTP server. A stream
 /// that restarts (a reloaded spec) keeps its playlist and numbering.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct HlsCatalog {
-    streams: RwLock<HashMap<(String, String), Arc<HlsPlaylist>>>,
+    streams: super::StreamMap<HlsPlaylist>,
 }
 
 /// What the server sends for an HLS path.
@@ -191,33 +195,20 @@ pub const PLAYLIST_CONTENT_TYPE: &str = "application/vnd.apple.mpegurl";
 /// `Content-Type` of an MPEG-TS segment.
 pub const SEGMENT_CONTENT_TYPE: &str = "video/mp2t";
 
-impl std::fmt::Debug for HlsCatalog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.streams.read().map_or(0, |s| s.len());
-        f.debug_struct("HlsCatalog").field("streams", &n).finish()
-    }
-}
-
 impl HlsCatalog {
     /// The playlist of `pipeline`/`stream`, made on first use.
     pub fn playlist(&self, pipeline: &str, stream: &str, settings: HlsSettings) -> Arc<HlsPlaylist> {
-        let key = (pipeline.to_owned(), stream.to_owned());
-        if let Some(p) = self.streams.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return p.clone();
-        }
-        self.streams.write().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert_with(|| Arc::new(HlsPlaylist::new(settings))).clone()
+        self.streams.get_or_insert_with(pipeline, stream, || HlsPlaylist::new(settings))
     }
 
     pub fn get(&self, pipeline: &str, stream: &str) -> Option<Arc<HlsPlaylist>> {
-        self.streams.read().unwrap_or_else(|e| e.into_inner()).get(&(pipeline.to_owned(), stream.to_owned())).cloned()
+        self.streams.get(pipeline, stream)
     }
 
     /// Answers `/hls/<pipeline>/<stream>/index.m3u8` and
     /// `/hls/<pipeline>/<stream>/<seq>.ts`; `None` for other paths.
     pub fn serve(&self, path: &str) -> Option<HlsReply> {
-        let rest = path.strip_prefix("/hls/")?;
-        let mut parts = rest.splitn(3, '/');
-        let (Some(pipeline), Some(stream), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+        let Some((pipeline, stream, file)) = super::stream_path(path, "/hls/")? else {
             return Some(HlsReply::NotFound(format!("{path}: expected /hls/<pipeline>/<stream>/index.m3u8")));
         };
         let Some(playlist) = self.get(pipeline, stream) else {
@@ -271,7 +262,7 @@ impl HlsWriter {
     /// (`zerodrop_hls_segments_total`).
     pub fn new(playlist: Arc<HlsPlaylist>, codec: Codec, clock_rate: u32, settings: HlsSettings, segments: Counter) -> Self {
         let clock_rate = i64::from(clock_rate.max(1));
-        let has_segments = !playlist.segments().is_empty();
+        let has_segments = playlist.has_segments();
         Self {
             playlist,
             mux: TsMuxer::new(codec),

@@ -14,6 +14,66 @@ pub mod hls;
 pub mod restream;
 pub mod ts;
 
+/// What one output publishes per stream, by pipeline and stream name,
+/// shared between the streams' threads and the HTTP server's.
+pub struct StreamMap<T> {
+    streams: RwLock<HashMap<(String, String), Arc<T>>>,
+}
+
+impl<T> Default for StreamMap<T> {
+    fn default() -> Self {
+        Self { streams: RwLock::default() }
+    }
+}
+
+impl<T> std::fmt::Debug for StreamMap<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamMap").field("streams", &self.streams.read().map_or(0, |s| s.len())).finish()
+    }
+}
+
+impl<T> StreamMap<T> {
+    fn key(pipeline: &str, stream: &str) -> (String, String) {
+        (pipeline.to_owned(), stream.to_owned())
+    }
+
+    pub fn get(&self, pipeline: &str, stream: &str) -> Option<Arc<T>> {
+        self.streams.read().unwrap_or_else(|e| e.into_inner()).get(&Self::key(pipeline, stream)).cloned()
+    }
+
+    /// The entry of `pipeline`/`stream`, made by `make` on first use.
+    pub fn get_or_insert_with(&self, pipeline: &str, stream: &str, make: impl FnOnce() -> T) -> Arc<T> {
+        if let Some(v) = self.get(pipeline, stream) {
+            return v;
+        }
+        let mut streams = self.streams.write().unwrap_or_else(|e| e.into_inner());
+        streams.entry(Self::key(pipeline, stream)).or_insert_with(|| Arc::new(make())).clone()
+    }
+
+    pub fn insert(&self, pipeline: &str, stream: &str, value: Arc<T>) {
+        self.streams.write().unwrap_or_else(|e| e.into_inner()).insert(Self::key(pipeline, stream), value);
+    }
+
+    /// Removes `value`, unless another has taken its place since.
+    pub fn remove(&self, pipeline: &str, stream: &str, value: &Arc<T>) {
+        let mut streams = self.streams.write().unwrap_or_else(|e| e.into_inner());
+        let key = Self::key(pipeline, stream);
+        if streams.get(&key).is_some_and(|v| Arc::ptr_eq(v, value)) {
+            streams.remove(&key);
+        }
+    }
+}
+
+/// `<prefix><pipeline>/<stream>/<file>` split in three: `None` when `path`
+/// does not start with `prefix`, `Some(None)` when it does but lacks a part.
+pub fn stream_path<'a>(path: &'a str, prefix: &str) -> Option<Option<(&'a str, &'a str, &'a str)>> {
+    let mut parts = path.strip_prefix(prefix)?.splitn(3, '/');
+    Some(match (parts.next(), parts.next(), parts.next()) {
+        (Some(p), Some(s), Some(f)) if !p.is_empty() && !s.is_empty() => Some((p, s, f)),
+        _ => None,
+    })
+}
+
 /// What this process's outputs publish over HTTP, per stream: HLS
 /// playlists and segments, thumbnails.
 #[derive(Debug, Default)]
@@ -22,9 +82,11 @@ pub struct Published {
     pub frames: frames::FrameCatalog,
 }
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use crate::depay::AccessUnit;
 

@@ -50,7 +50,7 @@ use anyhow::Context;
 use clap::Parser;
 use zerodrop_e2e::bench::{ensure_zerodrop_built, free_rtp_ports, free_tcp_port, process_cpu};
 use zerodrop_e2e::results::{self, ResultsMeta};
-use zerodrop_e2e::runner::RunnerProcess;
+use zerodrop_e2e::runner::{RunnerProcess, metric_sum};
 use zerodrop_testbench::loss::LossSpec;
 use zerodrop_testbench::replay::{self, Clip, ClipSettings, PacedSettings, ReplaySender};
 
@@ -143,19 +143,10 @@ fn manifest(config: Config, ports: &[u16], drain: SocketAddr, sockets: &std::pat
     s
 }
 
-/// Sum of every series of `name` (all label sets).
-fn metric_sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#') && (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Mean of a histogram over every series, from its `_sum` and `_count`.
 fn histogram_mean(metrics: &str, name: &str) -> Option<f64> {
-    let count = metric_sum(metrics, &format!("{name}_count"));
-    (count > 0.0).then(|| metric_sum(metrics, &format!("{name}_sum")) / count)
+    let count = metric_sum(metrics, &format!("{name}_count"), "");
+    (count > 0.0).then(|| metric_sum(metrics, &format!("{name}_sum"), "") / count)
 }
 
 /// The smallest bucket bound under which at least `q` of the observations
@@ -322,14 +313,14 @@ fn run_config(config: Config, args: &Args, clip: &Arc<Clip>) -> anyhow::Result<s
         "frames_decoded": sum("frames_decoded"),
         "frames_dropped": sum("frames_dropped"),
         "taken_by_viewers": taken,
-        "hls_segments": metric_sum(&metrics, "zerodrop_hls_segments_total"),
+        "hls_segments": metric_sum(&metrics, "zerodrop_hls_segments_total", ""),
         "hls_segment_delay_mean_s": histogram_mean(&metrics, "zerodrop_hls_segment_delay_seconds"),
         "hls_segment_delay_p99_bound_s": histogram_quantile_bound(&metrics, "zerodrop_hls_segment_delay_seconds", 0.99),
         "restream_send_mean_s": histogram_mean(&metrics, "zerodrop_restream_send_seconds"),
         "restream_send_p99_bound_s": histogram_quantile_bound(&metrics, "zerodrop_restream_send_seconds", 0.99),
-        "restream_packets_sent": metric_sum(&metrics, "zerodrop_restream_packets_sent_total"),
+        "restream_packets_sent": metric_sum(&metrics, "zerodrop_restream_packets_sent_total", ""),
         "frame_latency_mean_s": histogram_mean(&metrics, "zerodrop_frame_latency_seconds"),
-        "frames_feed_dropped": metric_sum(&metrics, "zerodrop_frames_feed_dropped_total"),
+        "frames_feed_dropped": metric_sum(&metrics, "zerodrop_frames_feed_dropped_total", ""),
         "sender_frames_late_over_5ms": run.frames_late,
         "sender_max_lag_ms": run.max_lag_ms,
     });
@@ -458,7 +449,7 @@ fn fast_start(args: &Args) -> anyhow::Result<serde_json::Value> {
         }
         cases.insert("hls_newest_segment".into(), distribution_ms(&samples));
         let metrics = runner.metrics()?;
-        cases.insert("restream_keyframe_requests".into(), metric_sum(&metrics, "zerodrop_restream_keyframe_requests_total").into());
+        cases.insert("restream_keyframe_requests".into(), metric_sum(&metrics, "zerodrop_restream_keyframe_requests_total", "").into());
         cases.insert("restream_keyframe_delay_mean_s".into(), histogram_mean(&metrics, "zerodrop_restream_keyframe_delay_seconds").into());
         cases.insert("hls_segment_delay_mean_s".into(), histogram_mean(&metrics, "zerodrop_hls_segment_delay_seconds").into());
         cases.insert("gop_s".into(), GOP_S.into());

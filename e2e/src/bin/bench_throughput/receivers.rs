@@ -3,6 +3,7 @@
 
 #[allow(unused_imports)]
 use super::*;
+use zerodrop_e2e::runner::metric_sum;
 
 /// Counts a receiver reports about itself, cumulative.
 #[derive(Debug, Clone, Copy, Default)]
@@ -200,17 +201,6 @@ impl Drop for ChildRx {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Sum of the samples of metric `name` whose labels contain `needle`.
-pub(crate) fn metric_sum(text: &str, name: &str, needle: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
-        .filter(|l| l.contains(needle))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        // The empty sum of floats is -0.
-        .fold(0.0, |a, b| a + b)
 }
 
 /// Parsed `--name=value` arguments of a child.
