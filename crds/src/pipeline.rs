@@ -248,7 +248,8 @@ pub struct Source {
     #[schemars(length(min = 1, max = rules::MAX_NAME_LENGTH))]
     #[schemars(extend("x-kubernetes-validations" = rules::source_name()))]
     pub name: String,
-    /// How the stream reaches the pipeline. Set exactly one member (today: rtp).
+    /// How the stream reaches the pipeline. Set exactly one member: rtp (pushed to the
+    /// pipeline) or rtsp (pulled from a server).
     pub transport: Transport,
     /// The video codec the stream carries: h264 or h265.
     pub codec: Codec,
@@ -337,6 +338,83 @@ pub struct Transport {
     /// The sender pushes RTP over UDP to a port the pipeline listens on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtp: Option<RtpTransport>,
+    /// The pipeline pulls the stream from an RTSP server: a camera or a media server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtsp: Option<RtspTransport>,
+}
+
+/// RTSP pull (RFC 2326): the pipeline connects to the server, asks for one video stream and
+/// keeps the session up, reconnecting with capped exponential backoff after a teardown, a
+/// timeout or a network error.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RtspTransport {
+    /// The stream's `rtsp://` URL, such as `rtsp://10.1.2.3:554/stream1`, without a user name
+    /// or password (those come from credentialsSecret and never appear in the spec).
+    #[schemars(length(min = 8, max = 2048))]
+    #[schemars(extend("x-kubernetes-validations" = rules::rtsp_url()))]
+    pub url: String,
+    /// How the media travels: `tcp` (interleaved on the RTSP connection, the default: nothing
+    /// is lost on the way, and it passes NAT and firewalls) or `udp` (RTP on UDP ports the
+    /// server sends to: lower latency on a clean LAN; loss is counted and repaired as for
+    /// pushed RTP, frames that cannot be repaired are dropped and counted).
+    #[serde(default)]
+    pub lower_transport: RtspLowerTransport,
+    /// Which video stream to take when the server offers several: its index among the
+    /// server's video streams, in the order of its SDP, counting from 0. Defaults to the
+    /// first video stream in the source's codec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 15))]
+    pub video_stream: Option<u8>,
+    /// Seconds without a packet after which the session is given up and the server dialled
+    /// again, 1-60. Defaults to 5.
+    #[serde(default = "default_rtsp_timeout")]
+    #[schemars(range(min = 1, max = 60))]
+    pub timeout_seconds: u8,
+    /// A Secret in the pipeline's namespace with the user name and password the server
+    /// asks for (basic or digest authentication). The operator gives them to the data plane
+    /// pod from the Secret; a missing Secret is reported as an Event and the Ready condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<CredentialsSecret>,
+}
+
+fn default_rtsp_timeout() -> u8 {
+    5
+}
+
+/// RTSP's lower transport.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspLowerTransport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// Where a source's credentials are kept: a Secret and the keys of its user name and
+/// password.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecret {
+    /// Name of the Secret, in the pipeline's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the user name in the Secret. Defaults to `username` (as in a
+    /// `kubernetes.io/basic-auth` Secret).
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub username_key: String,
+    /// Key of the password in the Secret. Defaults to `password`.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
 }
 
 /// RTP over UDP, pushed by the sender to a port the pipeline listens on.

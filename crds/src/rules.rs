@@ -156,10 +156,27 @@ pub fn source() -> Value {
 pub fn transport() -> Value {
     // Written as a count so that adding a member (srt, rtsp) is one more entry.
     json!([rule(
-        "[has(self.rtp)].filter(set, set).size() == 1",
-        "transport must set exactly one member; supported: rtp",
+        "[has(self.rtp), has(self.rtsp)].filter(set, set).size() == 1",
+        "transport must set exactly one member: rtp or rtsp",
         None,
     )])
+}
+
+/// Rules on `spec.sources[*].transport.rtsp.url`.
+pub fn rtsp_url() -> Value {
+    json!([
+        rule(
+            "self.startsWith('rtsp://')",
+            "url must be an rtsp:// URL, such as rtsp://10.1.2.3:554/stream1",
+            None,
+        ),
+        rule(
+            "!self.matches('^rtsp://[^/]*@')",
+            "url must not carry a user name or password: put them in a Secret and name it in \
+             credentialsSecret",
+            None,
+        ),
+    ])
 }
 
 /// Rules on `spec.sources[*].transport.rtp`.

@@ -18,8 +18,10 @@ pub struct SourceConfig {
     pub payload_type: u8,
     pub clock_rate: u32,
     pub rtx_payload_type: Option<u8>,
+    /// Where pushed RTP arrives (unused, unspecified, for a pulled source).
     pub rtp_bind: SocketAddr,
-    /// `None` with rtcp-mux: RTCP shares the RTP socket.
+    /// `None` with rtcp-mux: RTCP shares the RTP socket (and for a pulled
+    /// source, whose RTCP comes with its RTP).
     pub rtcp_bind: Option<SocketAddr>,
     pub receive_buffer: usize,
     pub jitter: JitterSettings,
@@ -35,6 +37,8 @@ pub struct SourceConfig {
     pub frames: Option<crate::output::frames::FrameSettings>,
     /// RTP restream (`spec.sources[].outputs.restream`), if asked for.
     pub restream: Option<crate::output::restream::RestreamSettings>,
+    /// Pulled from an RTSP server (`transport.rtsp`) instead of pushed.
+    pub rtsp: Option<crate::ingest::rtsp::RtspSettings>,
 }
 
 /// Where a source's FEC arrives and how to read it.
@@ -56,6 +60,11 @@ impl SourceConfig {
     /// sockets when FEC is decoded. Kernel drops on any of them are the
     /// stream's, and no other source may bind any of them.
     pub fn sockets(&self) -> Vec<SocketAddr> {
+        if self.rtsp.is_some() {
+            // Retina's UDP sockets (RTSP over UDP) are its own, on ports the
+            // server and it agree on at each SETUP.
+            return Vec::new();
+        }
         let mut s = vec![self.rtp_bind];
         s.extend(self.rtcp_bind);
         s.extend(self.fec.iter().flat_map(|f| f.binds.iter().copied()));
@@ -69,16 +78,48 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
     let spec = &pipeline.spec;
     let mut out = Vec::with_capacity(spec.sources.len());
     for (i, source) in spec.sources.iter().enumerate() {
-        let rtp = source.transport.rtp.as_ref().with_context(|| {
-            format!("pipeline {name}: spec.sources[{i}].transport: only `rtp` is implemented in this version")
-        })?;
-        let ip: IpAddr = rtp.listen_address.parse().with_context(|| {
-            format!(
-                "pipeline {name}: spec.sources[{i}].transport.rtp.listenAddress: expected an IP address, got {:?}",
-                rtp.listen_address
-            )
-        })?;
-        let fec = match &rtp.fec {
+        let pushed = match (&source.transport.rtp, &source.transport.rtsp) {
+            (Some(rtp), None) => Some(rtp),
+            (None, Some(_)) => None,
+            _ => anyhow::bail!("pipeline {name}: spec.sources[{i}].transport: set exactly one of rtp and rtsp"),
+        };
+        let ip: IpAddr = match pushed {
+            Some(rtp) => rtp.listen_address.parse().with_context(|| {
+                format!(
+                    "pipeline {name}: spec.sources[{i}].transport.rtp.listenAddress: expected an IP address, got {:?}",
+                    rtp.listen_address
+                )
+            })?,
+            None => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        };
+        let rtsp = match &source.transport.rtsp {
+            Some(r) => {
+                let url = url::Url::parse(&r.url)
+                    .with_context(|| format!("pipeline {name}: spec.sources[{i}].transport.rtsp.url: expected an rtsp:// URL, got {:?}", r.url))?;
+                anyhow::ensure!(
+                    url.scheme() == "rtsp" && url.host().is_some(),
+                    "pipeline {name}: spec.sources[{i}].transport.rtsp.url: expected rtsp://host[:port]/path, got {:?}",
+                    r.url
+                );
+                anyhow::ensure!(
+                    url.username().is_empty() && url.password().is_none(),
+                    "pipeline {name}: spec.sources[{i}].transport.rtsp.url: carries a user name or password; put them in a Secret named by credentialsSecret"
+                );
+                Some(crate::ingest::rtsp::RtspSettings {
+                    url: r.url.clone(),
+                    transport: r.lower_transport,
+                    video_stream: r.video_stream,
+                    timeout: Duration::from_secs(u64::from(r.timeout_seconds.max(1))),
+                    credentials: r.credentials_secret.as_ref().map(|c| crate::ingest::rtsp::CredentialSource::Directory {
+                        dir: crate::ingest::rtsp::mounted_secret_dir(&c.name),
+                        username_key: c.username_key.clone(),
+                        password_key: c.password_key.clone(),
+                    }),
+                })
+            }
+            None => None,
+        };
+        let fec = match pushed.and_then(|r| r.fec.as_ref()) {
             Some(fec) if spec.repair.fec.enabled => Some(FecSource {
                 scheme: fec.scheme,
                 binds: fec.ports.iter().map(|&p| SocketAddr::new(ip, p)).collect(),
@@ -121,12 +162,15 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             payload_type: source.payload_type,
             clock_rate: source.clock_rate,
             rtx_payload_type: source.rtx_payload_type,
-            rtp_bind: SocketAddr::new(ip, rtp.port),
-            rtcp_bind: (!rtp.rtcp_mux).then(|| SocketAddr::new(ip, rtp.effective_rtcp_port())),
-            receive_buffer: rtp.receive_buffer_bytes.map_or(DEFAULT_RECEIVE_BUFFER_BYTES, |b| b as usize),
+            rtp_bind: SocketAddr::new(ip, pushed.map_or(0, |r| r.port)),
+            rtcp_bind: pushed.filter(|r| !r.rtcp_mux).map(|r| SocketAddr::new(ip, r.effective_rtcp_port())),
+            receive_buffer: pushed
+                .and_then(|r| r.receive_buffer_bytes)
+                .map_or(DEFAULT_RECEIVE_BUFFER_BYTES, |b| b as usize),
             jitter: JitterSettings {
                 latency: Duration::from_millis(spec.repair.latency_ms as u64),
-                nack: spec.repair.nack.enabled,
+                // Retina sets up RTP/AVP (no feedback): nobody to ask.
+                nack: spec.repair.nack.enabled && rtsp.is_none(),
                 max_nack_retries: spec.repair.nack.max_retries,
                 ..JitterSettings::default()
             },
@@ -142,6 +186,7 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                 socket_directory: f.socket_directory.as_ref().map(std::path::PathBuf::from),
             }),
             restream,
+            rtsp,
         });
     }
     Ok(out)

@@ -77,7 +77,7 @@ pub struct DecoderLabels {
     pub decoder: String,
 }
 
-type F64Gauge = Gauge<f64, AtomicU64>;
+pub type F64Gauge = Gauge<f64, AtomicU64>;
 /// Seconds, counted in fractions.
 pub type SecondsCounter = Counter<f64, AtomicU64>;
 
@@ -131,6 +131,11 @@ pub struct Metrics {
     restream_keyframe_requests: Family<StreamLabels, Counter>,
     restream_keyframe_delay: Family<StreamLabels, Histogram, fn() -> Histogram>,
     restream_send_errors: Family<StreamLabels, Counter>,
+    ingest_connected: Family<StreamLabels, Gauge>,
+    ingest_reconnects: Family<StreamLabels, Counter>,
+    ingest_errors: Family<ReasonLabels, Counter>,
+    ingest_last_frame: Family<StreamLabels, F64Gauge>,
+    ingest_disconnected: Family<StreamLabels, SecondsCounter>,
     gop_interval: Family<StreamLabels, F64Gauge>,
     join_to_first_frame: Family<StreamLabels, F64Gauge>,
     bitrate_requested: Family<StreamLabels, Gauge>,
@@ -203,6 +208,11 @@ impl Metrics {
             restream_keyframe_requests: Family::default(),
             restream_keyframe_delay: Family::new_with_constructor(latency_histogram),
             restream_send_errors: Family::default(),
+            ingest_connected: Family::default(),
+            ingest_reconnects: Family::default(),
+            ingest_errors: Family::default(),
+            ingest_last_frame: Family::default(),
+            ingest_disconnected: Family::default(),
             gop_interval: Family::default(),
             join_to_first_frame: Family::default(),
             bitrate_requested: Family::default(),
@@ -376,6 +386,33 @@ impl Metrics {
             "Restream RTP and RTCP packets the kernel did not take (buffer full, no route)",
             m.restream_send_errors.clone(),
         );
+        r.register(
+            "ingest_connected",
+            "1 while a pulled source (RTSP) has a playing session with its server, 0 while it dials or waits to dial again",
+            m.ingest_connected.clone(),
+        );
+        r.register(
+            "ingest_reconnects",
+            "Times a pulled source dialled its server again after losing or failing to get a session",
+            m.ingest_reconnects.clone(),
+        );
+        r.register(
+            "ingest_errors",
+            "Why a pulled source's session failed or ended, by reason (unauthorized, not_found, refused, timeout, no_stream, credentials, ended, protocol, network)",
+            m.ingest_errors.clone(),
+        );
+        r.register_with_unit(
+            "ingest_last_frame_timestamp",
+            "Unix time at which the last frame's final packet (RTP marker) of a pulled source arrived; time() minus this is the time since the last frame",
+            Unit::Seconds,
+            m.ingest_last_frame.clone(),
+        );
+        r.register_with_unit(
+            "ingest_disconnected",
+            "Time a pulled source spent without a playing session (dialling, backing off, or failing to get one), the first dial included: the gaps in its stream",
+            Unit::Seconds,
+            m.ingest_disconnected.clone(),
+        );
         r.register_with_unit(
             "gop_interval",
             "Time between the last two keyframes",
@@ -531,6 +568,14 @@ impl Metrics {
                 keyframe_requests: handle(&self.restream_keyframe_requests, &l),
                 keyframe_delay: handle(&self.restream_keyframe_delay, &l),
             },
+            ingest: crate::ingest::IngestCounters {
+                connected: handle(&self.ingest_connected, &l),
+                reconnects: handle(&self.ingest_reconnects, &l),
+                errors: self.ingest_errors.clone(),
+                last_frame: handle(&self.ingest_last_frame, &l),
+                disconnected: handle(&self.ingest_disconnected, &l),
+                labels: l.clone(),
+            },
             gop_interval: handle(&self.gop_interval, &l),
             join_to_first_frame: handle(&self.join_to_first_frame, &l),
             bitrate_requested: handle(&self.bitrate_requested, &l),
@@ -602,6 +647,8 @@ pub struct StreamMetrics {
     pub sender_clock_offset: F64Gauge,
     pub sender_clock_drift: F64Gauge,
     pub restream: crate::output::restream::RestreamCounters,
+    /// A pulled source's connection (RTSP): up or not, reconnects, errors.
+    pub ingest: crate::ingest::IngestCounters,
     pub gop_interval: F64Gauge,
     pub join_to_first_frame: F64Gauge,
     pub bitrate_requested: Gauge,

@@ -56,6 +56,30 @@ pub struct RunArgs {
     /// Where kernel UDP drops per stream come from.
     #[arg(long, value_enum, default_value = "auto")]
     pub kernel_drops: crate::kernel_drops::KernelDropMode,
+    /// Credentials of an RTSP source, `PIPELINE/SOURCE=WHERE` (repeatable):
+    /// WHERE is a directory holding files `username` and `password` (laid
+    /// out like a mounted Secret), or `env:PREFIX` for the environment
+    /// variables PREFIX_USERNAME and PREFIX_PASSWORD. Read at each dial;
+    /// never printed.
+    #[arg(long = "rtsp-credentials", value_name = "PIPELINE/SOURCE=WHERE")]
+    pub rtsp_credentials: Vec<String>,
+}
+
+/// Applies `--rtsp-credentials` to the pulled sources it names.
+fn apply_credentials(sources: &mut [SourceConfig], flags: &[String]) -> anyhow::Result<()> {
+    for flag in flags {
+        let (id, where_) = flag
+            .split_once('=')
+            .with_context(|| format!("--rtsp-credentials {flag:?}: expected PIPELINE/SOURCE=DIRECTORY or PIPELINE/SOURCE=env:PREFIX"))?;
+        let known: Vec<String> = sources.iter().map(SourceConfig::id).collect();
+        let source = sources
+            .iter_mut()
+            .find(|s| s.id() == id)
+            .with_context(|| format!("--rtsp-credentials: no source {id:?} in the manifest (sources: {})", known.join(", ")))?;
+        let rtsp = source.rtsp.as_mut().with_context(|| format!("--rtsp-credentials: source {id} is not an RTSP source"))?;
+        rtsp.credentials = Some(crate::ingest::rtsp::CredentialSource::parse(where_));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +112,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if let Err(e) = apply_credentials(&mut sources, &args.rtsp_credentials) {
+        eprintln!("{e:#}");
+        std::process::exit(EXIT_INVALID_INPUT);
+    }
     if let Err(e) = check_port_clashes(&sources) {
         eprintln!("{}: {e}", args.file.display());
         std::process::exit(EXIT_INVALID_INPUT);
@@ -115,6 +143,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let published = Arc::new(crate::output::Published::default());
     let bound = crate::metrics::serve(&args.metrics_addr, metrics.clone(), readiness.clone(), published.clone())?;
     eprintln!("zerodrop: {} source(s) from {}; metrics at http://{bound}/metrics", sources.len(), args.file.display());
+    for s in sources.iter() {
+        if let Some(r) = &s.rtsp {
+            eprintln!("zerodrop: {}: pulling {} over {:?}", s.id(), r.url, r.transport);
+        }
+    }
     for s in sources.iter().filter(|s| s.hls.is_some()) {
         eprintln!("zerodrop: {}: HLS at http://{bound}/hls/{}/{}/index.m3u8", s.id(), s.pipeline, s.name);
     }

@@ -436,6 +436,12 @@ impl Stream {
             self.metrics.discarded("rtp_header");
             return;
         }
+        if self.cfg.rtsp.is_some()
+            && let Some(control) = crate::ingest::rtsp::control_message(datagram)
+        {
+            self.on_pull_control(control, now);
+            return;
+        }
         if self.rtcp_muxed() && rtp::is_rtcp(datagram) {
             let from = batch.sources[i];
             self.handle_rtcp(batch.datagram(i), from, now);
@@ -635,6 +641,32 @@ impl Stream {
                 losses_held = held,
                 "the sender hears us"
             );
+        }
+    }
+
+    /// A pulled source's session started (its payload type and SDP
+    /// parameter sets) or ended (what the old session sent is handed on and
+    /// the next packets start afresh, whatever their SSRC).
+    fn on_pull_control(&mut self, control: crate::ingest::rtsp::Control, now: Instant) {
+        use crate::ingest::rtsp::Control;
+        match control {
+            Control::Started(d) => {
+                tracing::info!(
+                    stream = %self.cfg.id(), payload_type = d.payload_type, sdp_parameter_sets = d.parameter_sets.len(),
+                    "RTSP session playing"
+                );
+                self.cfg.payload_type = d.payload_type;
+                if !d.parameter_sets.is_empty() {
+                    self.depay.set_out_of_band_parameter_sets(&d.parameter_sets);
+                    self.cfg.parameter_sets = d.parameter_sets;
+                }
+            }
+            Control::Ended => {
+                if self.session.media_ssrc().is_some() {
+                    self.restart(now);
+                }
+            }
+            Control::Malformed => self.metrics.discarded("rtp_header"),
         }
     }
 

@@ -131,6 +131,7 @@ fn the_receive_thread_allocates_nothing_per_packet_in_steady_state() {
         parameter_sets: Vec::new(),
         hls: None,
         restream: None,
+        rtsp: None,
         frames: None,
     };
     let options = StreamOptions { no_decode: true, ..StreamOptions::default() };

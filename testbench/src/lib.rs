@@ -18,4 +18,5 @@ pub mod gst_sender;
 pub mod loss;
 pub mod relay;
 pub mod replay;
+pub mod rtsp_server;
 pub mod sender;

@@ -1,9 +1,59 @@
-//! Ingest: how a source's packets arrive. Today RTP pushed over UDP: each
-//! source's sockets ([`rtp_udp`]) are read in batches ([`udp`]) by worker
-//! threads that serve many sources each ([`worker`]). Whatever the transport, an ingest hands the
-//! stream the same thing: an RTP or RTCP datagram, where it came from, and
-//! when it arrived; and it carries the stream's RTCP back.
+//! Ingest: how a source's packets arrive. Whatever the transport, an ingest
+//! hands the source's [`Stream`](crate::stream::Stream) the same thing: RTP
+//! and RTCP datagrams in the order they arrived, read by a worker thread
+//! that serves many sources ([`worker`]) in batches ([`udp`]).
+//!
+//! - RTP pushed over UDP ([`rtp_udp`]): the worker reads the source's own UDP
+//!   sockets, and the stream's RTCP (reports, NACKs, keyframe requests) goes
+//!   back from them.
+//! - RTSP pulled from a server ([`rtsp`]): a session task (retina, on a small
+//!   tokio runtime) writes what the server sends, RTP and RTCP alike, into
+//!   one end of a local datagram socket pair; the worker reads the other end
+//!   exactly as it reads a UDP socket with RTCP muxed (RFC 5761). The task
+//!   also writes, in order with the packets, a session description when a
+//!   session starts (the payload type and the SDP's parameter sets) and an
+//!   RTCP BYE when one ends, so the stream sees a reconnect as a sender that
+//!   left and a new one that took over: what the old session left
+//!   incomplete is counted, and the new one starts at a keyframe with
+//!   timestamps that keep increasing.
+//!
+//! So repair, depacketisation, decode, the outputs and the policy see the
+//! same stream whatever the transport; only what the transport can do
+//! differs (an RTSP server is not asked for retransmissions: retina sets up
+//! plain RTP/AVP, without feedback).
 
 pub mod rtp_udp;
+pub mod rtsp;
 pub mod udp;
 pub mod worker;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{F64Gauge, ReasonLabels, SecondsCounter, StreamLabels};
+
+/// A pulled source's connection metrics.
+#[derive(Clone)]
+pub struct IngestCounters {
+    pub connected: Gauge,
+    pub reconnects: Counter,
+    pub(crate) errors: Family<ReasonLabels, Counter>,
+    pub last_frame: F64Gauge,
+    pub disconnected: SecondsCounter,
+    pub(crate) labels: StreamLabels,
+}
+
+impl IngestCounters {
+    /// Counts one failed or ended session under `reason`.
+    pub fn error(&self, reason: &str) {
+        let l = ReasonLabels { pipeline: self.labels.pipeline.clone(), stream: self.labels.stream.clone(), reason: reason.into() };
+        self.errors.get_or_create(&l).inc();
+    }
+
+    /// Sessions that failed or ended for `reason` so far.
+    pub fn errors(&self, reason: &str) -> u64 {
+        let l = ReasonLabels { pipeline: self.labels.pipeline.clone(), stream: self.labels.stream.clone(), reason: reason.into() };
+        self.errors.get(&l).map_or(0, |c| c.get())
+    }
+}

@@ -1,14 +1,19 @@
-//! RTP pushed over UDP: the socket shell of one source. It binds the RTP,
-//! RTCP and FEC sockets, reads what the worker's epoll says is readable in
-//! batches, hands the datagrams to the source's [`Stream`], and sends the
-//! RTCP the stream asks to send. Everything else happens in the stream.
+//! The socket shell of one source. For RTP pushed over UDP it binds the RTP,
+//! RTCP and FEC sockets; for a pulled source (RTSP) it starts the pull and
+//! keeps the local socket the pull writes into. It reads what the worker's
+//! epoll says is readable in batches, hands the datagrams to the source's
+//! [`Stream`], and sends the RTCP the stream asks to send (pushed sources
+//! only). Everything else happens in the stream.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
 
 use crate::config::SourceConfig;
+use crate::ingest::rtsp::RtspPull;
 use crate::ingest::udp::{self, RecvBatch};
 use crate::metrics::StreamMetrics;
 use crate::stream::{Finishing, Stream, StreamOptions};
@@ -27,10 +32,30 @@ pub enum SocketRole {
 /// RTCP sockets get a small receive buffer: a few compounds a second.
 const RTCP_RECEIVE_BUFFER: usize = 256 << 10;
 
-/// One pushed RTP source: its sockets and its stream.
+/// Where a source's RTP is read from.
+enum RxSocket {
+    /// Pushed: the source's own UDP port.
+    Udp(UdpSocket),
+    /// Pulled: the worker's end of the pair the pull task writes into.
+    Local(UnixDatagram),
+}
+
+impl AsRawFd for RxSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            RxSocket::Udp(s) => s.as_raw_fd(),
+            RxSocket::Local(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// One source: its sockets and its stream.
 pub struct UdpSource {
     stream: Stream,
-    rtp_socket: UdpSocket,
+    rtp_socket: RxSocket,
+    /// The RTSP pull writing into `rtp_socket`; dropping it tears the
+    /// session down.
+    _pull: Option<RtspPull>,
     rtcp_socket: Option<UdpSocket>,
     /// ST 2022-1 column and row sockets.
     fec_sockets: Vec<UdpSocket>,
@@ -39,6 +64,9 @@ pub struct UdpSource {
 impl UdpSource {
     /// Binds the source's sockets and starts its stream (and decoder).
     pub fn open(cfg: SourceConfig, metrics: StreamMetrics, options: &StreamOptions) -> anyhow::Result<UdpSource> {
+        if cfg.rtsp.is_some() {
+            return Self::open_pulled(cfg, metrics, options);
+        }
         let id = cfg.id();
         let (rtp_socket, granted) =
             udp::bind(cfg.rtp_bind, cfg.receive_buffer).with_context(|| format!("{id}: cannot bind RTP socket {}", cfg.rtp_bind))?;
@@ -67,17 +95,39 @@ impl UdpSource {
         if let Some(r) = &options.readiness {
             r.mark_ready(&id);
         }
-        Ok(UdpSource { stream, rtp_socket, rtcp_socket, fec_sockets })
+        Ok(UdpSource { stream, rtp_socket: RxSocket::Udp(rtp_socket), _pull: None, rtcp_socket, fec_sockets })
+    }
+
+    /// A pulled source: a local socket pair, the pull writing into one end.
+    fn open_pulled(cfg: SourceConfig, metrics: StreamMetrics, options: &StreamOptions) -> anyhow::Result<UdpSource> {
+        let id = cfg.id();
+        let settings = cfg.rtsp.clone().context("a pulled source has RTSP settings")?;
+        let (ours, theirs) = UnixDatagram::pair().with_context(|| format!("{id}: cannot make the local socket pair"))?;
+        ours.set_nonblocking(true).with_context(|| format!("{id}: local socket"))?;
+        let stream = Stream::new(cfg.clone(), metrics.clone(), options, Instant::now())?;
+        let pull = RtspPull::start(id.clone(), settings.clone(), cfg.codec, metrics.ingest.clone(), theirs)?;
+        tracing::info!(
+            stream = %id, url = %settings.url, transport = ?settings.transport,
+            credentials = settings.credentials.as_ref().map(|c| c.describe()).unwrap_or_else(|| "none".into()),
+            decoder = stream.decoder_name().unwrap_or("none"), latency_ms = cfg.jitter.latency.as_millis() as u64,
+            "pulling"
+        );
+        if let Some(r) = &options.readiness {
+            r.mark_ready(&id);
+        }
+        Ok(UdpSource { stream, rtp_socket: RxSocket::Local(ours), _pull: Some(pull), rtcp_socket: None, fec_sockets: Vec::new() })
     }
 
     /// Where the RTP socket is bound (its port when bound to port 0).
     pub fn local_rtp_addr(&self) -> std::io::Result<SocketAddr> {
-        self.rtp_socket.local_addr()
+        match &self.rtp_socket {
+            RxSocket::Udp(s) => s.local_addr(),
+            RxSocket::Local(_) => Err(std::io::Error::other("a pulled source has no RTP port")),
+        }
     }
 
     /// The sockets to watch, with their roles.
     pub fn sockets(&self) -> impl Iterator<Item = (std::os::fd::RawFd, SocketRole)> + '_ {
-        use std::os::fd::AsRawFd;
         std::iter::once((self.rtp_socket.as_raw_fd(), SocketRole::Rtp))
             .chain(self.rtcp_socket.as_ref().map(|s| (s.as_raw_fd(), SocketRole::Rtcp)))
             .chain(self.fec_sockets.iter().enumerate().map(|(i, s)| (s.as_raw_fd(), SocketRole::Fec(i as u8))))
@@ -93,20 +143,20 @@ impl UdpSource {
                 self.stream.on_restream_readable();
                 return Ok(false);
             }
-            SocketRole::Rtp => &self.rtp_socket,
+            SocketRole::Rtp => self.rtp_socket.as_raw_fd(),
             SocketRole::Rtcp => match &self.rtcp_socket {
-                Some(s) => s,
+                Some(s) => s.as_raw_fd(),
                 None => return Ok(false),
             },
             SocketRole::Fec(i) => match self.fec_sockets.get(i as usize) {
-                Some(s) => s,
+                Some(s) => s.as_raw_fd(),
                 None => return Ok(false),
             },
         };
         let mut more = true;
         let mut result = Ok(());
         for _ in 0..max_batches {
-            let n = match batch.recv(socket) {
+            let n = match batch.recv(&socket) {
                 Ok(n) => n,
                 Err(e) => {
                     result = Err(e);
@@ -145,8 +195,13 @@ impl UdpSource {
 
     /// The stream's timers, and the RTCP they make due.
     pub fn on_timers(&mut self, now: Instant) {
-        let socket = self.rtcp_socket.as_ref().unwrap_or(&self.rtp_socket);
+        let socket = match (&self.rtcp_socket, &self.rtp_socket) {
+            (Some(s), _) | (None, RxSocket::Udp(s)) => Some(s),
+            // Retina owns the session's sockets and sends no RTCP of ours.
+            (None, RxSocket::Local(_)) => None,
+        };
         let Some(t) = self.stream.on_timers(now, SystemTime::now()) else { return };
+        let Some(socket) = socket else { return };
         if let Err(e) = socket.send_to(t.data, t.to) {
             let peer = t.to;
             tracing::debug!(stream = %self.stream.config().id(), %peer, error = %e, "RTCP send failed");

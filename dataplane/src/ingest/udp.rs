@@ -83,7 +83,7 @@ impl RecvBatch {
 
     /// Receives up to a batch of datagrams without blocking. Returns how many
     /// arrived (0 when none were waiting).
-    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+    pub fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
         let n = self.bufs.len();
         for i in 0..n {
             if self.bufs[i].len() != MAX_DATAGRAM {
