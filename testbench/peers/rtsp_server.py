@@ -86,10 +86,10 @@ def main():
         token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "camera-user")
         auth.add_basic(GstRtspServer.RTSPAuth.make_basic(args.user, args.password), token)
         auth.add_digest(args.user, args.password, token)
-        auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST | GstRtsp.RTSPAuthMethod.BASIC)
+        # Digest, as cameras ask for (Python cannot combine this enum with BASIC).
+        auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
         server.set_auth(auth)
-        permissions = GstRtspServer.RTSPPermissions()
-        permissions.add_role_empty("camera-user")
+        permissions = GstRtspServer.RTSPPermissions.new()
         permissions.add_permission_for_role("camera-user", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_ACCESS, True)
         permissions.add_permission_for_role("camera-user", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_CONSTRUCT, True)
         factory.set_permissions(permissions)
