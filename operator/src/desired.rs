@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
     Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -27,6 +27,11 @@ pub const MANAGED_BY: &str = "zerodrop-operator";
 pub const CONFIG_KEY: &str = "pipeline.yaml";
 pub const CONFIG_MOUNT: &str = "/etc/zerodrop";
 pub const METRICS_PORT: i32 = 9464;
+/// Where the pod finds the credentials Secret of an RTSP source: Secret
+/// `name` is mounted at `{CREDENTIALS_MOUNT}/{name}`. The data plane reads
+/// the same path, `zerodrop_dataplane::ingest::rtsp::mounted_secret_dir`
+/// (not called from here: the operator does not link the data plane).
+pub const CREDENTIALS_MOUNT: &str = "/var/run/zerodrop/credentials";
 
 /// Settings of the operator that shape the objects, separate from the spec.
 #[derive(Debug, Clone)]
@@ -50,6 +55,10 @@ pub enum BuildError {
     Unnamed,
     #[error("spec.sources[{index}].transport: no transport member set")]
     NoTransport { index: usize },
+    #[error("spec.sources[{index}].transport: set exactly one of rtp and rtsp, not both")]
+    TwoTransports { index: usize },
+    #[error("spec.sources[{index}].transport.rtsp.credentialsSecret.name: {name:?} is not a Secret name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)")]
+    SecretName { index: usize, name: String },
     #[error("cannot render the pipeline config: {0}")]
     Render(#[from] serde_yaml::Error),
 }
@@ -67,6 +76,55 @@ pub fn hls_url(namespace: &str, pipeline: &str, source: &str, shard: u32) -> Str
 
 pub fn source_service_name(pipeline: &str, source: &str) -> String {
     format!("{pipeline}-{source}")
+}
+
+/// Where the pod mounts Secret `secret` (an RTSP source's credentials).
+pub fn credentials_mount_path(secret: &str) -> String {
+    format!("{CREDENTIALS_MOUNT}/{secret}")
+}
+
+/// The pod volume of Secret `secret`: a DNS label of at most 63 characters,
+/// `cred-<name>` where that is one, else a cut of the name (dots made '-')
+/// and a hash of the whole, so that two Secrets never share a volume.
+pub fn credentials_volume_name(secret: &str) -> String {
+    const MAX: usize = 63;
+    let plain = format!("cred-{secret}");
+    if plain.len() <= MAX && !secret.contains('.') {
+        return plain;
+    }
+    let hash = crate::drift::stable_hash(secret.as_bytes());
+    // "cred-" + cut + "-" + 16 hex digits
+    let room = MAX - "cred-".len() - 1 - hash.len();
+    let cut: String = secret.chars().take(room).map(|c| if c == '.' { '-' } else { c }).collect();
+    let cut = cut.trim_end_matches('-');
+    format!("cred-{cut}-{hash}")
+}
+
+/// Whether `name` can name a Secret (a DNS-1123 subdomain). A name that
+/// cannot is refused before it becomes a mount path.
+fn is_secret_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// The distinct credentials Secrets the pipeline's RTSP sources name, in the
+/// order of their first source, each with that source's name.
+pub fn credentials_secrets(sp: &StreamPipeline) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for source in &sp.spec.sources {
+        let Some(secret) = source.transport.rtsp.as_ref().and_then(|r| r.credentials_secret.as_ref()) else { continue };
+        if !out.iter().any(|(name, _)| *name == secret.name) {
+            out.push((secret.name.clone(), source.name.clone()));
+        }
+    }
+    out
 }
 
 /// The replica count to run: what `kubectl scale` / an HPA set through the
@@ -96,6 +154,21 @@ pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, B
             ..ObjectMeta::default()
         }
     };
+
+    for (index, source) in sp.spec.sources.iter().enumerate() {
+        match (&source.transport.rtp, &source.transport.rtsp) {
+            (None, None) => return Err(BuildError::NoTransport { index }),
+            (Some(_), Some(_)) => return Err(BuildError::TwoTransports { index }),
+            (None, Some(rtsp)) => {
+                if let Some(secret) = &rtsp.credentials_secret
+                    && !is_secret_name(&secret.name)
+                {
+                    return Err(BuildError::SecretName { index, name: secret.name.clone() });
+                }
+            }
+            (Some(_), None) => {}
+        }
+    }
 
     let config = ConfigMap {
         metadata: meta(format!("{name}-config"), &[]),
@@ -141,8 +214,9 @@ pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, B
     };
 
     let mut source_services = Vec::new();
-    for (index, source) in sp.spec.sources.iter().enumerate() {
-        let rtp = source.transport.rtp.as_ref().ok_or(BuildError::NoTransport { index })?;
+    // A pushed source gets a Service towards its owning pod; a pulled one
+    // (RTSP: the pod dials out) needs none.
+    for (source, rtp) in sp.spec.sources.iter().filter_map(|s| Some((s, s.transport.rtp.as_ref()?))) {
         let owner_pod = format!("{sts_name}-{}", shard::owner(&source.name, replicas));
         let ports = rtp.ports().roles().into_iter().map(|(role, port)| udp_port(&role.name(), port)).collect();
         let service_type = sp.spec.exposure.service_type;
@@ -261,6 +335,22 @@ fn pod_spec(sp: &StreamPipeline, name: &str, settings: &BuildSettings) -> PodSpe
         limits: quantities(&r.limits),
         ..ResourceRequirements::default()
     });
+    // Each RTSP source's credentials Secret, mounted once however many
+    // sources share it, where the data plane reads it at each dial. The pod
+    // waits in ContainerCreating while one is missing (the reconcile says so
+    // in the Ready condition); the operator never reads the values.
+    let secrets = credentials_secrets(sp);
+    let secret_mounts = secrets.iter().map(|(secret, _)| VolumeMount {
+        name: credentials_volume_name(secret),
+        mount_path: credentials_mount_path(secret),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    });
+    let secret_volumes = secrets.iter().map(|(secret, _)| Volume {
+        name: credentials_volume_name(secret),
+        secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..SecretVolumeSource::default() }),
+        ..Volume::default()
+    });
     let probe = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -297,7 +387,10 @@ fn pod_spec(sp: &StreamPipeline, name: &str, settings: &BuildSettings) -> PodSpe
                 // The root filesystem is read-only; GStreamer writes its
                 // plugin registry to /tmp.
                 VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
-            ]),
+            ]
+            .into_iter()
+            .chain(secret_mounts)
+            .collect()),
             security_context: Some(SecurityContext {
                 run_as_non_root: Some(true),
                 read_only_root_filesystem: Some(true),
@@ -317,7 +410,10 @@ fn pod_spec(sp: &StreamPipeline, name: &str, settings: &BuildSettings) -> PodSpe
                 ..Volume::default()
             },
             Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
-        ]),
+        ]
+        .into_iter()
+        .chain(secret_volumes)
+        .collect()),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(65532),
@@ -471,5 +567,118 @@ spec:
         let udp: Vec<i32> =
             pod.containers[0].ports.iter().flatten().filter(|p| p.protocol.as_deref() == Some("UDP")).map(|p| p.container_port).collect();
         assert_eq!(udp, [5004, 5005, 7004]);
+    }
+
+    fn rtsp_pipeline(sources: &str) -> StreamPipeline {
+        serde_yaml::from_str(&format!(
+            "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: cams, namespace: video, uid: 1}}\n\
+             spec:\n  sources:\n{sources}"
+        ))
+        .unwrap()
+    }
+
+    fn secret_volumes(d: &Desired) -> (Vec<Volume>, Vec<VolumeMount>) {
+        let pod = d.statefulset.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        let volumes = pod.volumes.unwrap().into_iter().filter(|v| v.secret.is_some()).collect();
+        let mounts = pod.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_path.starts_with(CREDENTIALS_MOUNT))
+            .collect();
+        (volumes, mounts)
+    }
+
+    /// A pulled source needs no Service and no port on the pod; its Secret is
+    /// mounted read-only where the data plane reads it
+    /// (`zerodrop_dataplane::ingest::rtsp::mounted_secret_dir`).
+    #[test]
+    fn an_rtsp_source_gets_no_service_port_and_its_secret_mounted_where_the_dataplane_reads_it() {
+        let sp = rtsp_pipeline(
+            "    - {name: door, codec: h264, transport: {rtsp: {url: \"rtsp://10.1.2.3:554/stream1\", credentialsSecret: {name: door-creds}}}}\n\
+             \x20   - {name: yard, codec: h264, transport: {rtp: {port: 5004}}}\n",
+        );
+        let d = build(&sp, &settings()).unwrap();
+        assert_eq!(d.source_services.len(), 1, "only the pushed source has a Service");
+        assert_eq!(d.source_services[0].metadata.name.as_deref(), Some("cams-yard"));
+        let pod = d.statefulset.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        let udp: Vec<i32> =
+            pod.containers[0].ports.iter().flatten().filter(|p| p.protocol.as_deref() == Some("UDP")).map(|p| p.container_port).collect();
+        assert_eq!(udp, [5004, 5005], "the RTSP source declares no port");
+
+        let (volumes, mounts) = secret_volumes(&d);
+        assert_eq!(volumes.len(), 1);
+        assert_eq!(volumes[0].secret.as_ref().unwrap().secret_name.as_deref(), Some("door-creds"));
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].name, volumes[0].name);
+        assert_eq!(mounts[0].mount_path, "/var/run/zerodrop/credentials/door-creds");
+        assert_eq!(mounts[0].read_only, Some(true));
+        // The config the pod reads still names the Secret, not its contents.
+        let text = render_config(&sp, 1).unwrap();
+        let parsed = zerodrop_crds::parse_manifests(&text).unwrap();
+        assert_eq!(parsed[0].spec.sources[0].transport.rtsp.as_ref().unwrap().credentials_secret.as_ref().unwrap().name, "door-creds");
+
+        let without = rtsp_pipeline("    - {name: door, codec: h264, transport: {rtsp: {url: \"rtsp://10.1.2.3/s\"}}}\n");
+        let d = build(&without, &settings()).unwrap();
+        assert!(d.source_services.is_empty());
+        assert!(secret_volumes(&d).0.is_empty(), "no credentials, no volume");
+    }
+
+    #[test]
+    fn sources_sharing_a_secret_mount_it_once() {
+        let sp = rtsp_pipeline(
+            "    - {name: a, codec: h264, transport: {rtsp: {url: \"rtsp://10.0.0.1/a\", credentialsSecret: {name: nvr}}}}\n\
+             \x20   - {name: b, codec: h265, transport: {rtsp: {url: \"rtsp://10.0.0.1/b\", credentialsSecret: {name: nvr, usernameKey: user-b, passwordKey: pass-b}}}}\n\
+             \x20   - {name: c, codec: h264, transport: {rtsp: {url: \"rtsp://10.0.0.2/c\", credentialsSecret: {name: other.creds}}}}\n",
+        );
+        let d = build(&sp, &settings()).unwrap();
+        let (volumes, mounts) = secret_volumes(&d);
+        let secrets: Vec<&str> = volumes.iter().map(|v| v.secret.as_ref().unwrap().secret_name.as_deref().unwrap()).collect();
+        assert_eq!(secrets, ["nvr", "other.creds"]);
+        let paths: Vec<&str> = mounts.iter().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(paths, ["/var/run/zerodrop/credentials/nvr", "/var/run/zerodrop/credentials/other.creds"]);
+        assert_eq!(credentials_secrets(&sp), [("nvr".to_string(), "a".to_string()), ("other.creds".to_string(), "c".to_string())]);
+        let pod = d.statefulset.spec.unwrap().template.spec.unwrap();
+        let mut names: Vec<&str> = pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), pod.volumes.as_ref().unwrap().len(), "volume names are unique: {names:?}");
+    }
+
+    #[test]
+    fn credentials_volume_names_are_unique_dns_labels() {
+        let is_label = |n: &str| {
+            n.len() <= 63
+                && n.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                && !n.starts_with('-')
+                && !n.ends_with('-')
+        };
+        // Short and plain, dotted, long ones sharing a prefix, and both sides
+        // of the length where `cred-<name>` stops fitting.
+        let names = ["nvr".to_string(), "my.secret".into(), "my-secret".into(), "a".repeat(200), format!("{}b", "a".repeat(199)), "x".repeat(58), "x".repeat(59)];
+        let volumes: Vec<String> = names.iter().map(|n| credentials_volume_name(n)).collect();
+        for v in &volumes {
+            assert!(is_label(v), "{v:?} is a DNS label");
+        }
+        assert_eq!(volumes[0], "cred-nvr");
+        let mut distinct = volumes.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), volumes.len(), "{volumes:?}");
+    }
+
+    #[test]
+    fn a_source_without_a_transport_or_with_a_bad_secret_name_is_refused() {
+        let none = rtsp_pipeline("    - {name: a, codec: h264, transport: {}}\n");
+        assert!(matches!(build(&none, &settings()), Err(BuildError::NoTransport { index: 0 })));
+        let both = rtsp_pipeline("    - {name: a, codec: h264, transport: {rtp: {port: 5004}, rtsp: {url: \"rtsp://10.0.0.1/a\"}}}\n");
+        assert!(matches!(build(&both, &settings()), Err(BuildError::TwoTransports { index: 0 })));
+        for bad in ["../../etc", "Caps", "a/b", "-a", "a..b"] {
+            let sp = rtsp_pipeline(&format!(
+                "    - {{name: a, codec: h264, transport: {{rtsp: {{url: \"rtsp://10.0.0.1/a\", credentialsSecret: {{name: \"{bad}\"}}}}}}}}\n"
+            ));
+            assert!(matches!(build(&sp, &settings()), Err(BuildError::SecretName { index: 0, .. })), "{bad:?} refused");
+        }
     }
 }
