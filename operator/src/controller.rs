@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -39,6 +39,12 @@ pub const APPLIED_HASH: &str = "zerodrop.dev/applied-hash";
 /// How long a write the watch has not shown yet holds back another write of
 /// the same object (the watch normally shows it within milliseconds).
 const WRITE_SETTLE: Duration = Duration::from_secs(10);
+/// How soon a pipeline whose credentials Secret is missing looks again (the
+/// operator does not watch Secrets: it may only `get` them).
+const SECRET_RECHECK: Duration = Duration::from_secs(10);
+/// The Ready condition's reason, and the Event's, while a Secret an RTSP
+/// source names does not exist.
+pub const SECRET_MISSING: &str = "SecretMissing";
 /// Stream ownership entries kept in status; larger pipelines are truncated.
 pub use zerodrop_core::limits::MAX_STREAM_STATUSES as MAX_STATUS_STREAMS;
 
@@ -288,14 +294,96 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action, E
             publish(ctx, sp, EventType::Normal, "Scaling", &note).await;
         }
 
+    // credentials: the objects above are applied all the same (the pods
+    // wait for a missing Secret in ContainerCreating and start once it
+    // appears); the Ready condition and an Event say which one is missing.
+    let missing = missing_secrets(ctx, sp, &ns).await?;
+    for m in &missing {
+        if !status_names_missing(sp.status.as_ref(), &m.secret) {
+            let related = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Secret".into()),
+                namespace: Some(ns.clone()),
+                name: Some(m.secret.clone()),
+                ..ObjectReference::default()
+            };
+            publish_related(ctx, sp, EventType::Warning, SECRET_MISSING, &m.message(&ns), related).await;
+        }
+    }
+
     // status, from the cached StatefulSet (its status changes trigger a reconcile)
     let observed = cached(&caches.statefulsets, &ns, &sts_name);
-    let status = observed_status(sp, observed.as_deref());
+    let status = with_missing_secrets(sp, observed_status(sp, observed.as_deref()), &missing, &ns);
     write_status(ctx, sp, status).await?;
     if writes > 0 {
         tracing::info!(pipeline = %key(sp), writes, "reconciled");
     }
-    Ok(Action::requeue(if pending { WRITE_SETTLE } else { Duration::from_secs(300) }))
+    let next = if pending {
+        WRITE_SETTLE
+    } else if !missing.is_empty() {
+        SECRET_RECHECK
+    } else {
+        Duration::from_secs(300)
+    };
+    Ok(Action::requeue(next))
+}
+
+/// A credentials Secret an RTSP source names that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingSecret {
+    /// The first source that names it.
+    pub source: String,
+    pub secret: String,
+}
+
+impl MissingSecret {
+    /// The Ready condition's message and the Event's note: names, never
+    /// anything of the Secret's contents.
+    pub fn message(&self, namespace: &str) -> String {
+        format!(
+            "source {}: Secret {} (its RTSP credentials) not found in namespace {namespace}; \
+             the data-plane pods mount it and stay in ContainerCreating until it exists",
+            self.source, self.secret
+        )
+    }
+}
+
+/// The credentials Secrets of the pipeline's RTSP sources that do not exist,
+/// each asked for with one GET of its metadata only: the operator neither
+/// lists nor watches Secrets, and their values never reach it.
+async fn missing_secrets(ctx: &Context, sp: &StreamPipeline, ns: &str) -> Result<Vec<MissingSecret>, Error> {
+    let wanted = desired::credentials_secrets(sp);
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut missing = Vec::new();
+    for (secret, source) in wanted {
+        if api.get_metadata_opt(&secret).await?.is_none() {
+            tracing::warn!(pipeline = %key(sp), source = %source, secret = %secret, "credentials Secret not found");
+            missing.push(MissingSecret { source, secret });
+        }
+    }
+    Ok(missing)
+}
+
+/// `status` with Ready False while a credentials Secret is missing, its
+/// message naming each missing one.
+pub fn with_missing_secrets(sp: &StreamPipeline, mut status: StreamPipelineStatus, missing: &[MissingSecret], ns: &str) -> StreamPipelineStatus {
+    if !missing.is_empty() {
+        let message = missing.iter().map(|m| m.message(ns)).collect::<Vec<_>>().join("; ");
+        status.conditions[0] = condition(sp.status.as_ref(), ConditionType::Ready, false, SECRET_MISSING, &message, sp.metadata.generation);
+    }
+    status
+}
+
+/// Whether the pipeline's status already reports Secret `secret` missing
+/// (then its Event was published: a requeue or a restarted operator does
+/// not publish it again).
+fn status_names_missing(status: Option<&StreamPipelineStatus>, secret: &str) -> bool {
+    status.and_then(|s| s.condition(ConditionType::Ready)).is_some_and(|c| {
+        c.status == "False" && c.reason == SECRET_MISSING && c.message.contains(&format!("Secret {secret} "))
+    })
 }
 
 pub fn error_policy(sp: Arc<StreamPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -544,6 +632,15 @@ async fn publish_unique(ctx: &Context, sp: &StreamPipeline, type_: EventType, re
     }
 }
 
+/// An Event about the pipeline and a related object (a Secret): the shared
+/// recorder folds repeats per related object, not across them.
+async fn publish_related(ctx: &Context, sp: &StreamPipeline, type_: EventType, reason: &str, note: &str, related: ObjectReference) {
+    let event = Event { type_, reason: reason.into(), note: Some(note.into()), action: "Reconcile".into(), secondary: Some(related) };
+    if let Err(e) = ctx.recorder.publish(&event, &sp.object_ref(&())).await {
+        tracing::debug!(error = %e, "event not published");
+    }
+}
+
 pub(crate) async fn publish(ctx: &Context, sp: &StreamPipeline, type_: EventType, reason: &str, note: &str) {
     let event = Event { type_, reason: reason.into(), note: Some(note.into()), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&event, &sp.object_ref(&())).await {
@@ -633,6 +730,30 @@ spec:
         status.streams[0].frames_decoded = 1234;
         sp.status = Some(status);
         let again = observed_status(&sp, Some(&sts(2, 2)));
+        assert_eq!(reconcile_fields(&again), reconcile_fields(sp.status.as_ref().unwrap()));
+    }
+
+    #[test]
+    fn a_missing_secret_makes_ready_false_naming_it_until_it_exists() {
+        let mut sp = pipeline();
+        let missing = [MissingSecret { source: "a".into(), secret: "cam-creds".into() }];
+        let s = with_missing_secrets(&sp, observed_status(&sp, Some(&sts(2, 2))), &missing, "video");
+        let ready = s.condition(ConditionType::Ready).unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", SECRET_MISSING));
+        assert!(ready.message.contains("source a: Secret cam-creds ") && ready.message.contains("namespace video"), "{}", ready.message);
+        assert!(ready.message.contains("ContainerCreating"), "{}", ready.message);
+        assert_eq!(ready.observed_generation, Some(4));
+        assert_eq!(s.condition(ConditionType::Scaling).unwrap().status, "False", "Scaling is left as observed");
+        sp.status = Some(s.clone());
+        assert!(status_names_missing(sp.status.as_ref(), "cam-creds"), "reported: no second Event");
+        assert!(!status_names_missing(sp.status.as_ref(), "cam"), "another Secret's name is not a match");
+        // Once the Secret exists, the observed readiness is back.
+        let cleared = with_missing_secrets(&sp, observed_status(&sp, Some(&sts(2, 2))), &[], "video");
+        let ready = cleared.condition(ConditionType::Ready).unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "AllShardsReady"));
+        assert!(!status_names_missing(Some(&cleared), "cam-creds"));
+        // Steady while missing: the same status again, so nothing is written.
+        let again = with_missing_secrets(&sp, observed_status(&sp, Some(&sts(2, 2))), &missing, "video");
         assert_eq!(reconcile_fields(&again), reconcile_fields(sp.status.as_ref().unwrap()));
     }
 
