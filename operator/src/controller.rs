@@ -350,7 +350,8 @@ impl MissingSecret {
 
 /// The credentials Secrets of the pipeline's RTSP sources that do not exist,
 /// each asked for with one GET of its metadata only: the operator neither
-/// lists nor watches Secrets, and their values never reach it.
+/// lists nor watches Secrets, and their values never reach it. Where it may
+/// not `get` them, none is reported missing.
 async fn missing_secrets(ctx: &Context, sp: &StreamPipeline, ns: &str) -> Result<Vec<MissingSecret>, Error> {
     let wanted = desired::credentials_secrets(sp);
     if wanted.is_empty() {
@@ -359,9 +360,20 @@ async fn missing_secrets(ctx: &Context, sp: &StreamPipeline, ns: &str) -> Result
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut missing = Vec::new();
     for (secret, source) in wanted {
-        if api.get_metadata_opt(&secret).await?.is_none() {
-            tracing::warn!(pipeline = %key(sp), source = %source, secret = %secret, "credentials Secret not found");
-            missing.push(MissingSecret { source, secret });
+        match api.get_metadata_opt(&secret).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::warn!(pipeline = %key(sp), source = %source, secret = %secret, "credentials Secret not found");
+                missing.push(MissingSecret { source, secret });
+            }
+            // Not allowed to look (RBAC without `get` on secrets): the pods
+            // mount the Secret all the same; only this early report is lost,
+            // and the rest of the reconcile and the status go on.
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                tracing::warn!(pipeline = %key(sp), source = %source, secret = %secret,
+                    "cannot check whether the credentials Secret exists (forbidden): grant `get` on secrets to report a missing one");
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(missing)
