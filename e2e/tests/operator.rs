@@ -288,3 +288,78 @@ fn two_operator_replicas_elect_one_leader_and_the_standby_takes_over() -> anyhow
     })?;
     Ok(())
 }
+
+/// Two RTSP sources sharing one credentials Secret, and a pushed one.
+fn rtsp_pipeline() -> String {
+    "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {name: doors}\nspec:\n  \
+     scaling: {minReplicas: 1, maxReplicas: 2, replicas: 1}\n  decode: {decoder: software}\n  sources:\n    \
+     - {name: door, codec: h264, transport: {rtsp: {url: \"rtsp://127.0.0.1:8554/cam\", credentialsSecret: {name: door-creds}}}}\n    \
+     - {name: door-2, codec: h264, transport: {rtsp: {url: \"rtsp://127.0.0.1:8554/cam2\", lowerTransport: udp, credentialsSecret: {name: door-creds}}}}\n    \
+     - {name: yard, codec: h264, transport: {rtp: {port: 26100}}}\n"
+        .to_string()
+}
+
+fn ready_condition(cluster: &TestCluster, name: &str) -> Option<Value> {
+    let sp = json(cluster, &["get", "sp", name]);
+    sp["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Ready").cloned()
+}
+
+/// An RTSP source is pulled by the pod: no Service, its credentials Secret
+/// mounted where the data plane reads it. While the Secret does not exist,
+/// a Warning Event and the Ready condition name it, and the rest is
+/// reconciled as usual; once it is created the next reconcile clears it.
+#[test]
+fn an_rtsp_sources_missing_credentials_secret_is_reported_until_it_exists_and_mounted_in_the_pods() -> anyhow::Result<()> {
+    let cluster = TestCluster::start()?;
+    install_crd(&cluster)?;
+    let _operator = Operator::start(&cluster, 27085, "operator-rtsp.log", &["--control", "false"]);
+    cluster.apply_yaml(&rtsp_pipeline())?;
+
+    let ready = cluster.wait_for("Ready=False naming the missing Secret", Duration::from_secs(60), || {
+        Ok(ready_condition(&cluster, "doors").filter(|c| c["status"] == "False" && c["reason"] == "SecretMissing"))
+    })?;
+    let message = ready["message"].as_str().unwrap_or_default();
+    assert!(message.contains("source door: Secret door-creds "), "names the source and the Secret: {message}");
+    assert!(message.contains("ContainerCreating"), "says what the pods do meanwhile: {message}");
+    let events = cluster.wait_for("the SecretMissing Event", Duration::from_secs(30), || {
+        let list = json(&cluster, &["get", "events", "--field-selector", "reason=SecretMissing,involvedObject.name=doors"]);
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        Ok((!items.is_empty()).then_some(items))
+    })?;
+    assert_eq!(events.len(), 1, "one Event for the one Secret, repeats folded into it: {events:?}");
+    assert_eq!(events[0]["type"], "Warning");
+    assert!(events[0]["message"].as_str().is_some_and(|m| m.contains("Secret door-creds ")), "{:?}", events[0]);
+
+    // The rest is reconciled all the same (the status comes after every
+    // apply of the reconcile): the StatefulSet, and a Service for the
+    // pushed source only.
+    let sts = json(&cluster, &["get", "statefulset", "doors-dataplane"]);
+    let pod = &sts["spec"]["template"]["spec"];
+    let secret_volumes: Vec<&Value> =
+        pod["volumes"].as_array().unwrap().iter().filter(|v| !v["secret"].is_null()).collect();
+    assert_eq!(secret_volumes.len(), 1, "two sources share one Secret, mounted once: {pod}");
+    assert_eq!(secret_volumes[0]["secret"]["secretName"], "door-creds");
+    let volume = secret_volumes[0]["name"].as_str().unwrap();
+    let mount = pod["containers"][0]["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == volume).cloned();
+    let mount = mount.with_context(|| format!("volume {volume} mounted: {pod}"))?;
+    assert_eq!(mount["mountPath"], "/var/run/zerodrop/credentials/door-creds", "where the data plane reads it");
+    assert_eq!(mount["readOnly"], true);
+    let services = json(&cluster, &["get", "services", "-l", "zerodrop.dev/pipeline=doors"]);
+    let mut names: Vec<&str> = services["items"].as_array().unwrap().iter().filter_map(|s| s["metadata"]["name"].as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["doors-dataplane", "doors-yard"], "pulled sources get no Service");
+
+    // The Secret appears: the next reconcile (a periodic recheck, the
+    // operator does not watch Secrets) clears the condition.
+    cluster.kubectl_ok(["create", "secret", "generic", "door-creds", "--from-literal=username=viewer", "--from-literal=password=e2e-not-logged"])?;
+    let ready = cluster.wait_for("Ready no longer naming the Secret", Duration::from_secs(60), || {
+        Ok(ready_condition(&cluster, "doors").filter(|c| c["reason"] != "SecretMissing"))
+    })?;
+    assert!(!ready["message"].as_str().unwrap_or_default().contains("door-creds"), "{ready}");
+    cluster.wait_for("Ready=True (kwok runs the pod)", Duration::from_secs(120), || {
+        Ok(ready_condition(&cluster, "doors").filter(|c| c["status"] == "True"))
+    })?;
+    let log = std::fs::read_to_string(cluster.dir().join("operator-rtsp.log"))?;
+    assert!(!log.contains("e2e-not-logged"), "the operator never reads the Secret's values");
+    Ok(())
+}
