@@ -4,7 +4,8 @@
 # the tests drive (among them Prometheus 2.42 and promtool, which the chart's
 # alert and dashboard tests run, and Chromium with hls.js from npm, which play
 # the HLS output in e2e/tests/hls_browser.rs, and gst-rtsp-server with
-# Python's GObject bindings, the RTSP server of e2e/tests/rtsp_ingest.rs). Safe to run again; skips apt when everything
+# Python's GObject bindings, the RTSP server of e2e/tests/rtsp_ingest.rs, and
+# srt-live-transmit, the SRT peer of e2e/tests/srt_ingest.rs). Safe to run again; skips apt when everything
 # is present.
 set -euo pipefail
 
@@ -16,7 +17,7 @@ PACKAGES=(
   ffmpeg iproute2 nftables curl python3 openssl unzip
   clang libbpf-dev bpftool linux-libc-dev
   prometheus chromium
-  python3-gi gir1.2-gst-rtsp-server-1.0
+  python3-gi gir1.2-gst-rtsp-server-1.0 srt-tools
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

@@ -249,7 +249,7 @@ pub struct Source {
     #[schemars(extend("x-kubernetes-validations" = rules::source_name()))]
     pub name: String,
     /// How the stream reaches the pipeline. Set exactly one member: rtp (pushed to the
-    /// pipeline) or rtsp (pulled from a server).
+    /// pipeline), rtsp (pulled from a server) or srt (MPEG-TS over SRT, either direction).
     pub transport: Transport,
     /// The video codec the stream carries: h264 or h265.
     pub codec: Codec,
@@ -341,6 +341,67 @@ pub struct Transport {
     /// The pipeline pulls the stream from an RTSP server: a camera or a media server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtsp: Option<RtspTransport>,
+    /// SRT (Secure Reliable Transport) carrying MPEG-TS, as contribution encoders send it:
+    /// the pipeline listens for the sender, or calls it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srt: Option<SrtTransport>,
+}
+
+/// SRT carrying an MPEG-TS with one H.264 or H.265 video stream. Repair is SRT's own
+/// (retransmissions within `repair.latencyMs`, its latency); what it could not repair in
+/// time reaches the data plane as damaged or missing frames, which are dropped and counted.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = rules::srt_transport()))]
+pub struct SrtTransport {
+    /// `listener` (the default: the sender calls the pipeline, on `port`) or `caller` (the
+    /// pipeline calls a sender that listens at `address`:`port`).
+    #[serde(default)]
+    pub mode: SrtMode,
+    /// Listener: the IP address to listen on (defaults to 0.0.0.0). Caller: the host name
+    /// or IP address of the sender (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub address: Option<String>,
+    /// Listener: the UDP port to listen on, unique within the pipeline. Caller: the
+    /// sender's port. 1-65535.
+    #[schemars(range(min = 1))]
+    pub port: u16,
+    /// The SRT stream ID to ask for (caller) or to accept (listener, when set), at most 512
+    /// characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub stream_id: Option<String>,
+    /// A Secret in the pipeline's namespace holding the passphrase that encrypts the link
+    /// (10-79 characters, as libsrt requires). Unset: unencrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passphrase_secret: Option<PassphraseSecret>,
+}
+
+/// SRT connection mode.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SrtMode {
+    #[default]
+    Listener,
+    Caller,
+}
+
+/// Where an SRT passphrase is kept.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PassphraseSecret {
+    /// Name of the Secret, in the pipeline's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the passphrase in the Secret. Defaults to `passphrase`.
+    #[serde(default = "default_passphrase_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_passphrase_key() -> String {
+    "passphrase".into()
 }
 
 /// RTSP pull (RFC 2326): the pipeline connects to the server, asks for one video stream and

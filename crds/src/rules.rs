@@ -156,10 +156,26 @@ pub fn source() -> Value {
 pub fn transport() -> Value {
     // Written as a count so that adding a member (srt, rtsp) is one more entry.
     json!([rule(
-        "[has(self.rtp), has(self.rtsp)].filter(set, set).size() == 1",
-        "transport must set exactly one member: rtp or rtsp",
+        "[has(self.rtp), has(self.rtsp), has(self.srt)].filter(set, set).size() == 1",
+        "transport must set exactly one member: rtp, rtsp or srt",
         None,
     )])
+}
+
+/// Rules on `spec.sources[*].transport.srt`.
+pub fn srt_transport() -> Value {
+    json!([
+        rule(
+            "!has(self.mode) || self.mode != 'caller' || has(self.address)",
+            "srt.address is required in caller mode: the host or IP address of the sender to call",
+            Some(".address"),
+        ),
+        rule(
+            "!has(self.mode) || self.mode == 'caller' || !has(self.address) || isIP(self.address)",
+            "srt.address must be an IP address to listen on in listener mode, such as 0.0.0.0",
+            Some(".address"),
+        ),
+    ])
 }
 
 /// Rules on `spec.sources[*].transport.rtsp.url`.

@@ -39,6 +39,8 @@ pub struct SourceConfig {
     pub restream: Option<crate::output::restream::RestreamSettings>,
     /// Pulled from an RTSP server (`transport.rtsp`) instead of pushed.
     pub rtsp: Option<crate::ingest::rtsp::RtspSettings>,
+    /// MPEG-TS over SRT (`transport.srt`) instead of RTP.
+    pub srt: Option<crate::ingest::srt::SrtSettings>,
 }
 
 /// Where a source's FEC arrives and how to read it.
@@ -56,6 +58,12 @@ impl SourceConfig {
         format!("{}/{}", self.pipeline, self.name)
     }
 
+    /// Whether an ingest task feeds the source through a local socket
+    /// (RTSP, SRT) rather than the worker reading its own UDP sockets.
+    pub fn pulled(&self) -> bool {
+        self.rtsp.is_some() || self.srt.is_some()
+    }
+
     /// Every UDP socket the source binds: RTP, RTCP unless muxed, and the FEC
     /// sockets when FEC is decoded. Kernel drops on any of them are the
     /// stream's, and no other source may bind any of them.
@@ -64,6 +72,13 @@ impl SourceConfig {
             // Retina's UDP sockets (RTSP over UDP) are its own, on ports the
             // server and it agree on at each SETUP.
             return Vec::new();
+        }
+        if let Some(srt) = &self.srt {
+            // libsrt's socket: a listener's port is known; a caller's is not.
+            return match srt.mode {
+                zerodrop_crds::SrtMode::Listener => vec![self.rtp_bind],
+                zerodrop_crds::SrtMode::Caller => Vec::new(),
+            };
         }
         let mut s = vec![self.rtp_bind];
         s.extend(self.rtcp_bind);
@@ -78,10 +93,11 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
     let spec = &pipeline.spec;
     let mut out = Vec::with_capacity(spec.sources.len());
     for (i, source) in spec.sources.iter().enumerate() {
-        let pushed = match (&source.transport.rtp, &source.transport.rtsp) {
-            (Some(rtp), None) => Some(rtp),
-            (None, Some(_)) => None,
-            _ => anyhow::bail!("pipeline {name}: spec.sources[{i}].transport: set exactly one of rtp and rtsp"),
+        let t = &source.transport;
+        let pushed = match (&t.rtp, t.rtsp.is_some(), t.srt.is_some()) {
+            (Some(rtp), false, false) => Some(rtp),
+            (None, true, false) | (None, false, true) => None,
+            _ => anyhow::bail!("pipeline {name}: spec.sources[{i}].transport: set exactly one of rtp, rtsp and srt"),
         };
         let ip: IpAddr = match pushed {
             Some(rtp) => rtp.listen_address.parse().with_context(|| {
@@ -90,7 +106,35 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                     rtp.listen_address
                 )
             })?,
-            None => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            None => match &t.srt {
+                Some(srt) if srt.mode == zerodrop_crds::SrtMode::Listener => {
+                    srt.address.as_deref().unwrap_or("0.0.0.0").parse().with_context(|| {
+                        format!("pipeline {name}: spec.sources[{i}].transport.srt.address: expected an IP address to listen on, got {:?}", srt.address)
+                    })?
+                }
+                _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            },
+        };
+        let srt = match &t.srt {
+            Some(s) => {
+                anyhow::ensure!(
+                    s.mode == zerodrop_crds::SrtMode::Listener || s.address.is_some(),
+                    "pipeline {name}: spec.sources[{i}].transport.srt.address: required in caller mode (the sender to call)"
+                );
+                Some(crate::ingest::srt::SrtSettings {
+                    mode: s.mode,
+                    address: s.address.clone(),
+                    port: s.port,
+                    stream_id: s.stream_id.clone(),
+                    passphrase: s
+                        .passphrase_secret
+                        .as_ref()
+                        .map(|p| crate::ingest::pulled::SecretSource::Directory(crate::ingest::pulled::mounted_secret_dir(&p.name))),
+                    passphrase_key: s.passphrase_secret.as_ref().map_or_else(|| "passphrase".into(), |p| p.key.clone()),
+                    latency: Duration::from_millis(spec.repair.latency_ms as u64),
+                })
+            }
+            None => None,
         };
         let rtsp = match &source.transport.rtsp {
             Some(r) => {
@@ -110,11 +154,12 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
                     transport: r.lower_transport,
                     video_stream: r.video_stream,
                     timeout: Duration::from_secs(u64::from(r.timeout_seconds.max(1))),
-                    credentials: r.credentials_secret.as_ref().map(|c| crate::ingest::rtsp::CredentialSource::Directory {
-                        dir: crate::ingest::rtsp::mounted_secret_dir(&c.name),
-                        username_key: c.username_key.clone(),
-                        password_key: c.password_key.clone(),
-                    }),
+                    credentials: r
+                        .credentials_secret
+                        .as_ref()
+                        .map(|c| crate::ingest::pulled::SecretSource::Directory(crate::ingest::pulled::mounted_secret_dir(&c.name))),
+                    username_key: r.credentials_secret.as_ref().map_or_else(|| "username".into(), |c| c.username_key.clone()),
+                    password_key: r.credentials_secret.as_ref().map_or_else(|| "password".into(), |c| c.password_key.clone()),
                 })
             }
             None => None,
@@ -162,15 +207,16 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             payload_type: source.payload_type,
             clock_rate: source.clock_rate,
             rtx_payload_type: source.rtx_payload_type,
-            rtp_bind: SocketAddr::new(ip, pushed.map_or(0, |r| r.port)),
+            rtp_bind: SocketAddr::new(ip, pushed.map(|r| r.port).or(srt.as_ref().map(|s| s.port)).unwrap_or(0)),
             rtcp_bind: pushed.filter(|r| !r.rtcp_mux).map(|r| SocketAddr::new(ip, r.effective_rtcp_port())),
             receive_buffer: pushed
                 .and_then(|r| r.receive_buffer_bytes)
                 .map_or(DEFAULT_RECEIVE_BUFFER_BYTES, |b| b as usize),
             jitter: JitterSettings {
                 latency: Duration::from_millis(spec.repair.latency_ms as u64),
-                // Retina sets up RTP/AVP (no feedback): nobody to ask.
-                nack: spec.repair.nack.enabled && rtsp.is_none(),
+                // Retina sets up RTP/AVP (no feedback), and SRT repairs
+                // itself: nobody to ask.
+                nack: spec.repair.nack.enabled && pushed.is_some(),
                 max_nack_retries: spec.repair.nack.max_retries,
                 ..JitterSettings::default()
             },
@@ -187,6 +233,7 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             }),
             restream,
             rtsp,
+            srt,
         });
     }
     Ok(out)

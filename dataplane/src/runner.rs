@@ -56,28 +56,34 @@ pub struct RunArgs {
     /// Where kernel UDP drops per stream come from.
     #[arg(long, value_enum, default_value = "auto")]
     pub kernel_drops: crate::kernel_drops::KernelDropMode,
-    /// Credentials of an RTSP source, `PIPELINE/SOURCE=WHERE` (repeatable):
-    /// WHERE is a directory holding files `username` and `password` (laid
-    /// out like a mounted Secret), or `env:PREFIX` for the environment
-    /// variables PREFIX_USERNAME and PREFIX_PASSWORD. Read at each dial;
-    /// never printed.
-    #[arg(long = "rtsp-credentials", value_name = "PIPELINE/SOURCE=WHERE")]
-    pub rtsp_credentials: Vec<String>,
+    /// Secrets of a pulled source, `PIPELINE/SOURCE=WHERE` (repeatable): an
+    /// RTSP source's user name and password, an SRT source's passphrase.
+    /// WHERE is a directory laid out like a mounted Secret (files
+    /// `username` and `password`, or `passphrase`; other names when the
+    /// spec's secret reference names other keys), or `env:PREFIX` for the
+    /// environment variables PREFIX_USERNAME and PREFIX_PASSWORD, or
+    /// PREFIX_PASSPHRASE. Read at each dial; never printed.
+    #[arg(long = "credentials", value_name = "PIPELINE/SOURCE=WHERE")]
+    pub credentials: Vec<String>,
 }
 
-/// Applies `--rtsp-credentials` to the pulled sources it names.
+/// Applies `--credentials` to the pulled sources it names.
 fn apply_credentials(sources: &mut [SourceConfig], flags: &[String]) -> anyhow::Result<()> {
     for flag in flags {
         let (id, where_) = flag
             .split_once('=')
-            .with_context(|| format!("--rtsp-credentials {flag:?}: expected PIPELINE/SOURCE=DIRECTORY or PIPELINE/SOURCE=env:PREFIX"))?;
+            .with_context(|| format!("--credentials {flag:?}: expected PIPELINE/SOURCE=DIRECTORY or PIPELINE/SOURCE=env:PREFIX"))?;
         let known: Vec<String> = sources.iter().map(SourceConfig::id).collect();
         let source = sources
             .iter_mut()
             .find(|s| s.id() == id)
-            .with_context(|| format!("--rtsp-credentials: no source {id:?} in the manifest (sources: {})", known.join(", ")))?;
-        let rtsp = source.rtsp.as_mut().with_context(|| format!("--rtsp-credentials: source {id} is not an RTSP source"))?;
-        rtsp.credentials = Some(crate::ingest::rtsp::CredentialSource::parse(where_));
+            .with_context(|| format!("--credentials: no source {id:?} in the manifest (sources: {})", known.join(", ")))?;
+        let secret = crate::ingest::pulled::SecretSource::parse(where_);
+        match (&mut source.rtsp, &mut source.srt) {
+            (Some(rtsp), _) => rtsp.credentials = Some(secret),
+            (None, Some(srt)) => srt.passphrase = Some(secret),
+            (None, None) => anyhow::bail!("--credentials: source {id} is pushed RTP: it has no credentials"),
+        }
     }
     Ok(())
 }
@@ -112,7 +118,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if let Err(e) = apply_credentials(&mut sources, &args.rtsp_credentials) {
+    if let Err(e) = apply_credentials(&mut sources, &args.credentials) {
         eprintln!("{e:#}");
         std::process::exit(EXIT_INVALID_INPUT);
     }
@@ -146,6 +152,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     for s in sources.iter() {
         if let Some(r) = &s.rtsp {
             eprintln!("zerodrop: {}: pulling {} over {:?}", s.id(), r.url, r.transport);
+        }
+        if let Some(srt) = &s.srt {
+            eprintln!("zerodrop: {}: SRT {}", s.id(), srt.uri());
         }
     }
     for s in sources.iter().filter(|s| s.hls.is_some()) {

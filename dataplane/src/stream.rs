@@ -436,8 +436,8 @@ impl Stream {
             self.metrics.discarded("rtp_header");
             return;
         }
-        if self.cfg.rtsp.is_some()
-            && let Some(control) = crate::ingest::rtsp::control_message(datagram)
+        if self.cfg.pulled()
+            && let Some(control) = crate::ingest::pulled::control_message(datagram)
         {
             self.on_pull_control(control, now);
             return;
@@ -647,13 +647,13 @@ impl Stream {
     /// A pulled source's session started (its payload type and SDP
     /// parameter sets) or ended (what the old session sent is handed on and
     /// the next packets start afresh, whatever their SSRC).
-    fn on_pull_control(&mut self, control: crate::ingest::rtsp::Control, now: Instant) {
-        use crate::ingest::rtsp::Control;
+    fn on_pull_control(&mut self, control: crate::ingest::pulled::Control, now: Instant) {
+        use crate::ingest::pulled::Control;
         match control {
             Control::Started(d) => {
                 tracing::info!(
                     stream = %self.cfg.id(), payload_type = d.payload_type, sdp_parameter_sets = d.parameter_sets.len(),
-                    "RTSP session playing"
+                    "pulled source's session started"
                 );
                 self.cfg.payload_type = d.payload_type;
                 if !d.parameter_sets.is_empty() {

@@ -132,6 +132,7 @@ fn the_receive_thread_allocates_nothing_per_packet_in_steady_state() {
         hls: None,
         restream: None,
         rtsp: None,
+        srt: None,
         frames: None,
     };
     let options = StreamOptions { no_decode: true, ..StreamOptions::default() };

@@ -6,10 +6,10 @@
 //! credentials give a clear error and a backoff, not a retry storm; a server
 //! that dies and comes back is dialled again and its frames resume.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use zerodrop_e2e::bench::free_tcp_port;
+use zerodrop_e2e::netloss::UdpLoss;
 use zerodrop_e2e::runner::{RunnerProcess, metric_sum, metric_value};
 use zerodrop_testbench::rtsp_server::{RtspServer, RtspServerArgs};
 
@@ -116,58 +116,10 @@ fn rtsp_udp_h265_every_frame_by_content() {
     every_frame_by_content("h265", "udp");
 }
 
-/// An nftables table that drops a share of the UDP packets sent from a port
-/// range (the RTSP server's RTP and RTCP); removed on drop.
-struct UdpLoss {
-    table: String,
-}
-
-impl UdpLoss {
-    fn start(ports: (u16, u16), percent: u32) -> Self {
-        let table = format!("zd_rtsp_loss_{}", std::process::id());
-        let rules = format!(
-            "table inet {table} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n  \
-             udp sport {}-{} numgen random mod 100 < {percent} counter drop\n }}\n}}\n",
-            ports.0, ports.1
-        );
-        nft(&["-f", "-"], Some(&rules));
-        UdpLoss { table }
-    }
-
-    /// Packets the rule dropped.
-    fn dropped(&self) -> u64 {
-        let out = nft(&["list", "table", "inet", &self.table], None);
-        out.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
-    }
-}
-
-impl Drop for UdpLoss {
-    fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
-    }
-}
-
-fn nft(args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft runs (root, nftables installed by scripts/install-deps.sh)");
-    if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "nft {args:?} failed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn rtsp_udp_with_3_percent_loss_counts_every_frame_and_hands_on_none_damaged() {
     let ports = (47_000, 47_099);
-    let loss = UdpLoss::start(ports, 3);
+    let loss = UdpLoss::start(&format!("udp sport {}-{}", ports.0, ports.1), 3);
     let (sent, received, report, stderr) = pull("h264", "udp", |a| a.udp_ports = Some(ports));
     let dropped_on_path = loss.dropped();
     drop(loss);
@@ -201,7 +153,7 @@ fn rtsp_wrong_credentials_back_off_and_name_the_servers_answer() {
     let runner = RunnerProcess::start(
         &manifest(&server.url(), "h264", "tcp", 5),
         free_tcp_port().unwrap(),
-        &["--rtsp-credentials", &flag],
+        &["--credentials", &flag],
     )
     .expect("runner starts");
     wait_metrics(&runner, Duration::from_secs(20), "four refused attempts", |m| {
@@ -227,7 +179,7 @@ fn rtsp_wrong_credentials_back_off_and_name_the_servers_answer() {
     let runner = RunnerProcess::start(
         &manifest(&server.url(), "h264", "tcp", 30),
         free_tcp_port().unwrap(),
-        &["--rtsp-credentials", &flag],
+        &["--credentials", &flag],
     )
     .expect("runner starts");
     let (_, frames) = server.wait_session_end(Duration::from_secs(40)).expect("an authorised session plays to its end");

@@ -23,7 +23,10 @@
 //! plain RTP/AVP, without feedback).
 
 pub mod rtp_udp;
+pub mod pulled;
 pub mod rtsp;
+pub mod srt;
+pub mod ts;
 pub mod udp;
 pub mod worker;
 

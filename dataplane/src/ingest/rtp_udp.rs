@@ -49,13 +49,20 @@ impl AsRawFd for RxSocket {
     }
 }
 
+/// What feeds a pulled source's local socket; held for its drop, which
+/// ends the session.
+#[allow(dead_code, reason = "held only to be dropped with the source")]
+enum Pull {
+    Rtsp(RtspPull),
+    Srt(crate::ingest::srt::SrtPull),
+}
+
 /// One source: its sockets and its stream.
 pub struct UdpSource {
     stream: Stream,
     rtp_socket: RxSocket,
-    /// The RTSP pull writing into `rtp_socket`; dropping it tears the
-    /// session down.
-    _pull: Option<RtspPull>,
+    /// The pull writing into `rtp_socket`; dropping it ends the session.
+    _pull: Option<Pull>,
     rtcp_socket: Option<UdpSocket>,
     /// ST 2022-1 column and row sockets.
     fec_sockets: Vec<UdpSocket>,
@@ -64,7 +71,7 @@ pub struct UdpSource {
 impl UdpSource {
     /// Binds the source's sockets and starts its stream (and decoder).
     pub fn open(cfg: SourceConfig, metrics: StreamMetrics, options: &StreamOptions) -> anyhow::Result<UdpSource> {
-        if cfg.rtsp.is_some() {
+        if cfg.pulled() {
             return Self::open_pulled(cfg, metrics, options);
         }
         let id = cfg.id();
@@ -98,20 +105,35 @@ impl UdpSource {
         Ok(UdpSource { stream, rtp_socket: RxSocket::Udp(rtp_socket), _pull: None, rtcp_socket, fec_sockets })
     }
 
-    /// A pulled source: a local socket pair, the pull writing into one end.
+    /// A pulled source: a local socket pair, the pull (RTSP or SRT) writing
+    /// into one end.
     fn open_pulled(cfg: SourceConfig, metrics: StreamMetrics, options: &StreamOptions) -> anyhow::Result<UdpSource> {
         let id = cfg.id();
-        let settings = cfg.rtsp.clone().context("a pulled source has RTSP settings")?;
         let (ours, theirs) = UnixDatagram::pair().with_context(|| format!("{id}: cannot make the local socket pair"))?;
         ours.set_nonblocking(true).with_context(|| format!("{id}: local socket"))?;
+        // Room for a burst (a keyframe's packets) while the worker is busy;
+        // beyond it the pull waits, it does not drop.
+        let _ = socket2::SockRef::from(&ours).set_recv_buffer_size(cfg.receive_buffer);
         let stream = Stream::new(cfg.clone(), metrics.clone(), options, Instant::now())?;
-        let pull = RtspPull::start(id.clone(), settings.clone(), cfg.codec, metrics.ingest.clone(), theirs)?;
-        tracing::info!(
-            stream = %id, url = %settings.url, transport = ?settings.transport,
-            credentials = settings.credentials.as_ref().map(|c| c.describe()).unwrap_or_else(|| "none".into()),
-            decoder = stream.decoder_name().unwrap_or("none"), latency_ms = cfg.jitter.latency.as_millis() as u64,
-            "pulling"
-        );
+        let pull = match (&cfg.rtsp, &cfg.srt) {
+            (Some(settings), _) => {
+                tracing::info!(
+                    stream = %id, url = %settings.url, transport = ?settings.transport, credentials = settings.describe_credentials(),
+                    decoder = stream.decoder_name().unwrap_or("none"), latency_ms = cfg.jitter.latency.as_millis() as u64,
+                    "pulling over RTSP"
+                );
+                Pull::Rtsp(RtspPull::start(id.clone(), settings.clone(), cfg.codec, metrics.ingest.clone(), theirs)?)
+            }
+            (None, Some(settings)) => {
+                tracing::info!(
+                    stream = %id, uri = %settings.uri(), srt_latency_ms = settings.latency.as_millis() as u64,
+                    encrypted = settings.passphrase.is_some(), decoder = stream.decoder_name().unwrap_or("none"),
+                    "receiving over SRT"
+                );
+                Pull::Srt(crate::ingest::srt::SrtPull::start(id.clone(), settings.clone(), cfg.codec, cfg.payload_type, metrics.clone(), theirs)?)
+            }
+            (None, None) => anyhow::bail!("{id}: not a pulled source"),
+        };
         if let Some(r) = &options.readiness {
             r.mark_ready(&id);
         }

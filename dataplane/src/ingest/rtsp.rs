@@ -19,7 +19,6 @@
 //! Secret is used at the next dial; they never appear in errors or logs.
 
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -28,19 +27,13 @@ use futures::StreamExt;
 use zerodrop_crds::{Codec, RtspLowerTransport};
 
 use super::IngestCounters;
+use super::pulled::{Backoff, MARK_END, SecretSource, SessionDescription, encode_description};
 
 /// How long DESCRIBE, SETUP and PLAY may take together.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-/// The first wait before dialling again; doubled after each failure.
-const BACKOFF_FIRST: Duration = Duration::from_millis(500);
-/// The longest wait between two dials.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that played this long was healthy: the next failure starts the
 /// backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
-
-const MARK_DESCRIPTION: &[u8; 4] = b"\0ZDD";
-const MARK_END: &[u8; 4] = b"\0ZDE";
 
 /// A pulled RTSP source, as its spec says (credentials: only where they are).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,124 +44,26 @@ pub struct RtspSettings {
     pub video_stream: Option<u8>,
     /// Silence after which the session is given up.
     pub timeout: Duration,
-    pub credentials: Option<CredentialSource>,
+    /// Where the user name and password are read from, and under which keys.
+    pub credentials: Option<SecretSource>,
+    pub username_key: String,
+    pub password_key: String,
 }
 
-/// Where a source's user name and password are read from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CredentialSource {
-    /// A directory laid out as a mounted Secret: one file per key.
-    Directory { dir: PathBuf, username_key: String, password_key: String },
-    /// Environment variables holding the user name and the password.
-    Environment { username_var: String, password_var: String },
-}
-
-/// Where the pod mounts a source's credentials Secret: the operator mounts
-/// Secret `name` here.
-pub fn mounted_secret_dir(name: &str) -> PathBuf {
-    PathBuf::from("/var/run/zerodrop/credentials").join(name)
-}
-
-impl CredentialSource {
-    /// Parses the local runner's `--rtsp-credentials` value: `env:PREFIX`
-    /// (variables `PREFIX_USERNAME` and `PREFIX_PASSWORD`) or a directory
-    /// holding files `username` and `password`.
-    pub fn parse(value: &str) -> Self {
-        match value.strip_prefix("env:") {
-            Some(prefix) => CredentialSource::Environment {
-                username_var: format!("{prefix}_USERNAME"),
-                password_var: format!("{prefix}_PASSWORD"),
-            },
-            None => CredentialSource::Directory {
-                dir: PathBuf::from(value),
-                username_key: "username".into(),
-                password_key: "password".into(),
-            },
-        }
-    }
-
-    /// Reads the credentials. Errors name where they were looked for, never
-    /// what was found.
-    pub fn load(&self) -> anyhow::Result<retina::client::Credentials> {
-        let (username, password) = match self {
-            CredentialSource::Directory { dir, username_key, password_key } => {
-                let read = |key: &str| {
-                    let path = dir.join(key);
-                    std::fs::read_to_string(&path)
-                        .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-                        .with_context(|| format!("cannot read the credentials file {}", path.display()))
-                };
-                (read(username_key)?, read(password_key)?)
-            }
-            CredentialSource::Environment { username_var, password_var } => {
-                let read = |var: &str| {
-                    std::env::var(var).with_context(|| format!("environment variable {var} is not set (or not UTF-8)"))
-                };
-                (read(username_var)?, read(password_var)?)
-            }
-        };
-        anyhow::ensure!(!username.is_empty(), "the credentials' user name is empty ({})", self.describe());
-        Ok(retina::client::Credentials { username, password })
+impl RtspSettings {
+    /// The credentials, read now.
+    fn load_credentials(&self) -> anyhow::Result<Option<retina::client::Credentials>> {
+        let Some(source) = &self.credentials else { return Ok(None) };
+        let username = source.read(&self.username_key)?;
+        let password = source.read(&self.password_key)?;
+        anyhow::ensure!(!username.is_empty(), "the user name is empty ({})", source.describe(&[&self.username_key]));
+        Ok(Some(retina::client::Credentials { username, password }))
     }
 
     /// Where the credentials come from, for messages.
-    pub fn describe(&self) -> String {
-        match self {
-            CredentialSource::Directory { dir, username_key, password_key } => {
-                format!("{}/{{{username_key},{password_key}}}", dir.display())
-            }
-            CredentialSource::Environment { username_var, password_var } => format!("${username_var}, ${password_var}"),
-        }
+    pub fn describe_credentials(&self) -> String {
+        self.credentials.as_ref().map_or_else(|| "none".into(), |c| c.describe(&[&self.username_key, &self.password_key]))
     }
-}
-
-/// What a session description message carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionDescription {
-    pub payload_type: u8,
-    pub parameter_sets: Vec<Vec<u8>>,
-}
-
-/// A control message on the local socket, if `datagram` is one.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Control {
-    Started(SessionDescription),
-    Ended,
-    Malformed,
-}
-
-pub fn control_message(datagram: &[u8]) -> Option<Control> {
-    if datagram.first() != Some(&0) {
-        return None;
-    }
-    if datagram == MARK_END {
-        return Some(Control::Ended);
-    }
-    let Some(rest) = datagram.strip_prefix(MARK_DESCRIPTION) else { return Some(Control::Malformed) };
-    let parse = || -> Option<SessionDescription> {
-        let (&payload_type, rest) = rest.split_first()?;
-        let (&n, mut rest) = rest.split_first()?;
-        let mut parameter_sets = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
-            parameter_sets.push(rest.get(2..2 + len)?.to_vec());
-            rest = &rest[2 + len..];
-        }
-        rest.is_empty().then_some(SessionDescription { payload_type, parameter_sets })
-    };
-    Some(parse().map_or(Control::Malformed, Control::Started))
-}
-
-fn encode_description(d: &SessionDescription) -> Vec<u8> {
-    let mut out = MARK_DESCRIPTION.to_vec();
-    out.push(d.payload_type);
-    let sets: Vec<&Vec<u8>> = d.parameter_sets.iter().filter(|s| s.len() <= usize::from(u16::MAX)).take(255).collect();
-    out.push(sets.len() as u8);
-    for s in sets {
-        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        out.extend_from_slice(s);
-    }
-    out
 }
 
 /// The runtime every pulled source's task runs on: one thread is plenty for
@@ -213,32 +108,6 @@ impl RtspPull {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         rt.spawn(run(id, settings, codec, counters, socket, stop_rx));
         Ok(RtspPull { stop: Some(stop_tx) })
-    }
-}
-
-/// Capped exponential backoff with full jitter: each wait is drawn in
-/// [ceiling/2, ceiling], and the ceiling doubles up to `BACKOFF_MAX`.
-#[derive(Debug)]
-pub struct Backoff {
-    ceiling: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { ceiling: BACKOFF_FIRST }
-    }
-}
-
-impl Backoff {
-    pub fn next(&mut self, rng: &mut impl rand::Rng) -> Duration {
-        let c = self.ceiling;
-        self.ceiling = (c * 2).min(BACKOFF_MAX);
-        let half = c / 2;
-        half + half.mul_f64(rng.random::<f64>())
-    }
-
-    pub fn reset(&mut self) {
-        self.ceiling = BACKOFF_FIRST;
     }
 }
 
@@ -328,10 +197,7 @@ async fn session(
     down_since: Instant,
 ) -> anyhow::Result<()> {
     use retina::client::{PacketItem, PlayOptions, Session, SessionOptions, SetupOptions, Transport};
-    let creds = match &settings.credentials {
-        Some(c) => Some(c.load().context("credentials")?),
-        None => None,
-    };
+    let creds = settings.load_credentials().context("credentials")?;
     let url = url::Url::parse(&settings.url).with_context(|| format!("url {:?} is not a URL", settings.url))?;
     let options = SessionOptions::default()
         .creds(creds)
@@ -440,33 +306,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn control_messages_round_trip_and_are_never_rtp() {
-        let d = SessionDescription { payload_type: 96, parameter_sets: vec![vec![0x67, 1, 2], vec![0x68, 3]] };
-        let bytes = encode_description(&d);
-        assert_eq!(control_message(&bytes), Some(Control::Started(d)));
-        assert_eq!(control_message(MARK_END), Some(Control::Ended));
-        assert_eq!(control_message(b"\0ZDD\x60\x02\x00\x05ab"), Some(Control::Malformed));
-        // RTP and RTCP (version 2) are not control messages.
-        assert_eq!(control_message(&[0x80, 96, 0, 1]), None);
-        assert_eq!(control_message(&[0x81, 200, 0, 6]), None);
-    }
-
-    #[test]
-    fn backoff_doubles_to_a_cap_with_jitter_and_resets() {
-        let mut rng = rand::rng();
-        let mut b = Backoff::default();
-        let waits: Vec<Duration> = (0..10).map(|_| b.next(&mut rng)).collect();
-        let mut ceiling = BACKOFF_FIRST;
-        for w in &waits {
-            assert!(*w >= ceiling / 2 && *w <= ceiling, "{w:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
-            ceiling = (ceiling * 2).min(BACKOFF_MAX);
-        }
-        assert!(*waits.last().unwrap() >= BACKOFF_MAX / 2);
-        b.reset();
-        assert!(b.next(&mut rng) <= BACKOFF_FIRST);
-    }
-
-    #[test]
     fn sdp_parameter_sets_are_read_per_media_section() {
         let sdp = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=x\r\nt=0 0\r\n\
 m=audio 0 RTP/AVP 0\r\na=control:stream=0\r\n\
@@ -489,17 +328,4 @@ a=fmtp:96 packetization-mode=1;sprop-parameter-sets=Z0LADdoFB+wEQAAAAwBAAAAPI8UK
         assert_eq!(classify("the server ended the session"), "ended");
     }
 
-    #[test]
-    fn credentials_are_read_from_a_secret_directory_or_the_environment_and_errors_name_only_where() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("username"), "admin\n").unwrap();
-        std::fs::write(dir.path().join("password"), "s3cret").unwrap();
-        let c = CredentialSource::parse(dir.path().to_str().unwrap()).load().unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("admin", "s3cret"));
-        std::fs::remove_file(dir.path().join("password")).unwrap();
-        let err = format!("{:#}", CredentialSource::parse(dir.path().to_str().unwrap()).load().unwrap_err());
-        assert!(err.contains("password") && !err.contains("admin"), "{err}");
-        let err = format!("{:#}", CredentialSource::parse("env:ZD_TEST_UNSET_CREDS").load().unwrap_err());
-        assert!(err.contains("ZD_TEST_UNSET_CREDS_USERNAME"), "{err}");
-    }
 }
