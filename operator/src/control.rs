@@ -245,9 +245,14 @@ async fn from_prometheus(
 /// the stream's ports: RTP, RTCP, FEC) into the pod's figures.
 fn join_agent_drops(sp: &StreamPipeline, figures: &mut crate::collect::PodFigures, ip: IpAddr, agents: &AgentDrops) {
     for source in &sp.spec.sources {
-        let Some(rtp) = source.transport.rtp.as_ref() else { continue };
+        let ports = match (&source.transport.rtp, &source.transport.srt) {
+            (Some(rtp), _) => rtp.socket_ports(),
+            // An SRT listener's socket is the pod's; a caller's port is not known.
+            (None, Some(srt)) if srt.mode == zerodrop_crds::SrtMode::Listener => vec![srt.port],
+            _ => continue,
+        };
         if let Some(counters) = figures.streams.get_mut(&source.name) {
-            counters.agent_drops = agents.for_sockets(ip, &rtp.socket_ports());
+            counters.agent_drops = agents.for_sockets(ip, &ports);
         }
     }
 }

@@ -341,7 +341,7 @@ impl MissingSecret {
     /// anything of the Secret's contents.
     pub fn message(&self, namespace: &str) -> String {
         format!(
-            "source {}: Secret {} (its RTSP credentials) not found in namespace {namespace}; \
+            "source {}: Secret {} (its credentials) not found in namespace {namespace}; \
              the data-plane pods mount it and stay in ContainerCreating until it exists",
             self.source, self.secret
         )

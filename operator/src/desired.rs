@@ -55,9 +55,9 @@ pub enum BuildError {
     Unnamed,
     #[error("spec.sources[{index}].transport: no transport member set")]
     NoTransport { index: usize },
-    #[error("spec.sources[{index}].transport: set exactly one of rtp and rtsp, not both")]
+    #[error("spec.sources[{index}].transport: set exactly one of rtp, rtsp and srt")]
     TwoTransports { index: usize },
-    #[error("spec.sources[{index}].transport.rtsp.credentialsSecret.name: {name:?} is not a Secret name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)")]
+    #[error("spec.sources[{index}].transport: the credentials or passphrase Secret {name:?} is not a Secret name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)")]
     SecretName { index: usize, name: String },
     #[error("cannot render the pipeline config: {0}")]
     Render(#[from] serde_yaml::Error),
@@ -114,14 +114,31 @@ fn is_secret_name(name: &str) -> bool {
         })
 }
 
-/// The distinct credentials Secrets the pipeline's RTSP sources name, in the
-/// order of their first source, each with that source's name.
+/// The Secret a source names for its credentials: an RTSP source's user
+/// name and password, or an SRT source's passphrase.
+pub fn source_secret(source: &zerodrop_crds::Source) -> Option<&str> {
+    let t = &source.transport;
+    t.rtsp
+        .as_ref()
+        .and_then(|r| r.credentials_secret.as_ref().map(|c| c.name.as_str()))
+        .or_else(|| t.srt.as_ref().and_then(|s| s.passphrase_secret.as_ref().map(|p| p.name.as_str())))
+}
+
+/// The UDP port an SRT listener listens on (in the pod, and on its Service).
+fn srt_listener_port(source: &zerodrop_crds::Source) -> Option<u16> {
+    let srt = source.transport.srt.as_ref()?;
+    (srt.mode == zerodrop_crds::SrtMode::Listener).then_some(srt.port)
+}
+
+/// The distinct credentials Secrets the pipeline's pulled sources (RTSP,
+/// SRT) name, in the order of their first source, each with that source's
+/// name.
 pub fn credentials_secrets(sp: &StreamPipeline) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for source in &sp.spec.sources {
-        let Some(secret) = source.transport.rtsp.as_ref().and_then(|r| r.credentials_secret.as_ref()) else { continue };
-        if !out.iter().any(|(name, _)| *name == secret.name) {
-            out.push((secret.name.clone(), source.name.clone()));
+        let Some(secret) = source_secret(source) else { continue };
+        if !out.iter().any(|(name, _)| name == secret) {
+            out.push((secret.to_string(), source.name.clone()));
         }
     }
     out
@@ -156,17 +173,16 @@ pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, B
     };
 
     for (index, source) in sp.spec.sources.iter().enumerate() {
-        match (&source.transport.rtp, &source.transport.rtsp) {
-            (None, None) => return Err(BuildError::NoTransport { index }),
-            (Some(_), Some(_)) => return Err(BuildError::TwoTransports { index }),
-            (None, Some(rtsp)) => {
-                if let Some(secret) = &rtsp.credentials_secret
-                    && !is_secret_name(&secret.name)
-                {
-                    return Err(BuildError::SecretName { index, name: secret.name.clone() });
-                }
-            }
-            (Some(_), None) => {}
+        let t = &source.transport;
+        match [t.rtp.is_some(), t.rtsp.is_some(), t.srt.is_some()].iter().filter(|set| **set).count() {
+            0 => return Err(BuildError::NoTransport { index }),
+            1 => {}
+            _ => return Err(BuildError::TwoTransports { index }),
+        }
+        if let Some(secret) = source_secret(source)
+            && !is_secret_name(secret)
+        {
+            return Err(BuildError::SecretName { index, name: secret.to_string() });
         }
     }
 
@@ -214,11 +230,16 @@ pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, B
     };
 
     let mut source_services = Vec::new();
-    // A pushed source gets a Service towards its owning pod; a pulled one
-    // (RTSP: the pod dials out) needs none.
-    for (source, rtp) in sp.spec.sources.iter().filter_map(|s| Some((s, s.transport.rtp.as_ref()?))) {
+    // A pushed source (RTP, or an SRT listener) gets a Service towards its
+    // owning pod; a pulled one (RTSP, an SRT caller: the pod dials out)
+    // needs none.
+    for source in &sp.spec.sources {
+        let ports: Vec<ServicePort> = match (&source.transport.rtp, srt_listener_port(source)) {
+            (Some(rtp), _) => rtp.ports().roles().into_iter().map(|(role, port)| udp_port(&role.name(), port)).collect(),
+            (None, Some(port)) => vec![udp_port("srt", port)],
+            (None, None) => continue,
+        };
         let owner_pod = format!("{sts_name}-{}", shard::owner(&source.name, replicas));
-        let ports = rtp.ports().roles().into_iter().map(|(role, port)| udp_port(&role.name(), port)).collect();
         let service_type = sp.spec.exposure.service_type;
         let mut selector = labels.clone();
         selector.insert("statefulset.kubernetes.io/pod-name".into(), owner_pod);
@@ -325,6 +346,9 @@ fn pod_spec(sp: &StreamPipeline, name: &str, settings: &BuildSettings) -> PodSpe
         for port in rtp.socket_ports() {
             ports.push(ContainerPort { container_port: port as i32, protocol: Some("UDP".into()), ..Default::default() });
         }
+    }
+    for port in sp.spec.sources.iter().filter_map(srt_listener_port) {
+        ports.push(ContainerPort { container_port: i32::from(port), protocol: Some("UDP".into()), ..Default::default() });
     }
     // A restream's fixed port, on which its receivers' RTCP comes back.
     for port in sp.spec.sources.iter().filter_map(|s| s.outputs.as_ref()?.restream_local_port) {
@@ -623,6 +647,26 @@ spec:
         let d = build(&without, &settings()).unwrap();
         assert!(d.source_services.is_empty());
         assert!(secret_volumes(&d).0.is_empty(), "no credentials, no volume");
+    }
+
+    #[test]
+    fn an_srt_listener_gets_its_port_and_service_a_caller_none_and_both_mount_their_passphrase_secret() {
+        let sp = rtsp_pipeline(
+            "    - {name: studio, codec: h264, transport: {srt: {mode: listener, port: 9000, passphraseSecret: {name: srt-pass}}}}\n\
+             \x20   - {name: remote, codec: h265, transport: {srt: {mode: caller, address: encoder.example, port: 9001, passphraseSecret: {name: srt-pass, key: remote}}}}\n",
+        );
+        let d = build(&sp, &settings()).unwrap();
+        let services: Vec<_> = d.source_services.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        assert_eq!(services.len(), 1, "only the listener is reached from outside: {services:?}");
+        let ports = d.source_services[0].spec.as_ref().unwrap().ports.as_ref().unwrap();
+        assert_eq!((ports[0].name.as_deref(), ports[0].port, ports[0].protocol.as_deref()), (Some("srt"), 9000, Some("UDP")));
+        let pod = d.statefulset.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let container_ports: Vec<i32> = pod.containers[0].ports.iter().flatten().map(|p| p.container_port).collect();
+        assert!(container_ports.contains(&9000) && !container_ports.contains(&9001), "{container_ports:?}");
+        assert_eq!(credentials_secrets(&sp), [("srt-pass".to_string(), "studio".to_string())]);
+        let mounts: Vec<_> = pod.containers[0].volume_mounts.iter().flatten().filter(|m| m.mount_path.starts_with(CREDENTIALS_MOUNT)).collect();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].mount_path, "/var/run/zerodrop/credentials/srt-pass");
     }
 
     #[test]
