@@ -628,3 +628,30 @@ mod no_panic {
         }
     }
 }
+
+#[test]
+fn an_rtsp_url_carrying_a_password_is_rejected_pointing_at_credentials_secret() {
+    let problems = problems_after(|d| {
+        source(d, 1)["transport"] = json!({"rtsp": {"url": "rtsp://admin:hunter22@10.1.2.3:554/stream1"}});
+    });
+    let p = problems.iter().find(|p| p.field.starts_with("spec.sources[1].transport.rtsp.url")).unwrap_or_else(|| panic!("{problems:#?}"));
+    assert!(p.message.contains("credentialsSecret"), "{p:?}");
+    // The message names the rule, never echoes the password.
+    assert!(problems.iter().all(|p| !p.message.contains("hunter22")), "{problems:#?}");
+}
+
+#[test]
+fn two_transports_on_one_source_are_rejected_naming_the_three() {
+    let problems = problems_after(|d| {
+        source(d, 1)["transport"]["srt"] = json!({"port": 9000});
+    });
+    assert_problem(&problems, "spec.sources[1].transport", &["exactly one", "rtp, rtsp or srt"]);
+}
+
+#[test]
+fn an_srt_caller_without_an_address_is_rejected() {
+    let problems = problems_after(|d| {
+        source(d, 1)["transport"] = json!({"srt": {"mode": "caller", "port": 9000}});
+    });
+    assert_problem(&problems, "spec.sources[1].transport.srt.address", &["required in caller mode"]);
+}

@@ -225,6 +225,21 @@ fn the_chart_installs_upgrades_its_crd_and_its_service_account_reconciles_correc
             .is_some_and(|a| a.iter().any(|e| e["reason"] == "Scaling" && e["series"]["count"].as_i64() >= Some(2)));
         Ok(folded.then_some(()))
     })?;
+    // An RTSP source naming a Secret that does not exist: the operator asks
+    // for it (get secrets) and says so in Ready; the pipeline then goes.
+    cluster.apply_yaml(
+        "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {name: doors}\nspec:\n  \
+         scaling: {minReplicas: 1, maxReplicas: 1}\n  decode: {decoder: software}\n  sources:\n    \
+         - {name: door, codec: h264, transport: {rtsp: {url: \"rtsp://127.0.0.1:8554/cam\", credentialsSecret: {name: door-creds}}}}\n",
+    )?;
+    cluster.wait_for("Ready=False naming the missing Secret", Duration::from_secs(60), || {
+        let sp = kubectl_json(&cluster, &["get", "sp", "doors"]);
+        let missing = sp["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter().any(|c| c["type"] == "Ready" && c["reason"] == "SecretMissing" && c["message"].as_str().is_some_and(|m| m.contains("door-creds")))
+        });
+        Ok(missing.then_some(()))
+    })?;
+    cluster.kubectl_ok(["delete", "sp/doors", "--wait=true"])?;
     let denied: Vec<AuditEvent> = cluster.audit_events(USER)?.into_iter().filter(|e| e.code() == 403).collect();
     assert!(denied.is_empty(), "the ServiceAccount was refused:\n{}", describe(&denied));
 
