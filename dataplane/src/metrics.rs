@@ -403,7 +403,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "ingest_last_frame_timestamp",
-            "Unix time at which the last frame's final packet (RTP marker) of a pulled source arrived; time() minus this is the time since the last frame",
+            "Unix time at which the last frame's final packet (RTP marker) of a pulled source arrived: now minus this is the time since the last frame",
             Unit::Seconds,
             m.ingest_last_frame.clone(),
         );
@@ -687,6 +687,7 @@ impl StreamMetrics {
             "rtcp",
             "depacketize",
             "unsupported",
+            "local_socket",
         ]
         .iter()
         .map(|r| {

@@ -15,7 +15,7 @@
 //! never handed on damaged. libsrt's own figures map onto the metric names
 //! that mean the same thing: packets it found missing
 //! (`zerodrop_rtp_packets_lost_total`), NAKs it sent (`zerodrop_nacks_sent_total`)
-//! and its round-trip time (`zerodrop_rtt_seconds`).
+//! and its round-trip time (`zerodrop_round_trip_time_seconds`).
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
