@@ -16,6 +16,7 @@ pub mod gst_fec_sender;
 pub mod gst_receiver;
 pub mod gst_sender;
 pub mod loss;
+pub mod mediamtx;
 pub mod relay;
 pub mod replay;
 pub mod rtsp_server;
