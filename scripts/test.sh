@@ -18,6 +18,9 @@ step "building the Kubernetes control plane from Go modules (cached by version u
 bash scripts/controlplane.sh build
 eval "$(bash scripts/controlplane.sh env)"
 
+step "building MediaMTX from its Go module for the RTSP interop test (cached by version under ~/.cache/zerodrop; a cold build takes about 1.5 min)"
+bash scripts/mediamtx.sh build
+
 step "building the workspace"
 cargo build --workspace --all-targets --locked
 
