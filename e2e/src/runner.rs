@@ -110,6 +110,41 @@ impl RunnerProcess {
         Ok(zerodrop_telemetry::get(self.metrics_addr, "/metrics")?.body)
     }
 
+    /// Frames of stream `stream` accounted for so far: decoded + dropped +
+    /// skipped before the first keyframe (0 while /metrics cannot be read).
+    pub fn frames_accounted(&self, stream: &str) -> u64 {
+        let m = self.metrics().unwrap_or_default();
+        frames_accounted(&m, stream)
+    }
+
+    /// Polls /metrics until `done` holds; panics naming `what` after `timeout`.
+    pub fn wait_metrics(&self, timeout: Duration, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.metrics().unwrap_or_default();
+            if done(&m) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: not within {timeout:?}\n{}", self.stderr());
+            // Poll interval of a metrics check, not a synchronisation guess.
+            std::thread::park_timeout(Duration::from_millis(100));
+        }
+    }
+
+    /// Polls /metrics until `done` holds or `timeout` passes; whether it held.
+    pub fn poll_metrics(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&self.metrics().unwrap_or_default()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::park_timeout(Duration::from_millis(100));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }
@@ -154,6 +189,14 @@ impl Drop for RunnerProcess {
     }
 }
 
+
+/// Frames of `stream` a /metrics text accounts for: decoded + dropped +
+/// skipped before the first keyframe.
+pub fn frames_accounted(metrics: &str, stream: &str) -> u64 {
+    let needle = format!("stream=\"{stream}\"");
+    let f = |name| metric_sum(metrics, name, &needle) as u64;
+    f("zerodrop_frames_decoded_total") + f("zerodrop_frames_dropped_total") + f("zerodrop_frames_skipped_before_keyframe_total")
+}
 
 /// Value of a metric sample line `name{labels} value` whose name and labels
 /// contain all of `needles`.

@@ -6,11 +6,11 @@
 //! credentials give a clear error and a backoff, not a retry storm; a server
 //! that dies and comes back is dialled again and its frames resume.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use zerodrop_e2e::bench::free_tcp_port;
 use zerodrop_e2e::netloss::UdpLoss;
-use zerodrop_e2e::runner::{RunnerProcess, metric_sum, metric_value};
+use zerodrop_e2e::runner::{RunnerProcess, frames_accounted, metric_sum, metric_value};
 use zerodrop_testbench::rtsp_server::{RtspServer, RtspServerArgs};
 
 const FRAMES: u64 = 600;
@@ -38,27 +38,6 @@ spec:
     )
 }
 
-/// Frames the receiver accounted for so far: decoded + dropped + skipped.
-fn accounted(runner: &RunnerProcess) -> u64 {
-    let m = runner.metrics().unwrap_or_default();
-    let f = |name| metric_sum(&m, name, "stream=\"door\"") as u64;
-    f("zerodrop_frames_decoded_total") + f("zerodrop_frames_dropped_total") + f("zerodrop_frames_skipped_before_keyframe_total")
-}
-
-/// Polls the runner's metrics until `done` holds or `timeout` passes.
-fn wait_metrics(runner: &RunnerProcess, timeout: Duration, what: &str, done: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let m = runner.metrics().unwrap_or_default();
-        if done(&m) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}\n{}", runner.stderr());
-        // Poll interval of a metrics check, not a synchronisation guess.
-        std::thread::park_timeout(Duration::from_millis(100));
-    }
-}
-
 /// Pulls one whole session of `FRAMES` frames; returns (sent digests,
 /// received digests, report entry).
 fn pull(codec: &'static str, transport: &'static str, server_args: impl FnOnce(&mut RtspServerArgs)) -> (Vec<u64>, Vec<u64>, serde_json::Value, String) {
@@ -74,10 +53,7 @@ fn pull(codec: &'static str, transport: &'static str, server_args: impl FnOnce(&
     assert!(sent_frames + 1 >= FRAMES && sent_frames <= FRAMES, "the server sent {sent_frames} of {FRAMES} frames");
     // The last frames are still on their way (jitter buffer, decoder); the
     // comparison below says what is missing if they never come.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while accounted(&runner) < sent_frames && Instant::now() < deadline {
-        std::thread::park_timeout(Duration::from_millis(100));
-    }
+    runner.poll_metrics(Duration::from_secs(10), |m| frames_accounted(m, "door") >= sent_frames);
     let outcome = runner.stop().expect("runner stops");
     assert!(outcome.status.success(), "runner exit {}: {}", outcome.status, outcome.stderr);
     let sent = server.session_digests(0).unwrap();
@@ -156,7 +132,7 @@ fn rtsp_wrong_credentials_back_off_and_name_the_servers_answer() {
         &["--credentials", &flag],
     )
     .expect("runner starts");
-    wait_metrics(&runner, Duration::from_secs(20), "four refused attempts", |m| {
+    runner.wait_metrics(Duration::from_secs(20), "four refused attempts", |m| {
         metric_sum(m, "zerodrop_ingest_errors_total", "reason=\"unauthorized\"") >= 4.0
     });
     let outcome = runner.stop().unwrap();
@@ -183,7 +159,7 @@ fn rtsp_wrong_credentials_back_off_and_name_the_servers_answer() {
     )
     .expect("runner starts");
     let (_, frames) = server.wait_session_end(Duration::from_secs(40)).expect("an authorised session plays to its end");
-    wait_metrics(&runner, Duration::from_secs(15), "every frame accounted for", |_| accounted(&runner) >= frames);
+    runner.wait_metrics(Duration::from_secs(15), "every frame accounted for", |m| frames_accounted(m, "door") >= frames);
     let outcome = runner.stop().unwrap();
     assert_eq!(outcome.stream("door")["frames_decoded"], frames, "{}", outcome.stderr);
 }
@@ -204,12 +180,12 @@ fn rtsp_server_killed_and_restarted_is_dialled_again_and_frames_resume() {
     let port = free_tcp_port().unwrap();
     let mut server = RtspServer::start(&RtspServerArgs::new(port, "h264", 3000)).expect("gst-rtsp-server starts");
     let runner = RunnerProcess::start(&manifest(&server.url(), "h264", "tcp", 30), free_tcp_port().unwrap(), &[]).expect("runner starts");
-    wait_metrics(&runner, Duration::from_secs(20), "frames before the kill", |m| {
+    runner.wait_metrics(Duration::from_secs(20), "frames before the kill", |m| {
         metric_value(m, "zerodrop_frames_decoded_total", &["stream=\"door\""]).unwrap_or(0.0) >= 60.0
     });
     server.kill();
     let before = server.session_digests(0).unwrap();
-    wait_metrics(&runner, Duration::from_secs(10), "the source notices", |m| {
+    runner.wait_metrics(Duration::from_secs(10), "the source notices", |m| {
         metric_value(m, "zerodrop_ingest_connected", &["stream=\"door\""]) == Some(0.0)
     });
     // The end of the session handed on what it left: nothing more of it comes.
@@ -218,7 +194,7 @@ fn rtsp_server_killed_and_restarted_is_dialled_again_and_frames_resume() {
     let mut server = RtspServer::start(&RtspServerArgs::new(port, "h264", 150)).expect("gst-rtsp-server restarts");
     let (session, frames) = server.wait_session_end(Duration::from_secs(60)).expect("the source dials again and plays");
     assert_eq!(session, 0);
-    wait_metrics(&runner, Duration::from_secs(15), "the new session's frames", |m| {
+    runner.wait_metrics(Duration::from_secs(15), "the new session's frames", |m| {
         metric_sum(m, "zerodrop_frames_decoded_total", "door") as u64 >= decoded_at_kill + frames
     });
     let m = runner.metrics().unwrap();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use zerodrop_e2e::bench::{free_rtp_port, free_tcp_port};
 use zerodrop_e2e::netloss::UdpLoss;
-use zerodrop_e2e::runner::{RunnerProcess, metric_sum};
+use zerodrop_e2e::runner::{RunnerProcess, frames_accounted, metric_sum};
 
 const FRAMES: u64 = 600;
 const PASSPHRASE: &str = "contribution-link-7";
@@ -94,11 +94,6 @@ spec:
     )
 }
 
-fn accounted(m: &str) -> u64 {
-    let f = |name| metric_sum(m, name, "stream=\"feed\"") as u64;
-    f("zerodrop_frames_decoded_total") + f("zerodrop_frames_dropped_total") + f("zerodrop_frames_skipped_before_keyframe_total")
-}
-
 /// ffmpeg encodes FRAMES frames of 720p30 H.264 as MPEG-TS to the relay.
 fn ffmpeg_send(udp_port: u16) {
     let status = Command::new("ffmpeg")
@@ -146,17 +141,11 @@ fn transfer(listener: bool, loss_percent: u32) -> (String, serde_json::Value, u6
     // Everything but the last unit (the demultiplexer knows a unit is whole
     // when the next one starts) is accounted for; then the sender leaves and
     // the last one is handed on too.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while accounted(&runner.metrics().unwrap_or_default()) + 1 < FRAMES && Instant::now() < deadline {
-        std::thread::park_timeout(Duration::from_millis(100));
-    }
+    runner.poll_metrics(Duration::from_secs(15), |m| frames_accounted(m, "feed") + 1 >= FRAMES);
     let dropped_on_path = loss.as_ref().map_or(0, UdpLoss::dropped);
     drop(loss);
     relay.stop();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while accounted(&runner.metrics().unwrap_or_default()) < FRAMES && Instant::now() < deadline {
-        std::thread::park_timeout(Duration::from_millis(100));
-    }
+    runner.poll_metrics(Duration::from_secs(15), |m| frames_accounted(m, "feed") >= FRAMES);
     let metrics = runner.metrics().unwrap();
     let outcome = runner.stop().expect("runner stops");
     assert!(outcome.status.success(), "{}", outcome.stderr);
