@@ -131,4 +131,28 @@ pub struct StreamStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
     pub hls: Option<String>,
+    /// A pulled source's connection (RTSP, SRT), as its pod last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<IngestStatus>,
+}
+
+/// A pulled source's connection to its server or sender.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestStatus {
+    /// Whether a session is playing now.
+    pub connected: bool,
+    /// Times the source dialled again after losing or failing to get a session.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Why the latest session failed or ended: unauthorized, not_found, refused, timeout,
+    /// no_stream, credentials, ended, protocol or network (the pod's log has the server's
+    /// words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub last_error: Option<String>,
+    /// When the last frame arrived (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 40))]
+    pub last_frame_time: Option<String>,
 }

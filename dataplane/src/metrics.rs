@@ -568,13 +568,12 @@ impl Metrics {
                 keyframe_requests: handle(&self.restream_keyframe_requests, &l),
                 keyframe_delay: handle(&self.restream_keyframe_delay, &l),
             },
-            ingest: crate::ingest::IngestCounters {
-                connected: handle(&self.ingest_connected, &l),
-                reconnects: handle(&self.ingest_reconnects, &l),
+            ingest: IngestFamilies {
+                connected: self.ingest_connected.clone(),
+                reconnects: self.ingest_reconnects.clone(),
                 errors: self.ingest_errors.clone(),
-                last_frame: handle(&self.ingest_last_frame, &l),
-                disconnected: handle(&self.ingest_disconnected, &l),
-                labels: l.clone(),
+                last_frame: self.ingest_last_frame.clone(),
+                disconnected: self.ingest_disconnected.clone(),
             },
             gop_interval: handle(&self.gop_interval, &l),
             join_to_first_frame: handle(&self.join_to_first_frame, &l),
@@ -647,8 +646,9 @@ pub struct StreamMetrics {
     pub sender_clock_offset: F64Gauge,
     pub sender_clock_drift: F64Gauge,
     pub restream: crate::output::restream::RestreamCounters,
-    /// A pulled source's connection (RTSP): up or not, reconnects, errors.
-    pub ingest: crate::ingest::IngestCounters,
+    /// A pulled source's connection metrics, made only for pulled sources
+    /// (see [`StreamMetrics::ingest`]).
+    ingest: IngestFamilies,
     pub gop_interval: F64Gauge,
     pub join_to_first_frame: F64Gauge,
     pub bitrate_requested: Gauge,
@@ -663,7 +663,32 @@ pub struct StreamMetrics {
     pub receive_buffer: Gauge,
 }
 
+/// The families of a pulled source's connection metrics.
+#[derive(Clone)]
+struct IngestFamilies {
+    connected: Family<StreamLabels, Gauge>,
+    reconnects: Family<StreamLabels, Counter>,
+    errors: Family<ReasonLabels, Counter>,
+    last_frame: Family<StreamLabels, F64Gauge>,
+    disconnected: Family<StreamLabels, SecondsCounter>,
+}
+
 impl StreamMetrics {
+    /// The connection metrics of a pulled source (RTSP, SRT), created on
+    /// first use so that pushed sources export none.
+    pub fn ingest(&self) -> crate::ingest::IngestCounters {
+        let f = &self.ingest;
+        let l = &self.labels;
+        crate::ingest::IngestCounters {
+            connected: handle(&f.connected, l),
+            reconnects: handle(&f.reconnects, l),
+            errors: f.errors.clone(),
+            last_frame: handle(&f.last_frame, l),
+            disconnected: handle(&f.disconnected, l),
+            labels: l.clone(),
+        }
+    }
+
     fn reason(&self, reason: &str) -> ReasonLabels {
         ReasonLabels {
             pipeline: self.labels.pipeline.clone(),
@@ -854,6 +879,21 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pulled_sources_export_connection_metrics() {
+        let m = Metrics::new();
+        let pushed = m.stream("p", "pushed");
+        pushed.packets_received.inc();
+        assert!(!m.encode().contains("zerodrop_ingest_connected"), "a pushed source has no connection to report");
+        let pulled = m.stream("p", "pulled").ingest();
+        pulled.connected.set(1);
+        pulled.error("unauthorized");
+        let text = m.encode();
+        assert!(text.contains("zerodrop_ingest_connected{pipeline=\"p\",stream=\"pulled\"} 1"), "{text}");
+        assert!(!text.contains("zerodrop_ingest_connected{pipeline=\"p\",stream=\"pushed\"}"), "{text}");
+        assert_eq!(pulled.errors("unauthorized"), 1);
+    }
 
     #[test]
     fn stream_handles_share_the_registry_counters() {

@@ -421,3 +421,36 @@ fn with_prometheus_as_the_signal_source_the_loop_reads_the_pods_through_it_and_s
     drop((pod, operator, prometheus));
     Ok(())
 }
+
+/// A pulled source's connection in status: a `zerodrop pod` pulling from
+/// gst-rtsp-server shows `ingest.connected` with the time of its last frame;
+/// when the server dies, `connected` goes false with the reason and a
+/// reconnect counted.
+#[test]
+fn an_rtsp_sources_connection_and_its_failures_show_in_status() -> anyhow::Result<()> {
+    use zerodrop_testbench::rtsp_server::{RtspServer, RtspServerArgs};
+    let cluster = TestCluster::start_with(ClusterOptions { pod_cidr: "127.1.0.1/16".into(), ..ClusterOptions::default() })?;
+    install_crd(&cluster)?;
+    let _operator = OperatorProcess::start(&cluster, 27201, "operator.log", &["--status-interval-s", "1"]);
+    let mut server = RtspServer::start(&RtspServerArgs::new(zerodrop_e2e::bench::free_tcp_port()?, "h264", 3000))?;
+    cluster.apply_yaml(&format!(
+        "apiVersion: zerodrop.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: lobby}}\nspec:\n  \
+         scaling: {{minReplicas: 1, maxReplicas: 1}}\n  decode: {{decoder: software}}\n  sources:\n    \
+         - {{name: door, codec: h264, transport: {{rtsp: {{url: \"{}\", timeoutSeconds: 30}}}}}}\n",
+        server.url()
+    ))?;
+    let _pod = PodProcess::start(&cluster, "lobby")?;
+    let ingest = |sp: &Value| sp["status"]["streams"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "door")).map(|s| s["ingest"].clone());
+    let up = cluster.wait_for("status: door connected, with its last frame's time", Duration::from_secs(60), || {
+        let i = ingest(&json(&cluster, &["get", "sp", "lobby"]));
+        Ok(i.filter(|i| i["connected"] == true && i["lastFrameTime"].is_string()))
+    })?;
+    assert!(up["lastFrameTime"].as_str().is_some_and(|t| t.ends_with('Z')), "RFC 3339 UTC: {up}");
+    server.kill();
+    let down = cluster.wait_for("status: door disconnected, with why", Duration::from_secs(30), || {
+        let i = ingest(&json(&cluster, &["get", "sp", "lobby"]));
+        Ok(i.filter(|i| i["connected"] == false && i["lastError"].is_string() && i["reconnects"].as_u64() >= Some(1)))
+    })?;
+    assert!(["ended", "network", "refused"].contains(&down["lastError"].as_str().unwrap_or("")), "{down}");
+    Ok(())
+}

@@ -50,6 +50,32 @@ pub struct StreamCounters {
     /// The node agents' drops for the stream's sockets by reason (cumulative
     /// since each agent started); `None` when not every agent answered.
     pub agent_drops: Option<BTreeMap<String, u64>>,
+    /// A pulled source (RTSP, SRT): `zerodrop_ingest_connected`.
+    pub ingest_connected: Option<bool>,
+    /// `zerodrop_ingest_reconnects_total`.
+    pub ingest_reconnects: u64,
+    /// `zerodrop_ingest_errors_total` by reason.
+    pub ingest_errors: BTreeMap<String, u64>,
+    /// The reason of the latest failure seen: the one whose count grew
+    /// between two readings (at the first reading, the most frequent).
+    pub ingest_last_error: Option<String>,
+    /// `zerodrop_ingest_last_frame_timestamp_seconds` (Unix time).
+    pub ingest_last_frame: Option<f64>,
+}
+
+impl StreamCounters {
+    /// Sets `ingest_last_error` from what grew since `before` (None: the
+    /// first reading).
+    fn note_last_error(&mut self, before: Option<&StreamCounters>) {
+        let grown = self
+            .ingest_errors
+            .iter()
+            .map(|(r, &n)| (r, n.saturating_sub(before.and_then(|b| b.ingest_errors.get(r).copied()).unwrap_or(0))))
+            .filter(|(_, d)| *d > 0)
+            .max_by_key(|(_, d)| *d)
+            .map(|(r, _)| r.clone());
+        self.ingest_last_error = grown.or_else(|| before.and_then(|b| b.ingest_last_error.clone()));
+    }
 }
 
 /// What one pod's `/metrics` says about one pipeline.
@@ -90,6 +116,14 @@ pub fn pod_figures(samples: &[MetricSample], pipeline: &str) -> PodFigures {
                 }
             }
             "zerodrop_rendition_index" => c.rendition = Some(n as usize),
+            "zerodrop_ingest_connected" => c.ingest_connected = Some(n > 0),
+            "zerodrop_ingest_reconnects_total" => c.ingest_reconnects += n,
+            "zerodrop_ingest_errors_total" => {
+                if let Some(r) = s.label("reason") {
+                    *c.ingest_errors.entry(r.to_string()).or_default() += n;
+                }
+            }
+            "zerodrop_ingest_last_frame_timestamp_seconds" if s.value > 0.0 && s.value.is_finite() => c.ingest_last_frame = Some(s.value),
             "zerodrop_decoder_info" if s.value > 0.0 => c.decoder = s.label("decoder").map(str::to_string),
             _ => {}
         }
@@ -270,6 +304,12 @@ impl Collector {
             };
             let sample = match answered {
                 Some((at, counters)) => {
+                    let mut counters = counters.clone();
+                    counters.note_last_error(match self.counters_before.get(name) {
+                        Some((was, before)) if was == shard => Some(before),
+                        _ => None,
+                    });
+                    let counters = &counters;
                     let sample = match self.counters_before.get(name) {
                         Some((was, before)) if was == shard => {
                             let received = delta(before.received, counters.received);
@@ -373,6 +413,33 @@ mod tests {
 
     fn secs(s: u64) -> Timestamp {
         Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_pulled_sources_connection_is_read_and_its_latest_failure_is_the_reason_that_grew() {
+        let text = |unauthorized: u64, timeout: u64, connected: u8| {
+            format!(
+                "zerodrop_ingest_connected{{pipeline=\"p\",stream=\"door\"}} {connected}\n\
+                 zerodrop_ingest_reconnects_total{{pipeline=\"p\",stream=\"door\"}} {}\n\
+                 zerodrop_ingest_errors_total{{pipeline=\"p\",stream=\"door\",reason=\"unauthorized\"}} {unauthorized}\n\
+                 zerodrop_ingest_errors_total{{pipeline=\"p\",stream=\"door\",reason=\"timeout\"}} {timeout}\n\
+                 zerodrop_ingest_last_frame_timestamp_seconds{{pipeline=\"p\",stream=\"door\"}} 1796550179.5\n",
+                unauthorized + timeout
+            )
+        };
+        let read = |t: String| pod_figures(&parse_text(&t).0, "p").streams["door"].clone();
+        let mut first = read(text(5, 1, 0));
+        assert_eq!((first.ingest_connected, first.ingest_reconnects, first.ingest_last_frame), (Some(false), 6, Some(1796550179.5)));
+        first.note_last_error(None);
+        assert_eq!(first.ingest_last_error.as_deref(), Some("unauthorized"));
+        let mut second = read(text(5, 2, 1));
+        second.note_last_error(Some(&first));
+        assert_eq!(second.ingest_last_error.as_deref(), Some("timeout"));
+        let mut third = read(text(5, 2, 1));
+        third.note_last_error(Some(&second));
+        assert_eq!(third.ingest_last_error.as_deref(), Some("timeout"), "kept while nothing grows");
+        // A pushed source has no connection to report.
+        assert_eq!(pod(2.0, 10, 2, 1, 7).streams["a"].ingest_connected, None);
     }
 
     #[test]

@@ -512,6 +512,16 @@ fn policy_status(sp: &StreamPipeline, track: &Track, verdict: &Verdict) -> serde
             if let Some(d) = &c.decoder {
                 v["decoder"] = d.clone().into();
             }
+            if let Some(connected) = c.ingest_connected {
+                let mut ingest = serde_json::json!({"connected": connected, "reconnects": c.ingest_reconnects});
+                if let Some(e) = &c.ingest_last_error {
+                    ingest["lastError"] = e.clone().into();
+                }
+                if let Some(t) = c.ingest_last_frame.and_then(|t| k8s_openapi::jiff::Timestamp::from_millisecond((t * 1000.0) as i64).ok()) {
+                    ingest["lastFrameTime"] = format!("{t:.3}").into();
+                }
+                v["ingest"] = ingest;
+            }
             if let Some(by_reason) = c.agent_drops.as_ref().filter(|m| !m.is_empty()) {
                 v["kernelDropsByReason"] = serde_json::json!(by_reason);
             }

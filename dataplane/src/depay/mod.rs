@@ -330,12 +330,14 @@ impl Depacketizer {
         }
     }
 
-    /// End of stream: hand on or drop what is being built.
+    /// End of stream (or of a sender, or of a pulled session): what is being
+    /// built never got its marker packet (the last of an access unit, RFC
+    /// 6184/7798), so its end may be missing: it is dropped and counted as
+    /// incomplete, never handed on. (A server that closed an RTSP session
+    /// between the two slices of a frame left exactly this.)
     pub fn flush(&mut self, out: &mut Vec<DepayEvent>) {
         if let Some(mut b) = self.building.take() {
-            if self.loss_pending {
-                b.damaged = true;
-            }
+            b.damaged = true;
             self.finish(b, out);
         }
     }
@@ -1068,6 +1070,29 @@ mod tests {
         };
         let nals: Vec<&[u8]> = au.nal_units().collect();
         assert_eq!(nals, vec![vps, sps, &idr[..]]);
+    }
+
+    #[test]
+    fn a_unit_whose_marker_never_came_is_dropped_at_the_end_not_handed_on() {
+        let t = Instant::now();
+        let mut d = Depacketizer::new(Codec::H264);
+        let mut out = Vec::new();
+        // A whole keyframe (marker set), then the first slice of the next
+        // frame; the session ends before its second slice and marker.
+        d.push_packet(&[0x67, 0x42, 0, 0x1e], 0, false, t, &mut out);
+        d.push_packet(&[0x68, 0xce, 0x3c, 0x80], 0, false, t, &mut out);
+        d.push_packet(&[0x65, 0x88, 0x84, 0x00], 0, true, t, &mut out);
+        d.push_packet(&[0x41, 0x9a, 0x02, 0x00], 3000, false, t, &mut out);
+        d.flush(&mut out);
+        let frames = out.iter().filter(|e| matches!(e, DepayEvent::Frame(_))).count();
+        let dropped: u64 = out
+            .iter()
+            .filter_map(|e| match e {
+                DepayEvent::Dropped { reason: DropReason::Incomplete, frames, .. } => Some(*frames),
+                _ => None,
+            })
+            .sum();
+        assert_eq!((frames, dropped), (1, 1), "{out:?}");
     }
 
     proptest::proptest! {

@@ -122,7 +122,7 @@ impl UdpSource {
                     decoder = stream.decoder_name().unwrap_or("none"), latency_ms = cfg.jitter.latency.as_millis() as u64,
                     "pulling over RTSP"
                 );
-                Pull::Rtsp(RtspPull::start(id.clone(), settings.clone(), cfg.codec, metrics.ingest.clone(), theirs)?)
+                Pull::Rtsp(RtspPull::start(id.clone(), settings.clone(), cfg.codec, metrics.ingest(), theirs)?)
             }
             (None, Some(settings)) => {
                 tracing::info!(

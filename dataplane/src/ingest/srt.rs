@@ -30,6 +30,7 @@ use zerodrop_crds::{Codec, SrtMode};
 
 use super::pulled::{Backoff, MARK_END, SecretSource, SessionDescription, encode_description};
 use super::ts::{FrameGaps, TsDemux, TsUnit};
+use super::IngestCounters;
 use crate::metrics::StreamMetrics;
 
 /// RTP payload bytes per packet on the local socket.
@@ -120,21 +121,22 @@ impl SrtPull {
 }
 
 fn run(id: String, settings: SrtSettings, codec: Codec, payload_type: u8, metrics: StreamMetrics, socket: UnixDatagram, stop: Arc<AtomicBool>) {
+    let ingest = metrics.ingest();
     let mut backoff = Backoff::default();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     let mut seq: u16 = rand::Rng::random(&mut rng);
     let mut down_since = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut session = Session::new(codec, payload_type, seq, rand::Rng::random(&mut rng));
-        let outcome = connect_and_read(&settings, &metrics, &socket, &stop, &mut session, &mut down_since);
+        let outcome = connect_and_read(&settings, &metrics, &ingest, &socket, &stop, &mut session, &mut down_since);
         seq = session.packetizer.next_seq();
         let played = session.connected;
         if played {
-            session.finish(&socket, &metrics);
+            session.finish(&socket, &metrics, &ingest);
             let _ = socket.send(MARK_END);
             down_since = Instant::now();
         }
-        metrics.ingest.connected.set(0);
+        ingest.connected.set(0);
         if stop.load(Ordering::Relaxed) {
             return;
         }
@@ -142,7 +144,7 @@ fn run(id: String, settings: SrtSettings, codec: Codec, payload_type: u8, metric
             Ok(()) => ("ended", "the sender closed the connection".to_string()),
             Err(e) => (classify(&format!("{e:#}")), format!("{e:#}")),
         };
-        metrics.ingest.error(reason);
+        ingest.error(reason);
         // A listener that had a caller listens again at once; failures back off.
         let wait = if played && settings.mode == SrtMode::Listener {
             backoff.reset();
@@ -158,7 +160,7 @@ fn run(id: String, settings: SrtSettings, codec: Codec, payload_type: u8, metric
         while Instant::now() < until && !stop.load(Ordering::Relaxed) {
             std::thread::park_timeout(PULL_TIMEOUT.min(until.saturating_duration_since(Instant::now())));
         }
-        metrics.ingest.reconnects.inc();
+        ingest.reconnects.inc();
     }
 }
 
@@ -207,23 +209,23 @@ impl Session {
         }
     }
 
-    fn push(&mut self, bytes: &[u8], socket: &UnixDatagram, metrics: &StreamMetrics) {
+    fn push(&mut self, bytes: &[u8], socket: &UnixDatagram, metrics: &StreamMetrics, ingest: &IngestCounters) {
         let mut units = Vec::new();
         self.demux.push(bytes, &mut |u| units.push(u));
         for u in units {
-            self.unit(u, socket, metrics);
+            self.unit(u, socket, metrics, ingest);
         }
     }
 
-    fn finish(&mut self, socket: &UnixDatagram, metrics: &StreamMetrics) {
+    fn finish(&mut self, socket: &UnixDatagram, metrics: &StreamMetrics, ingest: &IngestCounters) {
         let mut units = Vec::new();
         self.demux.flush(&mut |u| units.push(u));
         for u in units {
-            self.unit(u, socket, metrics);
+            self.unit(u, socket, metrics, ingest);
         }
     }
 
-    fn unit(&mut self, u: TsUnit, socket: &UnixDatagram, metrics: &StreamMetrics) {
+    fn unit(&mut self, u: TsUnit, socket: &UnixDatagram, metrics: &StreamMetrics, ingest: &IngestCounters) {
         let missing = self.gaps.missing_before(u.dts);
         if missing > 0 {
             metrics.frames_dropped("transport", missing);
@@ -245,7 +247,7 @@ impl Session {
             metrics.discarded("local_socket");
         }
         let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        metrics.ingest.last_frame.set(unix.as_secs_f64());
+        ingest.last_frame.set(unix.as_secs_f64());
     }
 
     /// Adds what libsrt counted since the last reading to the stream's
@@ -306,6 +308,7 @@ pub fn is_keyframe(codec: Codec, annexb: &[u8]) -> bool {
 fn connect_and_read(
     settings: &SrtSettings,
     metrics: &StreamMetrics,
+    ingest: &IngestCounters,
     socket: &UnixDatagram,
     stop: &AtomicBool,
     session: &mut Session,
@@ -353,13 +356,13 @@ fn connect_and_read(
                 session.connected = true;
                 let d = SessionDescription { payload_type: session.payload_type, parameter_sets: Vec::new() };
                 socket.send(&encode_description(&d)).context("local socket")?;
-                metrics.ingest.connected.set(1);
-                metrics.ingest.disconnected.inc_by(down_since.elapsed().as_secs_f64());
+                ingest.connected.set(1);
+                ingest.disconnected.inc_by(down_since.elapsed().as_secs_f64());
             }
             if let Some(buffer) = sample.buffer()
                 && let Ok(map) = buffer.map_readable()
             {
-                session.push(map.as_slice(), socket, metrics);
+                session.push(map.as_slice(), socket, metrics, ingest);
             }
         } else if sink.is_eos() {
             return Ok(());
