@@ -71,7 +71,7 @@ impl Drop for Relay {
     }
 }
 
-fn manifest(srt: &str) -> String {
+fn manifest(srt: &str, latency_ms: u32) -> String {
     format!(
         r#"apiVersion: zerodrop.dev/v1alpha1
 kind: StreamPipeline
@@ -87,7 +87,7 @@ spec:
           passphraseSecret:
             name: feed-srt
   repair:
-    latencyMs: 300
+    latencyMs: {latency_ms}
   decode:
     decoder: software
 "#
@@ -107,8 +107,22 @@ fn ffmpeg_send(udp_port: u16) {
     assert!(status.success(), "ffmpeg failed: {status}");
 }
 
+/// Loss on the SRT path: none, random, or deterministic bursts.
+enum PathLoss {
+    None,
+    Percent(u32),
+    /// Outages: every packet dropped from A to B seconds after the sender
+    /// starts, for each (A, B).
+    Outages(&'static [(u64, u64)]),
+}
+
 /// Runs one transfer; returns the runner's metrics at the end and its report.
 fn transfer(listener: bool, loss_percent: u32) -> (String, serde_json::Value, u64) {
+    let loss = if loss_percent > 0 { PathLoss::Percent(loss_percent) } else { PathLoss::None };
+    transfer_with(listener, loss, 300)
+}
+
+fn transfer_with(listener: bool, path_loss: PathLoss, latency_ms: u32) -> (String, serde_json::Value, u64) {
     let srt_port = free_rtp_port().unwrap();
     let udp_port = free_rtp_port().unwrap();
     let secret = tempfile::tempdir().unwrap();
@@ -123,20 +137,26 @@ fn transfer(listener: bool, loss_percent: u32) -> (String, serde_json::Value, u6
     } else {
         (
             format!("          mode: caller\n          address: 127.0.0.1\n          port: {srt_port}"),
-            format!("srt://:{srt_port}?mode=listener&latency=300&passphrase={PASSPHRASE}"),
+            format!("srt://:{srt_port}?mode=listener&latency={latency_ms}&passphrase={PASSPHRASE}"),
             format!("udp sport {srt_port}"),
         )
     };
     // The listening side first.
     let (runner, relay) = if listener {
-        let runner = RunnerProcess::start(&manifest(&srt_spec), free_tcp_port().unwrap(), &["--credentials", &flag]).expect("runner starts");
+        let runner = RunnerProcess::start(&manifest(&srt_spec, latency_ms), free_tcp_port().unwrap(), &["--credentials", &flag]).expect("runner starts");
         (runner, Relay::start(udp_port, &relay_uri))
     } else {
         let relay = Relay::start(udp_port, &relay_uri);
-        (RunnerProcess::start(&manifest(&srt_spec), free_tcp_port().unwrap(), &["--credentials", &flag]).expect("runner starts"), relay)
+        (RunnerProcess::start(&manifest(&srt_spec, latency_ms), free_tcp_port().unwrap(), &["--credentials", &flag]).expect("runner starts"), relay)
     };
     relay.wait_connected(Duration::from_secs(20));
-    let loss = (loss_percent > 0).then(|| UdpLoss::start(&data_match, loss_percent));
+    let loss = match path_loss {
+        PathLoss::None => None,
+        PathLoss::Percent(p) => Some(UdpLoss::start(&data_match, p)),
+        PathLoss::Outages(windows) => Some(UdpLoss::start_exprs(
+            &windows.iter().map(|(a, b)| format!("{data_match} {}", UdpLoss::hour_range(*a, *b))).collect::<Vec<_>>(),
+        )),
+    };
     ffmpeg_send(udp_port);
     // Everything but the last unit (the demultiplexer knows a unit is whole
     // when the next one starts) is accounted for; then the sender leaves and
@@ -194,4 +214,21 @@ fn srt_caller_with_5_percent_loss_repairs_and_accounts_for_every_frame() {
     check_accounting(&report);
     let lost = metric_sum(&metrics, "zerodrop_rtp_packets_lost_total", "stream=\"feed\"");
     assert!(lost > 0.0, "SRT lost {lost} packets for {dropped} dropped on the path");
+}
+
+/// Outages longer than SRT's latency (two of a second or so, against
+/// 120 ms), well inside the stream (a receiver cannot know of frames lost
+/// after the last one it gets): what SRT gives up on arrives as TS gaps,
+/// and every frame they cost is dropped and counted, none handed on damaged.
+#[test]
+fn srt_outages_beyond_its_latency_cost_frames_that_are_all_counted() {
+    let (metrics, report, dropped) = transfer_with(true, PathLoss::Outages(&[(6, 7), (12, 13)]), 120);
+    assert!(dropped > 0, "the loss rule dropped nothing");
+    check_accounting(&report);
+    let n = |k: &str| report[k].as_u64().unwrap_or_else(|| panic!("{k} in {report}"));
+    assert!(n("frames_dropped") > 0, "SRT cannot repair half-second outages within 120 ms: {report}");
+    let transport = metric_sum(&metrics, "zerodrop_frames_dropped_total", "reason=\"transport\"");
+    let decode_errors = metric_sum(&metrics, "zerodrop_frames_dropped_total", "reason=\"decode_error\"");
+    assert!(transport > 0.0, "counted at the TS level: {report}");
+    assert_eq!(decode_errors, 0.0, "no damaged frame reached the decoder");
 }
