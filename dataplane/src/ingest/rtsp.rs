@@ -4,15 +4,10 @@
 //! RTP and RTCP packet the server sends into its end of a local datagram
 //! socket pair, and dials again after a failure or an end with capped
 //! exponential backoff and jitter. The worker reads the other end as it reads
-//! a UDP socket (see the module documentation of `ingest`).
-//!
-//! What the socket carries besides RTP and RTCP is marked by a first byte of
-//! 0 (RTP version 0: never a valid RTP or RTCP packet):
-//! - `\0ZDD pt n (len16 nal)*`: a session started; its payload type and the
-//!   parameter sets its SDP announced (`sprop-parameter-sets`, or
-//!   `sprop-vps`/`sprop-sps`/`sprop-pps`), for streams that never repeat them
-//!   in band.
-//! - `\0ZDE`: the session ended; the next packets come from a new one.
+//! a UDP socket (see the module documentation of `ingest`), with the marks of
+//! [`pulled`](super::pulled) in order with the packets: a session's start
+//! (its payload type and the parameter sets its SDP announced, for cameras
+//! that never repeat them in band) and its end.
 //!
 //! Credentials are read at each dial from where the source's settings say
 //! (a mounted Secret's directory, or environment variables), so a rotated
