@@ -39,6 +39,7 @@ pub struct RtspServer {
     lines: Receiver<String>,
     dump: tempfile::TempDir,
     pub port: u16,
+    codec: &'static str,
 }
 
 /// The script, beside this crate's sources.
@@ -78,7 +79,7 @@ impl RtspServer {
                 }
             }
         });
-        let mut server = RtspServer { child, lines, dump, port: args.port };
+        let mut server = RtspServer { child, lines, dump, port: args.port, codec: args.codec };
         server.wait_line("READY", Duration::from_secs(20)).context("gst-rtsp-server did not start")?;
         Ok(server)
     }
@@ -120,24 +121,45 @@ impl RtspServer {
     /// The content digests ([`au::annexb_digest`]) of the access units the
     /// server's encoder made for client session `n`, in order.
     pub fn session_digests(&self, n: u64) -> anyhow::Result<Vec<u64>> {
+        Ok(self.session_digest_pairs(n)?.into_iter().map(|(d, _)| d).collect())
+    }
+
+    /// Per access unit: its digest, and its digest without the access unit
+    /// delimiter (H.264 NAL type 9, H.265 type 35). A delimiter carries no
+    /// picture data and travels in a packet of its own: when that packet is
+    /// lost, the unit that follows is whole but for it.
+    pub fn session_digest_pairs(&self, n: u64) -> anyhow::Result<Vec<(u64, u64)>> {
+        let not_aud = |nal: &&[u8]| match (self.codec, nal.first()) {
+            ("h265", Some(h)) => (h >> 1) & 0x3f != 35,
+            (_, Some(h)) => h & 0x1f != 9,
+            (_, None) => true,
+        };
+        Ok(self
+            .session_units(n)?
+            .iter()
+            .map(|u| (au::annexb_digest(u), au::au_digest(au::annexb_nal_units(u).filter(not_aud))))
+            .collect())
+    }
+
+    /// The access units the server's encoder made for client session `n`.
+    fn session_units(&self, n: u64) -> anyhow::Result<Vec<Vec<u8>>> {
         let path = self.dump.path().join(format!("session-{n}.aus"));
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut rest = &data[..];
         while rest.len() >= 12 {
             let pts = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
             let len = u32::from_be_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
             let Some(unit) = rest.get(12..12 + len) else { bail!("{} ends inside an access unit", path.display()) };
-            let digest = au::annexb_digest(unit);
             // A PTS pushed again (the server's preroll flush): the last push
             // is what went out.
             match out.last_mut() {
-                Some(last) if last.0 == pts => last.1 = digest,
-                _ => out.push((pts, digest)),
+                Some(last) if last.0 == pts => last.1 = unit.to_vec(),
+                _ => out.push((pts, unit.to_vec())),
             }
             rest = &rest[12 + len..];
         }
-        Ok(out.into_iter().map(|(_, d)| d).collect())
+        Ok(out.into_iter().map(|(_, u)| u).collect())
     }
 
     /// Kills the server (as a crash would: no TEARDOWN, no BYE).
