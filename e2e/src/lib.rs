@@ -44,6 +44,31 @@ spec:
     )
 }
 
+/// A one-source pipeline `cams` pulling source `door` from an RTSP `url`
+/// (`transport` tcp or udp), as the RTSP tests run it.
+pub fn rtsp_manifest(url: &str, codec: &str, transport: &str, timeout_s: u32) -> String {
+    format!(
+        r#"apiVersion: zerodrop.dev/v1alpha1
+kind: StreamPipeline
+metadata:
+  name: cams
+spec:
+  sources:
+    - name: door
+      codec: {codec}
+      transport:
+        rtsp:
+          url: {url}
+          lowerTransport: {transport}
+          timeoutSeconds: {timeout_s}
+  repair:
+    latencyMs: 200
+  decode:
+    decoder: software
+"#
+    )
+}
+
 /// Per-access-unit digests as both sides log them: `index ts digest keyframe`.
 pub fn read_digests(path: &std::path::Path) -> anyhow::Result<Vec<u64>> {
     let text = std::fs::read_to_string(path)?;

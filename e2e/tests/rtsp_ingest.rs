@@ -15,28 +15,6 @@ use zerodrop_testbench::rtsp_server::{RtspServer, RtspServerArgs};
 
 const FRAMES: u64 = 600;
 
-fn manifest(url: &str, codec: &str, transport: &str, timeout_s: u32) -> String {
-    format!(
-        r#"apiVersion: zerodrop.dev/v1alpha1
-kind: StreamPipeline
-metadata:
-  name: cams
-spec:
-  sources:
-    - name: door
-      codec: {codec}
-      transport:
-        rtsp:
-          url: {url}
-          lowerTransport: {transport}
-          timeoutSeconds: {timeout_s}
-  repair:
-    latencyMs: 200
-  decode:
-    decoder: software
-"#
-    )
-}
 
 /// Pulls one whole session of `FRAMES` frames; returns (sent digests,
 /// received digests, report entry).
@@ -45,7 +23,7 @@ fn pull(codec: &'static str, transport: &'static str, server_args: impl FnOnce(&
     server_args(&mut args);
     let mut server = RtspServer::start(&args).expect("gst-rtsp-server starts");
     let metrics_port = free_tcp_port().unwrap();
-    let runner = RunnerProcess::start(&manifest(&server.url(), codec, transport, 30), metrics_port, &[]).expect("runner starts");
+    let runner = RunnerProcess::start(&zerodrop_e2e::rtsp_manifest(&server.url(), codec, transport, 30), metrics_port, &[]).expect("runner starts");
     let (session, sent_frames) = server.wait_session_end(Duration::from_secs(FRAMES / 30 + 40)).expect("the server's media ends");
     // One client session; the server's preroll flush swallows at most the
     // first raw frame, which is never encoded for the wire.
@@ -147,7 +125,7 @@ fn rtsp_wrong_credentials_back_off_and_name_the_servers_answer() {
     std::fs::write(creds.path().join("password"), "wrong-staple\n").unwrap();
     let flag = format!("cams/door={}", creds.path().display());
     let runner = RunnerProcess::start(
-        &manifest(&server.url(), "h264", "tcp", 5),
+        &zerodrop_e2e::rtsp_manifest(&server.url(), "h264", "tcp", 5),
         free_tcp_port().unwrap(),
         &["--credentials", &flag],
     )
@@ -173,7 +151,7 @@ fn rtsp_wrong_credentials_back_off_and_name_the_servers_answer() {
     // The right credentials then work.
     std::fs::write(creds.path().join("password"), "right-horse-battery\n").unwrap();
     let runner = RunnerProcess::start(
-        &manifest(&server.url(), "h264", "tcp", 30),
+        &zerodrop_e2e::rtsp_manifest(&server.url(), "h264", "tcp", 30),
         free_tcp_port().unwrap(),
         &["--credentials", &flag],
     )
@@ -199,7 +177,7 @@ fn log_time(line: &str) -> f64 {
 fn rtsp_server_killed_and_restarted_is_dialled_again_and_frames_resume() {
     let port = free_tcp_port().unwrap();
     let mut server = RtspServer::start(&RtspServerArgs::new(port, "h264", 3000)).expect("gst-rtsp-server starts");
-    let runner = RunnerProcess::start(&manifest(&server.url(), "h264", "tcp", 30), free_tcp_port().unwrap(), &[]).expect("runner starts");
+    let runner = RunnerProcess::start(&zerodrop_e2e::rtsp_manifest(&server.url(), "h264", "tcp", 30), free_tcp_port().unwrap(), &[]).expect("runner starts");
     runner.wait_metrics(Duration::from_secs(20), "frames before the kill", |m| {
         metric_value(m, "zerodrop_frames_decoded_total", &["stream=\"door\""]).unwrap_or(0.0) >= 60.0
     });

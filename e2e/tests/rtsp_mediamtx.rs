@@ -72,28 +72,6 @@ const HEIGHT: usize = 360;
 /// One raw yuv420p frame.
 const FRAME_BYTES: usize = WIDTH * HEIGHT * 3 / 2;
 
-fn manifest(url: &str, codec: &str, transport: &str) -> String {
-    format!(
-        r#"apiVersion: zerodrop.dev/v1alpha1
-kind: StreamPipeline
-metadata:
-  name: cams
-spec:
-  sources:
-    - name: door
-      codec: {codec}
-      transport:
-        rtsp:
-          url: {url}
-          lowerTransport: {transport}
-          timeoutSeconds: 30
-  repair:
-    latencyMs: 200
-  decode:
-    decoder: software
-"#
-    )
-}
 
 /// The MediaMTX binary; None (the test is skipped, saying why) when it is
 /// not built, except under `CI=true`, where that fails the test.
@@ -344,7 +322,7 @@ fn every_frame_by_content(codec: Codec, transport: &'static str) {
     // Before the join: frames to nobody.
     publisher.send(JOIN_AFTER);
     publisher.wait_encoded(JOIN_AFTER, Duration::from_secs(20));
-    let runner = RunnerProcess::start(&manifest(&url, codec.name(), transport), free_tcp_port().unwrap(), &[]).expect("runner starts");
+    let runner = RunnerProcess::start(&zerodrop_e2e::rtsp_manifest(&url, codec.name(), transport, 30), free_tcp_port().unwrap(), &[]).expect("runner starts");
     runner.wait_metrics(Duration::from_secs(20), "zerodrop plays the MediaMTX path", |m| {
         metric_value(m, "zerodrop_ingest_connected", &["stream=\"door\""]) == Some(1.0)
     });
