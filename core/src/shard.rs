@@ -22,6 +22,24 @@ pub fn owner(stream: &str, replicas: i32) -> u32 {
     (0..n).max_by_key(|&s| (weight(stream, s), std::cmp::Reverse(s))).unwrap_or(0)
 }
 
+/// The annotation of the pipeline the operator renders for its pods that
+/// names the replica count the streams were assigned by before a replica
+/// change still in progress (a handover): while it is there, a shard runs
+/// the streams it owns under either count, so that a moving stream is
+/// received by its new owner before its old owner lets it go.
+pub const HANDOVER_FROM_ANNOTATION: &str = "zerodrop.dev/handover-from";
+
+/// Whether shard `ordinal` runs `stream`: it owns it under `replicas`, or,
+/// during a handover from `from` replicas, under `from`.
+pub fn runs(stream: &str, ordinal: u32, replicas: i32, from: Option<i32>) -> bool {
+    owner(stream, replicas) == ordinal || from.is_some_and(|f| f > 0 && owner(stream, f) == ordinal)
+}
+
+/// Whether `stream` changes owner between `from` and `to` replicas.
+pub fn moves(stream: &str, from: i32, to: i32) -> bool {
+    owner(stream, from) != owner(stream, to)
+}
+
 /// The StatefulSet ordinal at the end of a pod name (`demo-dataplane-3` → 3).
 pub fn ordinal_from_pod_name(pod: &str) -> Option<u32> {
     pod.rsplit_once('-').and_then(|(_, n)| n.parse().ok())
@@ -50,6 +68,24 @@ mod tests {
             let share = moved as f64 / streams.len() as f64;
             let expected = 1.0 / (n + 1) as f64;
             assert!((share - expected).abs() < 0.03, "n={n}: moved {share:.3}, expected about {expected:.3}");
+        }
+    }
+
+    #[test]
+    fn during_a_handover_each_moving_stream_runs_on_its_old_and_its_new_owner_and_nothing_else_doubles() {
+        let streams = names(500);
+        for (from, to) in [(1, 2), (2, 3), (3, 1), (4, 2)] {
+            for s in &streams {
+                let running: Vec<u32> = (0..from.max(to) as u32).filter(|&o| runs(s, o, to, Some(from))).collect();
+                let (old, new) = (owner(s, from), owner(s, to));
+                if moves(s, from, to) {
+                    assert_eq!(running, { let mut v = vec![old, new]; v.sort(); v }, "{s} {from}->{to}");
+                } else {
+                    assert_eq!(running, vec![new], "{s} {from}->{to}");
+                }
+                let after: Vec<u32> = (0..from.max(to) as u32).filter(|&o| runs(s, o, to, None)).collect();
+                assert_eq!(after, vec![new], "after the handover only the new owner runs {s}");
+            }
         }
     }
 

@@ -24,7 +24,7 @@ pub use pipeline::{
     FramesOutput, HlsOutput, NackSpec, OutputsSpec, RestreamTarget, SourceOutputs, PodResources, Rendition, RepairSpec, ResourceAmounts, ServiceType, RtpTransport, RtspTransport, RtspLowerTransport, CredentialsSecret, SrtTransport, SrtMode, PassphraseSecret, ScalingSpec, Source, StreamPipeline, StreamPipelineSpec,
     Transport,
 };
-pub use status::{ConditionType, StreamPipelineStatus, StreamStatus};
+pub use status::{ConditionType, Handover, HandoverPhase, StreamPipelineStatus, StreamStatus};
 
 /// First line of the generated CRD file.
 pub const CRD_YAML_HEADER: &str = "# Generated from crds/src by `cargo run -p zerodrop-crds --bin crdgen`; do not edit by hand.\n";

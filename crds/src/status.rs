@@ -52,6 +52,50 @@ pub struct StreamPipelineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub last_decision: Option<String>,
+    /// A replica change in progress, made before it breaks: the streams that move to another
+    /// shard are received by their new owner before their Service leaves the old one. Unset
+    /// when no change is in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
+}
+
+/// A replica change moving streams between shards (make-before-break). While `Preparing`,
+/// the StatefulSet runs the larger of the two counts, every shard runs the streams it owns
+/// under either count, and each moving stream's Service still routes to its old owner; once
+/// every moving stream's new owner has its sockets bound (or `Preparing` times out), the
+/// Services switch to the new owners (`Switched`); after a short drain the old owners let the
+/// streams go and the StatefulSet settles on `toReplicas`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Handover {
+    /// The replica count the streams were assigned by before the change.
+    #[schemars(range(min = 0))]
+    pub from_replicas: i32,
+    /// The replica count being moved to.
+    #[schemars(range(min = 0))]
+    pub to_replicas: i32,
+    /// Preparing or Switched.
+    pub phase: HandoverPhase,
+    /// Streams whose owner differs between the two counts.
+    #[serde(default)]
+    pub moving: i32,
+    /// Moving streams whose new owner reported them bound, at the last look.
+    #[serde(default)]
+    pub bound: i32,
+    /// When the phase began (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 40))]
+    pub since: Option<String>,
+}
+
+/// The phase of a [`Handover`].
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum HandoverPhase {
+    /// New owners start the moving streams; the Services still route to the old owners.
+    #[default]
+    Preparing,
+    /// The Services route to the new owners; the old owners drain.
+    Switched,
 }
 
 /// The condition types a StreamPipeline reports in status.conditions.

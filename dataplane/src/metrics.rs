@@ -827,6 +827,14 @@ impl Readiness {
         let (ready, expected) = self.counts();
         ready == expected
     }
+
+    /// The sources (`pipeline/stream`) that should run and have bound their
+    /// sockets, one per line: `/readyz/streams`, which the operator reads to
+    /// switch a moving stream's Service only once its new owner receives.
+    pub fn ready_list(&self) -> String {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0.iter().filter(|id| s.1.contains(*id)).map(|id| format!("{id}\n")).collect()
+    }
 }
 
 /// Serves `/metrics` (OpenMetrics), `/healthz` (the process is alive) and
@@ -867,6 +875,7 @@ pub fn serve(
         },
         "/metrics" => Reply::Metrics(metrics.encode()),
         "/healthz" => Reply::ok("ok\n"),
+        "/readyz/streams" => Reply::Text(200, readiness.ready_list()),
         "/readyz" if readiness.is_ready() => Reply::ok("ready\n"),
         "/readyz" => {
             let (ready, expected) = readiness.counts();
@@ -948,8 +957,12 @@ mod tests {
         assert!(metrics.body.contains("zerodrop_rtp_packets_received_total"));
         assert_eq!(get("/healthz").status, 200);
         assert_eq!(get("/readyz").status, 503);
+        assert_eq!(get("/readyz/streams").body, "", "nothing bound yet");
         readiness.mark_ready("p/s");
         assert_eq!(get("/readyz").status, 200);
+        assert_eq!(get("/readyz/streams").body, "p/s\n");
+        readiness.mark_gone("p/s");
+        assert_eq!(get("/readyz/streams").body, "", "a stream let go is no longer listed");
         assert_eq!(get("/nope").status, 404);
     }
 }

@@ -39,6 +39,25 @@ pub struct PodArgs {
     /// Where kernel UDP drops per stream come from (pods are unprivileged).
     #[arg(long, value_enum, default_value = "procfs")]
     pub kernel_drops: crate::kernel_drops::KernelDropMode,
+    /// Bind pushed sources' sockets to this address instead of all
+    /// interfaces (as rendered): for pods that share one host's network,
+    /// such as the e2e harness's pod processes, each on its pod IP.
+    #[arg(long)]
+    pub listen_address: Option<std::net::IpAddr>,
+}
+
+/// Every pushed socket of `sources` bound to `ip` instead of the rendered
+/// address.
+fn bind_to(sources: &mut [SourceConfig], ip: std::net::IpAddr) {
+    for s in sources {
+        s.rtp_bind.set_ip(ip);
+        if let Some(rtcp) = s.rtcp_bind.as_mut() {
+            rtcp.set_ip(ip);
+        }
+        if let Some(fec) = s.fec.as_mut() {
+            fec.binds.iter_mut().for_each(|b| b.set_ip(ip));
+        }
+    }
 }
 
 /// The shard count of a pipeline as the operator rendered it: it writes the
@@ -49,28 +68,45 @@ fn rendered_replicas(p: &zerodrop_crds::StreamPipeline) -> i32 {
     zerodrop_core::scaling::replicas(s.replicas, None, s.min_replicas, s.max_replicas)
 }
 
-/// The pipelines of `text` cut down to the sources shard `ordinal` owns: what
+/// The replica count a replica change still in progress started from, as
+/// the operator annotates the rendered pipeline (a handover): the shard then
+/// also runs the streams it owned under that count, so that a moving stream
+/// is received by its new owner before its old owner lets it go.
+fn handover_from(p: &zerodrop_crds::StreamPipeline) -> Option<i32> {
+    let value = p.metadata.annotations.as_ref()?.get(zerodrop_crds::shard::HANDOVER_FROM_ANNOTATION)?;
+    match value.parse() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            tracing::warn!(annotation = zerodrop_crds::shard::HANDOVER_FROM_ANNOTATION, %value, "not a replica count; ignored");
+            None
+        }
+    }
+}
+
+/// Whether shard `ordinal` runs source `name` of the rendered pipeline `p`.
+fn runs(p: &zerodrop_crds::StreamPipeline, name: &str, ordinal: u32) -> bool {
+    zerodrop_crds::shard::runs(name, ordinal, rendered_replicas(p), handover_from(p))
+}
+
+/// The pipelines of `text` cut down to the sources shard `ordinal` runs: what
 /// the pod's bitrate policy steps.
 pub fn owned_pipelines(text: &str, ordinal: u32) -> anyhow::Result<Vec<zerodrop_crds::StreamPipeline>> {
     let mut pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     for p in &mut pipelines {
-        let replicas = rendered_replicas(p);
-        p.spec.sources.retain(|s| zerodrop_crds::shard::owner(&s.name, replicas) == ordinal);
+        let keep: Vec<bool> = p.spec.sources.iter().map(|s| runs(p, &s.name, ordinal)).collect();
+        let mut keep = keep.into_iter();
+        p.spec.sources.retain(|_| keep.next().unwrap_or(false));
     }
     Ok(pipelines)
 }
 
-/// The sources of `text` that shard `ordinal` owns.
+/// The sources of `text` that shard `ordinal` runs: those it owns, and during
+/// a handover those it owned before the replica change.
 pub fn owned_sources(text: &str, ordinal: u32) -> anyhow::Result<Vec<SourceConfig>> {
     let pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut out = Vec::new();
     for p in &pipelines {
-        let replicas = rendered_replicas(p);
-        out.extend(
-            config::sources(p)?
-                .into_iter()
-                .filter(|s| zerodrop_crds::shard::owner(&s.name, replicas) == ordinal),
-        );
+        out.extend(config::sources(p)?.into_iter().filter(|s| runs(p, &s.name, ordinal)));
     }
     Ok(out)
 }
@@ -102,7 +138,10 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
             next_check = Instant::now() + CONFIG_POLL;
             match std::fs::read_to_string(&args.config) {
                 Ok(text) if applied.as_deref() != Some(text.as_str()) => match owned_sources(&text, ordinal) {
-                    Ok(sources) => {
+                    Ok(mut sources) => {
+                        if let Some(ip) = args.listen_address {
+                            bind_to(&mut sources, ip);
+                        }
                         let (change, ended) = supervisor.apply(&sources);
                         tracing::info!(
                             shard = ordinal,
@@ -176,6 +215,25 @@ spec:
         all.sort();
         assert_eq!(all, vec!["a", "b", "c", "d", "e"]);
         assert!(owned_sources(PIPELINE, 3).unwrap().is_empty(), "no shard beyond replicas");
+    }
+
+    #[test]
+    fn during_a_handover_a_shard_runs_what_it_owns_under_either_count() {
+        let handover = PIPELINE.replace("metadata: {name: fleet}", "metadata: {name: fleet, annotations: {zerodrop.dev/handover-from: \"2\"}}");
+        assert_ne!(handover, PIPELINE);
+        let two = PIPELINE.replace("replicas: 3", "replicas: 2");
+        for o in 0..3 {
+            let names = |text: &str| -> Vec<String> { owned_sources(text, o).unwrap().into_iter().map(|s| s.name).collect() };
+            let mut union: Vec<String> = names(PIPELINE).into_iter().chain(names(&two)).collect();
+            union.sort();
+            union.dedup();
+            let mut during = names(&handover);
+            during.sort();
+            assert_eq!(during, union, "shard {o}");
+            let mut policy: Vec<String> = owned_pipelines(&handover, o).unwrap()[0].spec.sources.iter().map(|s| s.name.clone()).collect();
+            policy.sort();
+            assert_eq!(policy, during, "shard {o}: the bitrate policy follows what runs");
+        }
     }
 
     #[test]

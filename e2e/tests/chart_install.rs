@@ -203,15 +203,18 @@ fn the_chart_installs_upgrades_its_crd_and_its_service_account_reconciles_correc
 
     // 2. The operator as the chart's ServiceAccount.
     let kubeconfig = service_account_kubeconfig(&cluster, NS, SERVICE_ACCOUNT, "operator-sa.kubeconfig")?;
-    let flags = ["--status-interval-s", "2"];
+    // No data-plane process runs here: a replica change's handover switches
+    // after 1 s instead of waiting 120 for new owners that never bind.
+    let flags = ["--status-interval-s", "2", "--handover-timeout-s", "1"];
     let operator = OperatorProcess::start_as(&cluster, &kubeconfig, 27180, "operator-sa-1.log", &flags);
     cluster.apply_yaml(&pipeline())?;
     cluster.wait_for("Ready=True", Duration::from_secs(120), || Ok(ready(&cluster, "cams").then_some(())))?;
     // Two replica changes: two Scaling Events, the second folded into the
     // first (the recorder patches it with a count).
     cluster.kubectl_ok(["scale", "sp/cams", "--replicas=2"])?;
-    cluster.wait_for("2 replicas", Duration::from_secs(30), || {
-        Ok((kubectl_json(&cluster, &["get", "statefulset", "cams-dataplane"])["spec"]["replicas"] == 2).then_some(()))
+    cluster.wait_for("2 replicas, the handover done", Duration::from_secs(30), || {
+        let done = kubectl_json(&cluster, &["get", "sp", "cams"])["status"].get("handover").is_none();
+        Ok((done && kubectl_json(&cluster, &["get", "statefulset", "cams-dataplane"])["spec"]["replicas"] == 2).then_some(()))
     })?;
     cluster.kubectl_ok(["scale", "sp/cams", "--replicas=1"])?;
     cluster.wait_for("1 replica, Ready", Duration::from_secs(60), || {

@@ -83,7 +83,10 @@ fn operator_reconciles_scales_stays_quiet_restarts_cleanly_and_garbage_collects(
     install_crd(&cluster)?;
     // The reconcile alone: the control loop writes status figures by design
     // (at most every --status-interval-s; e2e/tests/control_loop.rs).
-    let operator = Operator::start(&cluster, 27080, "operator-1.log", &["--control", "false"]);
+    // No data-plane process runs here, so a replica change's new owners never
+    // report the moving streams bound: the handover switches after 1 s (with
+    // a Warning Event) instead of 120 (e2e/tests/handover.rs runs the pods).
+    let operator = Operator::start(&cluster, 27080, "operator-1.log", &["--control", "false", "--handover-timeout-s", "1"]);
 
     // Apply: every object appears, pods run, the pipeline becomes Ready.
     cluster.apply_yaml(&fleet(40, 3))?;
@@ -115,12 +118,19 @@ fn operator_reconciles_scales_stays_quiet_restarts_cleanly_and_garbage_collects(
     }
     assert!(table.lines().nth(1).is_some_and(|l| l.contains("fleet") && l.contains("40")), "{table}");
 
-    // Scale 3 → 4: moved streams go to the new shard only, about 1/4 of them.
+    // Scale 3 → 4: moved streams go to the new shard only, about 1/4 of them,
+    // after a handover (status.handover while it lasts).
     let before = owners(&sp);
     cluster.kubectl_ok(["scale", "sp/fleet", "--replicas=4"])?;
-    let sp = cluster.wait_for("status with 4 replicas", Duration::from_secs(120), || {
+    let preparing = cluster.wait_for("the handover", Duration::from_secs(30), || {
         let sp = json(&cluster, &["get", "sp", "fleet"]);
-        Ok((sp["status"]["replicas"] == 4 && owners(&sp).values().any(|&s| s == 3)).then_some(sp))
+        Ok(sp["status"].get("handover").cloned())
+    })?;
+    assert_eq!((preparing["fromReplicas"].as_i64(), preparing["toReplicas"].as_i64()), (Some(3), Some(4)), "{preparing}");
+    let sp = cluster.wait_for("status with 4 replicas and the handover done", Duration::from_secs(120), || {
+        let sp = json(&cluster, &["get", "sp", "fleet"]);
+        let done = sp["status"].get("handover").is_none();
+        Ok((done && sp["status"]["replicas"] == 4 && owners(&sp).values().any(|&s| s == 3)).then_some(sp))
     })?;
     let sts = json(&cluster, &["get", "statefulset", "fleet-dataplane"]);
     assert_eq!(sts["spec"]["replicas"], 4);
@@ -132,6 +142,7 @@ fn operator_reconciles_scales_stays_quiet_restarts_cleanly_and_garbage_collects(
     assert_eq!(svc["spec"]["selector"]["statefulset.kubernetes.io/pod-name"], "fleet-dataplane-3");
     let events = cluster.kubectl_ok(["get", "events", "--field-selector", "involvedObject.name=fleet"])?;
     assert!(events.contains("Scaling"), "a Scaling event: {events}");
+    assert!(events.contains("HandoverTimedOut") && events.contains("HandoverDone"), "the handover's Events: {events}");
 
     // Steady state: reconciles happen (requeue, pod status events) but write nothing.
     cluster.wait_for("Ready with 4 shards", Duration::from_secs(60), || {

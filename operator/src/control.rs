@@ -292,10 +292,13 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
                     spec_replicas
                 }
             };
-            for (ordinal, addr) in targets(sp, &all_pods, replicas, opts.metrics_port) {
+            // Whose figures count for a stream: the pod its Service routes
+            // to, which during a handover is its old owner until the switch.
+            let route = ctx.route_replicas(&k).map_or(replicas, |r| r.max(0) as u32);
+            for (ordinal, addr) in targets(sp, &all_pods, route, opts.metrics_port) {
                 scrape_targets.push(((k.clone(), ordinal), addr));
             }
-            plan.push((sp.clone(), k, pipeline, replicas));
+            plan.push((sp.clone(), k, pipeline, replicas, route));
         }
         let pod_ips: HashMap<(String, u32), IpAddr> = scrape_targets.iter().map(|(k, addr)| (k.clone(), addr.ip())).collect();
         let agent_targets: Vec<SocketAddr> = match (&opts.agents, &agent_pods) {
@@ -348,7 +351,7 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
         ctx.metrics.observe_scrape_round(target_count as u64, failures);
 
         let now = origin.elapsed();
-        for (sp, k, pipeline, replicas) in plan {
+        for (sp, k, pipeline, replicas, route) in plan {
             let Some(track) = tracks.get_mut(&k) else { continue };
             let name = sp.name_any();
             let mut shard_scrapes = HashMap::new();
@@ -364,7 +367,7 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
                 ctx.metrics.signal_age.observe(now.saturating_sub(newest).as_secs_f64());
             }
             let owners: Vec<(String, u32)> =
-                sp.spec.sources.iter().map(|s| (s.name.clone(), shard::owner(&s.name, replicas as i32))).collect();
+                sp.spec.sources.iter().map(|s| (s.name.clone(), shard::owner(&s.name, route as i32))).collect();
             let history = opts.settings.history(&pipeline);
             match &opts.source {
                 SignalSource::Pods => track.collector.record(now, replicas, &owners, &shard_scrapes, history),

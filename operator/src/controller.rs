@@ -28,6 +28,7 @@ use serde::de::DeserializeOwned;
 use zerodrop_crds::{ConditionType, StreamPipeline, StreamPipelineStatus, StreamStatus, shard};
 
 use crate::desired::{self, BuildSettings, PIPELINE_LABEL};
+use crate::handover;
 use crate::drift;
 use crate::metrics::OperatorMetrics;
 
@@ -72,6 +73,10 @@ pub struct Context {
     /// Objects written and not yet seen back through the watch: kind/ns/name
     /// → the resourceVersion the write replaced, and when.
     in_flight: Mutex<HashMap<String, (Option<String>, Instant)>>,
+    /// Where each pipeline's streams are routed and its handover in
+    /// progress (`handover.rs`): the operator's own last step, which a cache
+    /// read may not show yet; persisted in status.handover.
+    routings: Mutex<HashMap<String, crate::handover::Routing>>,
 }
 
 /// The reflector stores of the kinds a pipeline owns.
@@ -81,6 +86,9 @@ pub struct Caches {
     pub services: Store<Service>,
     pub configmaps: Store<ConfigMap>,
     pub pdbs: Store<PodDisruptionBudget>,
+    /// The data-plane pods, for their IPs (the control loop's scrapes, a
+    /// handover's look at the new owners).
+    pub pods: Store<Pod>,
 }
 
 struct Writers {
@@ -88,6 +96,7 @@ struct Writers {
     services: reflector::store::Writer<Service>,
     configmaps: reflector::store::Writer<ConfigMap>,
     pdbs: reflector::store::Writer<PodDisruptionBudget>,
+    pods: reflector::store::Writer<Pod>,
 }
 
 impl Caches {
@@ -100,6 +109,7 @@ impl Caches {
         let _ = self.services.wait_until_ready().await;
         let _ = self.configmaps.wait_until_ready().await;
         let _ = self.pdbs.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
     }
 }
 
@@ -110,17 +120,25 @@ impl Context {
         let (services, svc_w) = reflector::store();
         let (configmaps, cm_w) = reflector::store();
         let (pdbs, pdb_w) = reflector::store();
+        let (pods, pod_w) = reflector::store();
         Self {
             client,
             settings,
             metrics,
             recorder,
-            caches: Caches { statefulsets, services, configmaps, pdbs },
+            caches: Caches { statefulsets, services, configmaps, pdbs, pods },
             caches_ready: std::sync::atomic::AtomicBool::new(false),
-            writers: Mutex::new(Some(Writers { statefulsets: sts_w, services: svc_w, configmaps: cm_w, pdbs: pdb_w })),
+            writers: Mutex::new(Some(Writers { statefulsets: sts_w, services: svc_w, configmaps: cm_w, pdbs: pdb_w, pods: pod_w })),
             failures: Mutex::default(),
             in_flight: Mutex::default(),
+            routings: Mutex::default(),
         }
+    }
+
+    /// The replica count a pipeline's Services route by now (its handover's
+    /// old count until the switch), if this operator has reconciled it.
+    pub fn route_replicas(&self, key: &str) -> Option<i32> {
+        self.routings.lock().unwrap_or_else(|e| e.into_inner()).get(key).map(|r| r.layout().route)
     }
 
     /// Whether the cache still shows the version `key` had when this
@@ -177,6 +195,13 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, control: Option<c
         .owns_stream(watch_into(svc, labelled.clone(), writers.services))
         .owns_stream(watch_into(cm, labelled.clone(), writers.configmaps))
         .owns_stream(watch_into(pdb, labelled.clone(), writers.pdbs));
+    // The data-plane pods, for their IPs: one watch, shared by the control
+    // loop's rounds and the handovers; it triggers no reconcile.
+    let pods: Api<Pod> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    tokio::spawn(watch_into(pods, labelled.clone(), writers.pods).for_each(|_| async {}));
     {
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -186,14 +211,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, control: Option<c
         });
     }
     if let Some(opts) = control {
-        // The data-plane pods, for their IPs: one watch, shared by every round.
-        let pods: Api<Pod> = match &namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let (pod_store, writer) = reflector::store();
-        let pod_watch = watcher::watcher(pods, labelled).default_backoff().reflect(writer).for_each(|_| async {});
-        tokio::spawn(pod_watch);
+        let pod_store = ctx.caches.pods.clone();
         // The node agents, when found by label: their own watch, in every
         // namespace (the chart puts them in its release namespace).
         let agent_store = match &opts.agents {
@@ -265,6 +283,34 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action, E
     let caches = &ctx.caches;
     let sts_name = desired::statefulset_name(&name);
     let previous_replicas = cached(&caches.statefulsets, &ns, &sts_name).and_then(|s| s.spec.as_ref()?.replicas);
+
+    // replicas: a change hands the moving streams over before it breaks (handover.rs)
+    let target = desired::replicas(sp);
+    let now = Instant::now();
+    let current = ctx
+        .routings
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key(sp))
+        .cloned()
+        .unwrap_or_else(|| handover::Routing::resume(sp, previous_replicas, target, now));
+    let bound = match &current.handover {
+        Some(p) if !p.switched && p.to == target => Some(bound_at_new_owners(ctx, sp, &ns, p.from, p.to).await),
+        _ => None,
+    };
+    let wall = k8s_openapi::jiff::Timestamp::now().to_string();
+    let tick = handover::Tick { now, wall: &wall, bound, prepare_timeout: ctx.settings.handover_timeout };
+    let (routing, change) = handover::step(&current, sp, target, tick);
+    ctx.routings.lock().unwrap_or_else(|e| e.into_inner()).insert(key(sp), routing.clone());
+    let layout = routing.layout();
+    let desired = if layout == handover::Layout::settled(target) { desired } else { desired::build_with(sp, &ctx.settings, layout)? };
+    if let Some(change) = &change {
+        let (reason, note) = change.event();
+        tracing::info!(pipeline = %key(sp), reason, "{note}");
+        let type_ = if change.is_warning() { EventType::Warning } else { EventType::Normal };
+        publish(ctx, sp, type_, reason, &note).await;
+    }
+
     let mut outcomes = vec![
         apply(ctx, sp, &caches.configmaps, &ns, &desired.config).await?,
         apply(ctx, sp, &caches.services, &ns, &desired.headless).await?,
@@ -287,12 +333,16 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action, E
     ctx.metrics.writes.inc_by(writes as u64);
     ctx.metrics.objects_managed(&key(sp), 4 + desired.source_services.len() as i64);
 
-    let replicas = desired::replicas(sp);
-    if let Some(prev) = previous_replicas
-        && prev != replicas {
-            let note = format!("data-plane replicas {prev} → {replicas}; streams re-assigned by rendezvous hashing");
-            publish(ctx, sp, EventType::Normal, "Scaling", &note).await;
-        }
+    if change.is_none()
+        && let Some(prev) = previous_replicas
+        && prev != layout.pods
+        && routing.handover.is_none()
+    {
+        // Nothing to hand over (to or from zero replicas, or the StatefulSet
+        // settling after a handover).
+        let note = format!("data-plane replicas {prev} → {}", layout.pods);
+        publish(ctx, sp, EventType::Normal, "Scaling", &note).await;
+    }
 
     // credentials: the objects above are applied all the same (the pods
     // wait for a missing Secret in ContainerCreating and start once it
@@ -313,12 +363,14 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action, E
 
     // status, from the cached StatefulSet (its status changes trigger a reconcile)
     let observed = cached(&caches.statefulsets, &ns, &sts_name);
-    let status = with_missing_secrets(sp, observed_status(sp, observed.as_deref()), &missing, &ns);
+    let status = with_missing_secrets(sp, observed_status_during(sp, observed.as_deref(), &routing), &missing, &ns);
     write_status(ctx, sp, status).await?;
     if writes > 0 {
         tracing::info!(pipeline = %key(sp), writes, "reconciled");
     }
-    let next = if pending {
+    let next = if let Some(soon) = handover::requeue(&routing) {
+        soon
+    } else if pending {
         WRITE_SETTLE
     } else if !missing.is_empty() {
         SECRET_RECHECK
@@ -512,11 +564,52 @@ where
     Ok(deleted)
 }
 
+/// How many of the streams moving from `from` to `to` replicas their new
+/// owners list as bound (`/readyz/streams` of each new owner's pod; a pod
+/// without an IP yet or that does not answer counts none).
+async fn bound_at_new_owners(ctx: &Context, sp: &StreamPipeline, ns: &str, from: i32, to: i32) -> i32 {
+    let name = sp.name_any();
+    let sts = desired::statefulset_name(&name);
+    let mut by_owner: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (stream, owner) in handover::moving(sp, from, to) {
+        by_owner.entry(owner).or_default().push(stream);
+    }
+    let looks = by_owner.into_iter().map(|(ordinal, streams)| {
+        let pod = cached(&ctx.caches.pods, ns, &format!("{sts}-{ordinal}"));
+        let ip = pod.and_then(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse::<std::net::IpAddr>().ok());
+        let port = ctx.settings.pod_metrics_port;
+        let name = name.clone();
+        async move {
+            let Some(ip) = ip else { return 0 };
+            let addr = std::net::SocketAddr::new(ip, port);
+            match crate::scrape::http_get(addr, "/readyz/streams", Duration::from_secs(1)).await {
+                Ok(body) => {
+                    let listed: std::collections::HashSet<&str> = body.lines().collect();
+                    streams.iter().filter(|s| listed.contains(format!("{name}/{s}").as_str())).count() as i32
+                }
+                Err(e) => {
+                    tracing::debug!(pod = %addr, error = %e, "new owner not answering yet");
+                    0
+                }
+            }
+        }
+    });
+    futures::future::join_all(looks).await.into_iter().sum()
+}
+
 /// Status from what the cluster shows: replicas, readiness, stream owners.
 pub fn observed_status(sp: &StreamPipeline, sts: Option<&StatefulSet>) -> StreamPipelineStatus {
+    let routing = handover::Routing { handover: None, settled: desired::replicas(sp) };
+    observed_status_during(sp, sts, &routing)
+}
+
+/// [`observed_status`] with the streams' owners and the Scaling condition
+/// as `routing` has them (a handover in progress).
+pub fn observed_status_during(sp: &StreamPipeline, sts: Option<&StatefulSet>, routing: &handover::Routing) -> StreamPipelineStatus {
     let name = sp.name_any();
     let namespace = sp.namespace().unwrap_or_else(|| "default".into());
-    let replicas = desired::replicas(sp);
+    let layout = routing.layout();
+    let replicas = layout.assign;
     let st = sts.and_then(|s| s.status.as_ref());
     let ready = st.and_then(|s| s.ready_replicas).unwrap_or(0);
     let current = st.map(|s| s.replicas).unwrap_or(0);
@@ -528,18 +621,27 @@ pub fn observed_status(sp: &StreamPipeline, sts: Option<&StatefulSet>) -> Stream
         .iter()
         .take(MAX_STATUS_STREAMS)
         .map(|s| {
-            let shard = shard::owner(&s.name, replicas);
+            let shard = shard::owner(&s.name, layout.route);
             let hls = sp.spec.outputs.hls.as_ref().map(|_| desired::hls_url(&namespace, &name, &s.name, shard));
             StreamStatus { name: s.name.clone(), shard: shard as i32, hls, ..Default::default() }
         })
         .collect();
     let all_ready = ready >= replicas && replicas > 0;
-    let scaling = current != replicas;
+    let handover = routing.status();
+    let scaling = current != layout.pods || handover.is_some();
+    let (scaling_reason, scaling_message) = match &handover {
+        Some(h) if h.phase == zerodrop_crds::HandoverPhase::Preparing => (
+            "HandingOver",
+            format!("{} → {} replicas: {}/{} moving streams bound by their new owners; Services still route by {}", h.from_replicas, h.to_replicas, h.bound, h.moving, h.from_replicas),
+        ),
+        Some(h) => ("Draining", format!("{} → {} replicas: Services route by {}; the old owners drain", h.from_replicas, h.to_replicas, h.to_replicas)),
+        None if scaling => ("ReplicasChanging", format!("{current} running, {replicas} wanted")),
+        None => ("Stable", format!("{current} running, {replicas} wanted")),
+    };
     let conditions = vec![
         condition(old, ConditionType::Ready, all_ready, if all_ready { "AllShardsReady" } else { "ShardsStarting" },
             &format!("{ready}/{replicas} data-plane pods ready"), generation),
-        condition(old, ConditionType::Scaling, scaling, if scaling { "ReplicasChanging" } else { "Stable" },
-            &format!("{current} running, {replicas} wanted"), generation),
+        condition(old, ConditionType::Scaling, scaling, scaling_reason, &scaling_message, generation),
     ];
     StreamPipelineStatus {
         observed_generation: generation,
@@ -549,6 +651,7 @@ pub fn observed_status(sp: &StreamPipeline, sts: Option<&StatefulSet>) -> Stream
         stream_count: sp.spec.sources.len() as i32,
         streams_truncated: sp.spec.sources.len() > MAX_STATUS_STREAMS,
         streams,
+        handover,
         ..StreamPipelineStatus::default()
     }
 }
@@ -586,6 +689,9 @@ pub fn reconcile_fields(status: &StreamPipelineStatus) -> serde_json::Value {
     });
     if let Some(g) = status.observed_generation {
         fields["observedGeneration"] = g.into();
+    }
+    if let Some(h) = &status.handover {
+        fields["handover"] = serde_json::to_value(h).unwrap_or_default();
     }
     fields
 }

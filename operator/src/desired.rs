@@ -37,6 +37,12 @@ pub const CREDENTIALS_MOUNT: &str = "/var/run/zerodrop/credentials";
 #[derive(Debug, Clone)]
 pub struct BuildSettings {
     pub dataplane_image: String,
+    /// The port of the data-plane pods' /metrics and /readyz (the control
+    /// loop reads it; a handover reads `/readyz/streams` there).
+    pub pod_metrics_port: u16,
+    /// How long a handover waits for the new owners to bind the moving
+    /// streams before switching anyway (`handover::PREPARE_TIMEOUT`).
+    pub handover_timeout: std::time::Duration,
 }
 
 /// Everything one pipeline should own.
@@ -154,10 +160,17 @@ pub fn replicas(sp: &StreamPipeline) -> i32 {
     zerodrop_core::scaling::replicas(s.replicas, chosen, s.min_replicas, s.max_replicas)
 }
 
+/// The objects with no replica change in progress.
 pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, BuildError> {
+    build_with(sp, settings, crate::handover::Layout::settled(replicas(sp)))
+}
+
+/// The objects with the replica counts of `layout` (a handover in progress
+/// gives the StatefulSet, the rendered pipeline and the Services different
+/// counts, `handover.rs`).
+pub fn build_with(sp: &StreamPipeline, settings: &BuildSettings, layout: crate::handover::Layout) -> Result<Desired, BuildError> {
     let name = sp.metadata.name.clone().ok_or(BuildError::Unnamed)?;
     let namespace = sp.metadata.namespace.clone().ok_or(BuildError::Unnamed)?;
-    let replicas = replicas(sp);
     let owner = owner_reference(sp).ok_or(BuildError::Unnamed)?;
     let labels = pipeline_labels(&name);
     let meta = |obj_name: String, extra: &[(&str, &str)]| {
@@ -188,7 +201,7 @@ pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, B
 
     let config = ConfigMap {
         metadata: meta(format!("{name}-config"), &[]),
-        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), render_config(sp, replicas)?)])),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), render_config_during(sp, layout.assign, layout.also_from)?)])),
         ..ConfigMap::default()
     };
 
@@ -197,7 +210,7 @@ pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, B
     let statefulset = StatefulSet {
         metadata: meta(sts_name.clone(), &[]),
         spec: Some(StatefulSetSpec {
-            replicas: Some(replicas),
+            replicas: Some(layout.pods),
             service_name: Some(sts_name.clone()),
             // Shards are independent: start and replace them all at once.
             pod_management_policy: Some("Parallel".into()),
@@ -239,7 +252,7 @@ pub fn build(sp: &StreamPipeline, settings: &BuildSettings) -> Result<Desired, B
             (None, Some(port)) => vec![udp_port("srt", port)],
             (None, None) => continue,
         };
-        let owner_pod = format!("{sts_name}-{}", shard::owner(&source.name, replicas));
+        let owner_pod = format!("{sts_name}-{}", shard::owner(&source.name, layout.route));
         let service_type = sp.spec.exposure.service_type;
         let mut selector = labels.clone();
         selector.insert("statefulset.kubernetes.io/pod-name".into(), owner_pod);
@@ -305,6 +318,12 @@ fn udp_port(name: &str, port: u16) -> ServicePort {
 /// address set to all interfaces (the pod's IP is not known in advance) and
 /// the replica count the shards hash against.
 pub fn render_config(sp: &StreamPipeline, replicas: i32) -> Result<String, serde_yaml::Error> {
+    render_config_during(sp, replicas, None)
+}
+
+/// [`render_config`] during a handover from `from` replicas: annotated so
+/// that each shard also runs what it owned under `from`.
+pub fn render_config_during(sp: &StreamPipeline, replicas: i32, from: Option<i32>) -> Result<String, serde_yaml::Error> {
     let mut spec = sp.spec.clone();
     spec.scaling.replicas = Some(replicas);
     for s in &mut spec.sources {
@@ -318,6 +337,10 @@ pub fn render_config(sp: &StreamPipeline, replicas: i32) -> Result<String, serde
         "metadata": {"name": sp.metadata.name, "namespace": sp.metadata.namespace},
         "spec": spec,
     });
+    let mut doc = doc;
+    if let Some(from) = from {
+        doc["metadata"]["annotations"] = serde_json::json!({ shard::HANDOVER_FROM_ANNOTATION: from.to_string() });
+    }
     serde_yaml::to_string(&doc)
 }
 
@@ -473,7 +496,7 @@ spec:
     }
 
     fn settings() -> BuildSettings {
-        BuildSettings { dataplane_image: "ghcr.io/zerodrop/dataplane:test".into() }
+        BuildSettings { dataplane_image: "ghcr.io/zerodrop/dataplane:test".into(), pod_metrics_port: METRICS_PORT as u16, handover_timeout: crate::handover::PREPARE_TIMEOUT }
     }
 
     #[test]
@@ -529,6 +552,26 @@ spec:
         assert_eq!(a_ports, vec![5000, 5001], "RTP and RTCP");
         let b_ports = d.source_services[1].spec.as_ref().unwrap().ports.as_ref().unwrap().len();
         assert_eq!(b_ports, 1, "rtcp-mux needs one port");
+    }
+
+    #[test]
+    fn during_a_handover_the_statefulset_the_rendered_pipeline_and_the_services_follow_their_own_counts() {
+        use crate::handover::Layout;
+        let sp = pipeline(None, "ClusterIP");
+        let layout = Layout { pods: 3, assign: 3, also_from: Some(1), route: 1 };
+        let d = build_with(&sp, &settings(), layout).unwrap();
+        assert_eq!(d.statefulset.spec.as_ref().unwrap().replicas, Some(3), "the new pods start");
+        for svc in &d.source_services {
+            let pod = &svc.spec.as_ref().unwrap().selector.as_ref().unwrap()["statefulset.kubernetes.io/pod-name"];
+            assert_eq!(pod, "fleet-dataplane-0", "every Service still routes by 1 replica");
+        }
+        let text = &d.config.data.as_ref().unwrap()[CONFIG_KEY];
+        let rendered = zerodrop_crds::parse_manifests(text).unwrap().remove(0);
+        assert_eq!(rendered.spec.scaling.replicas, Some(3));
+        assert_eq!(rendered.metadata.annotations.unwrap()[shard::HANDOVER_FROM_ANNOTATION], "1");
+        let settled = build_with(&sp, &settings(), Layout::settled(3)).unwrap();
+        let text = &settled.config.data.as_ref().unwrap()[CONFIG_KEY];
+        assert!(!text.contains(shard::HANDOVER_FROM_ANNOTATION), "no annotation once settled:\n{text}");
     }
 
     #[test]

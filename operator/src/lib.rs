@@ -6,6 +6,7 @@ pub mod control;
 pub mod controller;
 pub mod desired;
 pub mod drift;
+pub mod handover;
 pub mod metrics;
 pub mod promsource;
 pub mod scrape;

@@ -46,6 +46,11 @@ struct Args {
     /// Port of the data-plane pods' /metrics (the pod template's `metrics` port).
     #[arg(long, default_value_t = zerodrop_operator::desired::METRICS_PORT as u16)]
     pod_metrics_port: u16,
+    /// On a replica change, how long the moving streams' new owners may take
+    /// to bind them before their Services switch anyway, in seconds
+    /// (make-before-break; a Warning Event says when it ran out).
+    #[arg(long, default_value_t = zerodrop_operator::handover::PREPARE_TIMEOUT.as_secs_f64())]
+    handover_timeout_s: f64,
     /// After a replica change, seconds without another (the policy's cooldown).
     #[arg(long, default_value_t = 30)]
     scale_cooldown_s: u64,
@@ -155,7 +160,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let ctx = Arc::new(Context::new(client, BuildSettings { dataplane_image: args.dataplane_image }, metrics));
+    let ctx = Arc::new(Context::new(client, BuildSettings {
+        dataplane_image: args.dataplane_image,
+        pod_metrics_port: args.pod_metrics_port,
+        handover_timeout: Duration::from_secs_f64(args.handover_timeout_s.max(0.0)),
+    }, metrics));
     controller::run(ctx, args.namespace, control).await;
     tracing::info!("zerodrop-operator stopped");
     Ok(())
