@@ -17,12 +17,20 @@
 //! test panics) and read the logs afterwards.
 //!
 //! Pod IPs are made up by kwok (from [`ClusterOptions::pod_cidr`]): nothing
-//! listens there, so never send traffic to them.
+//! listens there, so never send traffic to them; unless the cluster runs with
+//! [`ClusterOptions::service_proxy`], which gives it a real Service data plane:
+//! the real kube-proxy (nftables mode) programs this host's netfilter, and the
+//! pod range is routed to this host itself (a `local` route on `lo`), so a
+//! process that plays a pod binds its pod IP and a datagram sent to a
+//! Service's ClusterIP reaches it. That changes host-wide state (root only),
+//! so one such cluster runs per host at a time and undoes it on drop, or at
+//! the next start after a crash.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -154,12 +162,20 @@ pub struct ClusterOptions {
     pub fake_nodes: usize,
     /// Pods each fake node admits.
     pub pods_per_node: u32,
-    /// Range kwok invents pod IPs from; no traffic may be sent there.
+    /// Range kwok invents pod IPs from (`first-address/prefix`); no traffic
+    /// may be sent there unless [`ClusterOptions::service_proxy`] is on.
     pub pod_cidr: String,
     /// `--service-cluster-ip-range` of the apiserver and controller-manager.
     pub service_cidr: String,
     /// How long to wait for the control plane to come up.
     pub start_timeout: Duration,
+    /// Run the real kube-proxy (nftables mode) as the node `kwok-node-0`,
+    /// and route `pod_cidr` to this host (`ip route add local <net> dev lo`):
+    /// a process may bind a pod's IP, and UDP sent to a Service's ClusterIP
+    /// reaches the pod the Service selects. `pod_cidr` must not be loopback
+    /// (EndpointSlices refuse loopback addresses). Needs root, `nft` and
+    /// `ip`; waits for any other such cluster on this host to end.
+    pub service_proxy: bool,
 }
 
 impl Default for ClusterOptions {
@@ -172,6 +188,7 @@ impl Default for ClusterOptions {
             pod_cidr: "10.244.0.1/16".into(),
             service_cidr: "10.96.0.0/16".into(),
             start_timeout: Duration::from_secs(180),
+            service_proxy: false,
         }
     }
 }
@@ -194,6 +211,11 @@ pub struct TestCluster {
     /// Kills the components if this process dies without dropping the
     /// cluster (SIGKILL, a timeout, a cluster kept in a `static`).
     reaper: Option<Child>,
+    /// The host state the Service data plane changed, with its lock; undone
+    /// on drop once kube-proxy is stopped.
+    service_proxy: Option<ServiceProxyHost>,
+    /// kube-proxy's metrics address, with [`ClusterOptions::service_proxy`].
+    kube_proxy_metrics: Option<SocketAddr>,
 }
 
 /// The repository root (e2e/..).
@@ -244,16 +266,40 @@ pub fn check_binaries(bin: &Path) -> Result<()> {
     }
     if !missing.is_empty() {
         bail!(
-            "the control-plane binaries are not built: {} missing from {}.\n\
-             Run `scripts/controlplane.sh build` first (it builds kube-apiserver, kube-controller-manager, \
-             kube-scheduler, etcd and kwok from Go modules into a cache outside the repository; \
-             10-30 minutes the first time, seconds afterwards).",
+            "the control-plane binaries are not built: {} missing from {}.\n{BUILD_HINT}",
             missing.join(", "),
             bin.display()
         );
     }
     Ok(())
 }
+
+/// Checks what [`ClusterOptions::service_proxy`] needs before anything
+/// starts; returns the pod network to route (e.g. `10.244.0.0/16`).
+fn check_service_proxy_options(opts: &ClusterOptions, bin: &Path) -> Result<String> {
+    if !bin.join("kube-proxy").is_file() {
+        bail!(
+            "ClusterOptions::service_proxy needs kube-proxy, missing from {}.\n{BUILD_HINT}",
+            bin.display()
+        );
+    }
+    let (net, prefix) = ipv4_network(&opts.pod_cidr).context("ClusterOptions::pod_cidr")?;
+    if net.is_loopback() {
+        bail!(
+            "ClusterOptions::pod_cidr {} is loopback: EndpointSlices refuse loopback addresses, so no Service \
+             would have endpoints; the service proxy needs a range such as 10.244.0.1/16",
+            opts.pod_cidr
+        );
+    }
+    if opts.fake_nodes == 0 {
+        bail!("ClusterOptions::service_proxy needs a fake node for kube-proxy to run as (fake_nodes is 0)");
+    }
+    Ok(format!("{net}/{prefix}"))
+}
+
+const BUILD_HINT: &str = "Run `scripts/controlplane.sh build` first (it builds kube-apiserver, kube-controller-manager, \
+     kube-scheduler, kube-proxy, etcd and kwok from Go modules into a cache outside the repository; \
+     10-30 minutes the first time, seconds afterwards; only what is missing is built).";
 
 /// Loopback ports that were free a moment ago, all different.
 fn free_ports(n: usize) -> Result<Vec<u16>> {
@@ -454,6 +500,214 @@ fn first_service_ip(cidr: &str) -> Result<String> {
     Ok(std::net::Ipv4Addr::from(u32::from(base) + 1).to_string())
 }
 
+/// An IPv4 `address/prefix` as its network, e.g. `10.244.0.1/16` →
+/// (`10.244.0.0`, 16).
+fn ipv4_network(cidr: &str) -> Result<(Ipv4Addr, u8)> {
+    let (addr, prefix) = cidr
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{cidr:?} is not an IPv4 CIDR (address/prefix)"))?;
+    let addr: Ipv4Addr = addr.parse().with_context(|| format!("the address of CIDR {cidr:?}"))?;
+    let prefix: u8 = prefix.parse().with_context(|| format!("the prefix of CIDR {cidr:?}"))?;
+    if prefix > 32 {
+        bail!("the prefix of CIDR {cidr:?} is over 32");
+    }
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    Ok((Ipv4Addr::from(u32::from(addr) & mask), prefix))
+}
+
+/// Host-wide lock a cluster with a Service data plane holds: the nftables
+/// tables `kube-proxy` and the pod range's route are one per host.
+const SERVICE_PROXY_LOCK: &str = "/run/zerodrop-service-proxy.lock";
+/// What the holder of [`SERVICE_PROXY_LOCK`] set up (`route <net>` lines), so
+/// the next start undoes a crashed run's state and never touches a
+/// kube-proxy or route it did not make.
+const SERVICE_PROXY_STATE: &str = "/run/zerodrop-service-proxy.state";
+/// In the cluster's directory: what the reaper runs to undo the host state
+/// when the test process died without dropping the cluster.
+const SERVICE_PROXY_TEARDOWN: &str = "service-proxy-teardown.sh";
+
+/// Runs a host networking command (`nft`, `ip`); an error names the command,
+/// its output, and what to install when it is missing.
+fn host_command(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| {
+        format!("running `{program}` (the service proxy needs `nft` from the Debian package nftables and `ip` from iproute2)")
+    })?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            if unsafe { libc::geteuid() } != 0 { " (the service proxy needs root: it changes routes and nftables)" } else { "" }
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The families (`ip`, `ip6`) that have an nftables table named `kube-proxy`.
+fn kube_proxy_tables() -> Result<Vec<&'static str>> {
+    let tables = host_command("nft", &["list", "tables"])?;
+    Ok(["ip", "ip6"]
+        .into_iter()
+        .filter(|f| tables.lines().any(|l| l.trim() == format!("table {f} kube-proxy")))
+        .collect())
+}
+
+/// Whether the local routing table has a `local` route for exactly `net`.
+fn has_local_route(net: &str) -> Result<bool> {
+    Ok(!host_command("ip", &["-o", "route", "show", "table", "local", "type", "local", "exact", net])?
+        .trim()
+        .is_empty())
+}
+
+/// The host side of [`ClusterOptions::service_proxy`]: the lock, and the
+/// route of the pod range to this host. kube-proxy's own tables are undone
+/// with it.
+struct ServiceProxyHost {
+    /// Held (flock) while this cluster's Service data plane exists; kube-proxy
+    /// inherits it, so it stays held until kube-proxy is gone too.
+    lock: File,
+    /// The pod network routed to `lo`, e.g. `10.244.0.0/16`.
+    pod_net: String,
+}
+
+impl ServiceProxyHost {
+    /// Takes the host lock (polling every 200 ms while another cluster
+    /// holds it, until `deadline`) and undoes what a crashed run left.
+    fn acquire(pod_net: &str, deadline: Instant) -> Result<ServiceProxyHost> {
+        let mut lock = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(SERVICE_PROXY_LOCK)
+            .with_context(|| format!("opening {SERVICE_PROXY_LOCK} (the service proxy needs root)"))?;
+        let mut told = false;
+        loop {
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(err).with_context(|| format!("locking {SERVICE_PROXY_LOCK}"));
+            }
+            let holder = fs::read_to_string(SERVICE_PROXY_LOCK).unwrap_or_default();
+            if !told {
+                eprintln!("[cluster] waiting for the service proxy of another cluster (process {}) to end", holder.trim());
+                told = true;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "another cluster with a service proxy runs on this host (process {}, lock {SERVICE_PROXY_LOCK}); \
+                     only one at a time can own the nftables tables `kube-proxy` and the pod range's route",
+                    holder.trim()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        lock.set_len(0)?;
+        writeln!(lock, "{}", std::process::id())?;
+        // Only now is what is there ours to undo (on drop, too).
+        Self::undo_stale(pod_net)?;
+        Ok(ServiceProxyHost { lock, pod_net: pod_net.to_string() })
+    }
+
+    /// Removes the state of a run that died holding the lock (its state
+    /// file says what it made); refuses to start beside a kube-proxy table
+    /// or pod route this harness did not make.
+    fn undo_stale(pod_net: &str) -> Result<()> {
+        match fs::read_to_string(SERVICE_PROXY_STATE) {
+            Ok(state) => {
+                eprintln!("[cluster] undoing the service proxy state a previous run left ({SERVICE_PROXY_STATE})");
+                let nets: Vec<&str> = state.lines().filter_map(|l| l.strip_prefix("route ")).collect();
+                Self::undo(&nets)
+            }
+            Err(_) => {
+                let tables = kube_proxy_tables()?;
+                if !tables.is_empty() {
+                    bail!(
+                        "this host already has nftables table(s) `kube-proxy` ({}) that the e2e harness did not make \
+                         (no {SERVICE_PROXY_STATE}): a real kube-proxy may run here. Stop it, or remove them with \
+                         `nft delete table ip kube-proxy` / `nft delete table ip6 kube-proxy`.",
+                        tables.join(", ")
+                    );
+                }
+                if has_local_route(pod_net)? {
+                    bail!(
+                        "this host already has a local route for {pod_net} that the e2e harness did not make \
+                         (no {SERVICE_PROXY_STATE}); remove it with `ip route del local {pod_net} dev lo table local` \
+                         or choose another ClusterOptions::pod_cidr"
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Routes the pod range to this host and records it (state file, and
+    /// the reaper's teardown script in `cluster_dir`).
+    fn route_pods_here(&self, cluster_dir: &Path) -> Result<()> {
+        fs::write(SERVICE_PROXY_STATE, format!("route {}\n", self.pod_net))
+            .with_context(|| format!("writing {SERVICE_PROXY_STATE}"))?;
+        fs::write(
+            cluster_dir.join(SERVICE_PROXY_TEARDOWN),
+            format!(
+                "nft delete table ip kube-proxy 2>/dev/null\nnft delete table ip6 kube-proxy 2>/dev/null\n\
+                 ip route del local {net} dev lo table local 2>/dev/null\nrm -f {SERVICE_PROXY_STATE}\n",
+                net = self.pod_net
+            ),
+        )?;
+        host_command("ip", &["route", "replace", "local", &self.pod_net, "dev", "lo", "table", "local"])?;
+        Ok(())
+    }
+
+    /// Deletes kube-proxy's tables and the `local` routes of `nets`, then
+    /// the state file.
+    fn undo(nets: &[&str]) -> Result<()> {
+        for family in kube_proxy_tables()? {
+            host_command("nft", &["delete", "table", family, "kube-proxy"])?;
+        }
+        for net in nets {
+            if has_local_route(net)? {
+                host_command("ip", &["route", "del", "local", net, "dev", "lo", "table", "local"])?;
+            }
+        }
+        match fs::remove_file(SERVICE_PROXY_STATE) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {SERVICE_PROXY_STATE}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServiceProxyHost {
+    /// Runs once kube-proxy is stopped (the cluster drops its components
+    /// first); the lock is released when `lock` closes, after this.
+    fn drop(&mut self) {
+        if let Err(e) = Self::undo(&[&self.pod_net]) {
+            eprintln!("[cluster] could not undo the service proxy's host state: {e:#}");
+        }
+    }
+}
+
+/// The UDP entries of this host's connection tracking table
+/// (`/proc/net/nf_conntrack`) whose original destination is `dst`: which
+/// pod a flow to a ClusterIP is NATed to (`dst=` of the reply direction
+/// names the sender, `src=` the pod).
+pub fn udp_conntrack_entries(dst: Ipv4Addr) -> Result<Vec<String>> {
+    let table = fs::read_to_string("/proc/net/nf_conntrack")
+        .context("reading /proc/net/nf_conntrack (needs root and the nf_conntrack module)")?;
+    let needle = format!(" dst={dst} ");
+    Ok(table
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some("udp"))
+        // The original direction's destination is the first `dst=`.
+        .filter(|l| l.find(" dst=").is_some_and(|i| l[i..].starts_with(&needle)))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect())
+}
+
 
 impl TestCluster {
     /// Starts a control plane with [`ClusterOptions::default`].
@@ -468,6 +722,11 @@ impl TestCluster {
     pub fn start_with(opts: ClusterOptions) -> Result<TestCluster> {
         let bin = controlplane_bin()?;
         check_binaries(&bin)?;
+        let pod_net = if opts.service_proxy {
+            Some(check_service_proxy_options(&opts, &bin)?)
+        } else {
+            None
+        };
         let started = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("zerodrop-cluster-")
@@ -505,9 +764,14 @@ impl TestCluster {
             components: Vec::new(),
             nodes: Vec::new(),
             reaper: None,
+            service_proxy: None,
+            kube_proxy_metrics: None,
         };
         cluster.reaper = Some(spawn_reaper(&root)?);
         let deadline = started + opts.start_timeout;
+        if let Some(net) = &pod_net {
+            cluster.service_proxy = Some(ServiceProxyHost::acquire(net, deadline)?);
+        }
         let p = |f: &str| pki.join(f).display().to_string();
         let kc = kubeconfig.display().to_string();
 
@@ -613,18 +877,23 @@ impl TestCluster {
                 "--v=1".into(),
             ],
         )?;
-        cluster.spawn(
-            "kwok",
-            &[
-                format!("--kubeconfig={kc}"),
-                format!("--config={}", kwok_stages(&bin).display()),
-                "--manage-all-nodes=false".into(),
-                format!("--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake"),
-                "--manage-nodes-with-label-selector=".into(),
-                format!("--cidr={}", opts.pod_cidr),
-                "--node-lease-duration-seconds=40".into(),
-            ],
-        )?;
+        let mut kwok_args = vec![
+            format!("--kubeconfig={kc}"),
+            format!("--config={}", kwok_stages(&bin).display()),
+            "--manage-all-nodes=false".into(),
+            format!("--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake"),
+            "--manage-nodes-with-label-selector=".into(),
+            format!("--cidr={}", opts.pod_cidr),
+            "--node-lease-duration-seconds=40".into(),
+        ];
+        if pod_net.is_some() {
+            // kube-proxy waits 30 s for its Node to have an address. The pod
+            // range's first address (kwok's gateway, never a pod's) is local
+            // here once the range is routed to this host: a true node IP.
+            let gateway = opts.pod_cidr.split('/').next().unwrap_or_default();
+            kwok_args.push(format!("--node-ip={gateway}"));
+        }
+        cluster.spawn("kwok", &kwok_args)?;
 
         for i in 0..opts.fake_nodes {
             let name = format!("kwok-node-{i}");
@@ -642,6 +911,9 @@ impl TestCluster {
                 ]);
                 Ok((String::from_utf8_lossy(&out.stdout).trim() == "True").then_some(()))
             })?;
+        }
+        if let Some(net) = &pod_net {
+            cluster.start_kube_proxy(net, deadline)?;
         }
         cluster.wait_until(
             "ServiceAccount default/default (kube-controller-manager)",
@@ -672,16 +944,34 @@ impl TestCluster {
     }
 
     fn spawn(&mut self, name: &'static str, args: &[String]) -> Result<()> {
+        self.spawn_inheriting(name, args, None)
+    }
+
+    /// Like [`TestCluster::spawn`]; the component also inherits `fd` (which
+    /// is close-on-exec in this process).
+    fn spawn_inheriting(&mut self, name: &'static str, args: &[String], fd: Option<RawFd>) -> Result<()> {
         let log = self.root.join(format!("{name}.log"));
         let f = File::create(&log)?;
-        let child = Command::new(self.bin.join(name))
-            .args(args)
+        let mut cmd = Command::new(self.bin.join(name));
+        cmd.args(args)
             .current_dir(&self.root)
             .env("HOME", &self.root)
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
-            .process_group(0)
+            .process_group(0);
+        if let Some(fd) = fd {
+            // In the child, between fork and exec: fcntl is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.bin.join(name).display()))?;
         // The reaper reads this list when the test process is gone.
@@ -692,6 +982,90 @@ impl TestCluster {
         writeln!(pgids, "{}", child.id())?;
         self.components.push(Component { name, child, log });
         Ok(())
+    }
+
+    /// Routes the pod network `pod_net` to this host, starts kube-proxy
+    /// (nftables mode) as the first fake node, and waits until it has
+    /// written its rules once (its sync timestamp metric is set at the end of
+    /// a successful sync, after its informers have synced).
+    fn start_kube_proxy(&mut self, pod_net: &str, deadline: Instant) -> Result<()> {
+        let host = self
+            .service_proxy
+            .as_ref()
+            .ok_or_else(|| anyhow!("the service proxy's host lock is not held"))?;
+        host.route_pods_here(&self.root)?;
+        let lock_fd = host.lock.as_raw_fd();
+        let node = self
+            .nodes
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow!("the service proxy needs a fake node to run as (ClusterOptions::fake_nodes is 0)"))?;
+        let ports = free_ports(2)?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], ports[0]));
+        let kc = self.kubeconfig.display().to_string();
+        self.spawn_inheriting(
+            "kube-proxy",
+            &[
+                "--proxy-mode=nftables".into(),
+                format!("--kubeconfig={kc}"),
+                format!("--hostname-override={node}"),
+                format!("--cluster-cidr={pod_net}"),
+                // Traffic from outside the pod range to a ClusterIP is
+                // masqueraded, as on a real node.
+                "--detect-local-mode=ClusterCIDR".into(),
+                // 0: leave this host's conntrack sysctls as they are.
+                "--conntrack-max-per-core=0".into(),
+                "--conntrack-tcp-timeout-established=0".into(),
+                "--conntrack-tcp-timeout-close-wait=0".into(),
+                "--conntrack-udp-timeout=0".into(),
+                "--conntrack-udp-timeout-stream=0".into(),
+                // NodePorts only on the fake node's own address, not on
+                // every address of this host.
+                "--nodeport-addresses=primary".into(),
+                // Leave its OOM score alone (it would protect itself, -999).
+                "--oom-score-adj=0".into(),
+                format!("--metrics-bind-address={metrics}"),
+                format!("--healthz-bind-address=127.0.0.1:{}", ports[1]),
+                "--v=2".into(),
+            ],
+            Some(lock_fd),
+        )?;
+        self.kube_proxy_metrics = Some(metrics);
+        self.wait_until("kube-proxy's first sync of its nftables rules", deadline, || {
+            let synced = zerodrop_telemetry::get(metrics, "/metrics").ok().is_some_and(|r| {
+                r.body.lines().any(|l| {
+                    l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds{")
+                        && l.contains("ip_family=\"IPv4\"")
+                        && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
+                })
+            });
+            Ok((synced && kube_proxy_tables()?.contains(&"ip")).then_some(()))
+        })?;
+        eprintln!("[cluster] kube-proxy (nftables) synced as {node}; {pod_net} is routed to this host");
+        Ok(())
+    }
+
+    /// kube-proxy's `/metrics` (sync counts and times, conntrack entries it
+    /// deleted); an error unless the cluster runs with
+    /// [`ClusterOptions::service_proxy`].
+    pub fn kube_proxy_metrics(&self) -> Result<String> {
+        let addr = self
+            .kube_proxy_metrics
+            .ok_or_else(|| anyhow!("this cluster runs no kube-proxy (ClusterOptions::service_proxy is off)"))?;
+        let r = zerodrop_telemetry::get(addr, "/metrics").with_context(|| format!("GET http://{addr}/metrics (kube-proxy)"))?;
+        if r.status != 200 {
+            bail!("GET http://{addr}/metrics (kube-proxy): status {}", r.status);
+        }
+        Ok(r.body)
+    }
+
+    /// The rules kube-proxy wrote (`nft list table ip kube-proxy`), for
+    /// diagnostics.
+    pub fn service_proxy_rules(&self) -> Result<String> {
+        if self.service_proxy.is_none() {
+            bail!("this cluster runs no kube-proxy (ClusterOptions::service_proxy is off)");
+        }
+        host_command("nft", &["list", "table", "ip", "kube-proxy"])
     }
 
     /// Polls `f` every 200 ms until it yields a value. Fails at `deadline`, or
@@ -938,8 +1312,10 @@ fn check(args: &[std::ffi::OsString], out: Output) -> Result<String> {
 }
 
 /// A shell that polls every 2 s whether this process is alive and, once it is
-/// not, SIGKILLs the process groups listed in `dir/pgids` and removes `dir`
-/// (unless ZERODROP_KEEP_CLUSTER is set).
+/// not, SIGKILLs the process groups listed in `dir/pgids`, undoes the service
+/// proxy's host state (if `dir` has its teardown script and the host lock is
+/// free within 5 s, i.e. kube-proxy is gone and no newer cluster took it
+/// over) and removes `dir` (unless ZERODROP_KEEP_CLUSTER is set).
 fn spawn_reaper(dir: &Path) -> Result<Child> {
     fs::write(dir.join("pgids"), "")?;
     Command::new("bash")
@@ -947,10 +1323,13 @@ fn spawn_reaper(dir: &Path) -> Result<Child> {
         .arg(
             r#"while kill -0 "$0" 2>/dev/null; do sleep 2; done
 for g in $(cat "$1/pgids"); do kill -KILL -- "-$g" 2>/dev/null; done
+if [ -f "$1/$3" ]; then flock -w 5 "$2" bash "$1/$3"; fi
 case "${ZERODROP_KEEP_CLUSTER:-0}" in 0|"") sleep 1; rm -rf "$1" ;; esac"#,
         )
         .arg(std::process::id().to_string())
         .arg(dir)
+        .arg(SERVICE_PROXY_LOCK)
+        .arg(SERVICE_PROXY_TEARDOWN)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1013,6 +1392,8 @@ impl Drop for TestCluster {
             // Anything left in the group (none of these fork, but be sure).
             unsafe { libc::killpg(c.child.id() as libc::pid_t, libc::SIGKILL) };
         }
+        // kube-proxy is gone: its tables and the pod route can go.
+        drop(self.service_proxy.take());
         if let Some(mut reaper) = self.reaper.take() {
             unsafe { libc::killpg(reaper.id() as libc::pid_t, libc::SIGKILL) };
             let _ = reaper.wait();
@@ -1048,6 +1429,30 @@ mod tests {
         ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
+    }
+
+    #[test]
+    fn ipv4_network_masks_the_host_bits() {
+        assert_eq!(ipv4_network("10.244.0.1/16").unwrap(), (Ipv4Addr::new(10, 244, 0, 0), 16));
+        assert_eq!(ipv4_network("127.1.0.1/16").unwrap(), (Ipv4Addr::new(127, 1, 0, 0), 16));
+        assert_eq!(ipv4_network("10.1.2.3/32").unwrap(), (Ipv4Addr::new(10, 1, 2, 3), 32));
+        assert_eq!(ipv4_network("10.1.2.3/0").unwrap(), (Ipv4Addr::new(0, 0, 0, 0), 0));
+        for bad in ["10.244.0.1", "10.244.0.1/33", "fd00::/64", "10.244.0/16", ""] {
+            assert!(ipv4_network(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn service_proxy_refuses_a_loopback_pod_range() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("kube-proxy"), "").unwrap();
+        let opts = ClusterOptions { pod_cidr: "127.1.0.1/16".into(), service_proxy: true, ..ClusterOptions::default() };
+        let err = check_service_proxy_options(&opts, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("loopback"), "{err}");
+        let opts = ClusterOptions { service_proxy: true, ..ClusterOptions::default() };
+        assert_eq!(check_service_proxy_options(&opts, dir.path()).unwrap(), "10.244.0.0/16");
+        let err = check_service_proxy_options(&opts, &dir.path().join("nothing")).unwrap_err().to_string();
+        assert!(err.contains("needs kube-proxy, missing from"), "{err}");
     }
 
     #[test]
