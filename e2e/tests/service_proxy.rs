@@ -4,13 +4,18 @@
 //! bound to the pods' IPs play the pods. A sender streams sequence-numbered
 //! datagrams to the Service's ClusterIP every millisecond from one socket
 //! (one 5-tuple, as an RTP sender does); the Service's selector moves from
-//! pod A to pod B, as the operator moves a push stream to another shard.
-//! Pinned down: nothing arrives before the Service exists; the stream then
-//! reaches A (kube-proxy clears the un-NATed conntrack entry the early
-//! datagrams left); after the selector change it reaches B within a bound,
-//! with the datagrams lost on the way counted, and A gets nothing once B
-//! has the stream; replies from either pod's socket (RTCP's way back) reach
-//! the sender from the ClusterIP.
+//! pod A to pod B and back, as the operator moves a push stream to another
+//! shard. Pinned down: nothing arrives before the Service exists (kube-proxy
+//! drops traffic to unallocated ClusterIPs, then rejects it while the
+//! Service has no endpoint: sendto() fails with EPERM here); the stream then
+//! reaches A; after each selector change it reaches the other pod within a
+//! bound, with the datagrams lost on the way counted, and the old pod gets
+//! nothing once the new one has the stream (kube-proxy writes the new rules,
+//! then deletes the flow's conntrack entry, which held it on the old pod
+//! until then); replies from either pod's socket (RTCP's way back) reach the
+//! sender from the ClusterIP. The first move comes soon after kube-proxy's
+//! last sync, which its minimum sync period (1 s) holds back; the second
+//! after a second without a sync.
 //!
 //! Needs root, `nft`, `ip`, and the control plane with kube-proxy:
 //! `scripts/controlplane.sh build`.
@@ -34,8 +39,9 @@ const PORT: u16 = 5004;
 const BEFORE_SERVICE: u64 = 300;
 /// Datagrams each pod must receive in a row before the next step.
 const STEADY: u64 = 500;
-/// How long the selector change may take to reach pod B: the EndpointSlice
-/// controller, then kube-proxy's next sync (at most one a second by default).
+/// How long a selector change may take to reach the new pod: the
+/// EndpointSlice controller, then kube-proxy's next sync (at most one a
+/// second by default).
 const SWITCH_BOUND: Duration = Duration::from_secs(10);
 
 /// One datagram as a socket received it.
