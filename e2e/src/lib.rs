@@ -10,6 +10,7 @@ pub mod netloss;
 pub mod operator;
 pub mod procstat;
 pub mod prometheus;
+pub mod rescale;
 pub mod results;
 pub mod runner;
 

@@ -3,6 +3,8 @@
 
 use std::net::UdpSocket;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -132,43 +134,96 @@ pub fn stall_prone_pipeline(name: &str, port: u16, max_replicas: u32, replicas: 
     )
 }
 
-/// A data-plane pod (shard 0) as a host process bound to the pod's IP:
-/// kwok must hand out loopback pod IPs (`ClusterOptions::pod_cidr` in
-/// 127.0.0.0/8), so that the operator, which scrapes `podIP:9464`, reads it.
+/// A data-plane pod as a host process serving its metrics on the pod's IP,
+/// so that the operator, which reads `podIP:9464`, reads it. kwok hands out
+/// the IPs: loopback ones (`ClusterOptions::pod_cidr` in 127.0.0.0/8), or,
+/// with the cluster's Service proxy, a range this host treats as local.
 pub struct PodProcess {
     child: Child,
+    /// The pod's IP.
+    pub ip: String,
+    /// Stops the config follower.
+    following: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+/// How [`PodProcess::start_with`] runs a pod.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PodOptions {
+    /// The StatefulSet ordinal (the shard).
+    pub ordinal: u32,
+    /// Bind the streams' sockets to the pod's IP (pods sharing this host's
+    /// network each on their own IP) instead of all interfaces.
+    pub bind_pod_ip: bool,
+    /// Decode (software) instead of receiving and repairing only.
+    pub decode: bool,
+    /// Keep the mounted config in step with the ConfigMap as the kubelet
+    /// does, looking once a second (the kubelet's own sync period is about a
+    /// minute; only the delay differs).
+    pub follow_config: bool,
+}
+
+fn rendered_config(cluster: &TestCluster, pipeline: &str) -> Option<String> {
+    let out = cluster.kubectl(["get", "configmap", &format!("{pipeline}-config"), "-o", "jsonpath={.data.pipeline\\.yaml}"]);
+    (out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes `text` to `file` whole (a rename), as the kubelet's atomic writer
+/// updates a ConfigMap volume: a reader never sees half of it.
+fn write_whole(file: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, file)
 }
 
 impl PodProcess {
-    /// Waits for the pod's IP and the rendered ConfigMap, then runs shard 0.
+    /// Waits for the pod's IP and the rendered ConfigMap, then runs shard 0
+    /// (receive and repair, no decoding).
     pub fn start(cluster: &TestCluster, pipeline: &str) -> anyhow::Result<PodProcess> {
-        let pod = format!("{pipeline}-dataplane-0");
+        let p = Self::start_with(cluster, pipeline, PodOptions::default())?;
+        assert!(p.ip.starts_with("127.1."), "kwok gives loopback pod IPs here: {}", p.ip);
+        Ok(p)
+    }
+
+    /// Waits for the pod's IP and the rendered ConfigMap, then runs the pod
+    /// as `opts` says, and waits until it is ready.
+    pub fn start_with(cluster: &TestCluster, pipeline: &str, opts: PodOptions) -> anyhow::Result<PodProcess> {
+        let pod = format!("{pipeline}-dataplane-{}", opts.ordinal);
         let ip = cluster.wait_for(&format!("{pod} to have an IP"), Duration::from_secs(60), || {
             let out = cluster.kubectl(["get", "pod", &pod, "-o", "jsonpath={.status.podIP}"]);
             Ok((out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
         })?;
-        assert!(ip.starts_with("127.1."), "kwok gives loopback pod IPs here: {ip}");
-        let config = cluster.wait_for("the rendered ConfigMap", Duration::from_secs(60), || {
-            let out = cluster.kubectl(["get", "configmap", &format!("{pipeline}-config"), "-o", "jsonpath={.data.pipeline\\.yaml}"]);
-            Ok((out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
-        })?;
-        let file = cluster.dir().join(format!("{pipeline}.yaml"));
-        std::fs::write(&file, config)?;
+        let config = cluster.wait_for("the rendered ConfigMap", Duration::from_secs(60), || Ok(rendered_config(cluster, pipeline)))?;
+        let file = cluster.dir().join(format!("{pod}.yaml"));
+        write_whole(&file, &config)?;
         let log = std::fs::File::create(cluster.dir().join(format!("{pod}.log")))?;
         let metrics = format!("{ip}:9464");
-        let child = Command::new(zerodrop_bin())
-            .args(["pod", "--config"])
+        let mut cmd = Command::new(zerodrop_bin());
+        cmd.args(["pod", "--config"])
             .arg(&file)
-            .args(["--pod-name", &pod, "--metrics-addr", &metrics, "--kernel-drops", "procfs", "--no-decode"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let process = PodProcess { child };
+            .args(["--pod-name", &pod, "--metrics-addr", &metrics, "--kernel-drops", "procfs"]);
+        if !opts.decode {
+            cmd.arg("--no-decode");
+        }
+        if opts.bind_pod_ip {
+            cmd.args(["--listen-address", &ip]);
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+        let following = opts.follow_config.then(|| {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (kubectl, pipeline, file, flag) = (cluster.kubectl_command(), pipeline.to_string(), file.clone(), stop.clone());
+            let handle = std::thread::spawn(move || follow_config(kubectl, &pipeline, &file, config, &flag));
+            (stop, handle)
+        });
+        let process = PodProcess { child, ip: ip.clone(), following };
         cluster.wait_for(&format!("{pod} ready"), Duration::from_secs(30), || {
             Ok(http_get(metrics.parse()?, "/readyz").is_ok_and(|r| r.status == 200).then_some(()))
         })?;
         Ok(process)
+    }
+
+    /// The pod's /metrics text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        Ok(http_get(format!("{}:9464", self.ip).parse()?, "/metrics")?.body)
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -195,8 +250,27 @@ impl PodProcess {
     }
 }
 
+/// The kubelet's part for a ConfigMap volume: rewrites `file` whenever the
+/// ConfigMap's text changes, until `stop`. The period is this loop's poll
+/// interval, not a synchronisation.
+fn follow_config(mut kubectl: Command, pipeline: &str, file: &std::path::Path, mut last: String, stop: &AtomicBool) {
+    kubectl.args(["get", "configmap", &format!("{pipeline}-config"), "-o", "jsonpath={.data.pipeline\\.yaml}"]);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_secs(1));
+        let Ok(out) = kubectl.output() else { continue };
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && !text.is_empty() && text != last && write_whole(file, &text).is_ok() {
+            last = text;
+        }
+    }
+}
+
 impl Drop for PodProcess {
     fn drop(&mut self) {
+        if let Some((stop, handle)) = self.following.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+        }
         self.signal(libc::SIGCONT);
         self.signal(libc::SIGTERM);
         let _ = self.child.wait();
