@@ -40,6 +40,15 @@ pub fn moves(stream: &str, from: i32, to: i32) -> bool {
     owner(stream, from) != owner(stream, to)
 }
 
+/// The name a source is sharded by: the main source of its rendition group
+/// (`renditionOf`) when it is a lower rendition of another source, else its
+/// own name. Every member of a group hashes to the same shard, so the one
+/// process that decodes the group's active rendition also receives the
+/// others; an ungrouped source hashes by its name as before.
+pub fn key<'a>(name: &'a str, rendition_of: Option<&'a str>) -> &'a str {
+    rendition_of.unwrap_or(name)
+}
+
 /// The StatefulSet ordinal at the end of a pod name (`demo-dataplane-3` → 3).
 pub fn ordinal_from_pod_name(pod: &str) -> Option<u32> {
     pod.rsplit_once('-').and_then(|(_, n)| n.parse().ok())
@@ -99,6 +108,30 @@ mod tests {
         for c in counts {
             assert!((800..1200).contains(&c), "uneven spread: {counts:?}");
         }
+    }
+
+    #[test]
+    fn a_rendition_group_shares_one_shard_at_every_count_and_during_a_handover() {
+        // Main sources and their sub streams: the group's key is the main name.
+        for main in names(300) {
+            let sub = format!("{main}-sub");
+            let third = format!("{main}-low");
+            let members = [key(&main, None), key(&sub, Some(&main)), key(&third, Some(&main))];
+            for n in 1..7 {
+                let owners: Vec<u32> = members.iter().map(|m| owner(m, n)).collect();
+                assert!(owners.iter().all(|&o| o == owners[0]), "{main} at {n}: {owners:?}");
+            }
+            for (from, to) in [(1, 2), (2, 3), (3, 1), (4, 2)] {
+                for ordinal in 0..from.max(to) as u32 {
+                    let running: Vec<bool> = members.iter().map(|m| runs(m, ordinal, to, Some(from))).collect();
+                    assert!(running.iter().all(|&r| r == running[0]), "{main} {from}->{to} on {ordinal}: {running:?}");
+                }
+                let moving: Vec<bool> = members.iter().map(|m| moves(m, from, to)).collect();
+                assert!(moving.iter().all(|&m| m == moving[0]), "{main} {from}->{to}: {moving:?}");
+            }
+        }
+        // An ungrouped source keeps its own name's hash.
+        assert_eq!(key("cam-7", None), "cam-7");
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub use manifest::{API_VERSION, KIND, ManifestError, ManifestProblem, parse_mani
 pub use pipeline::{
     BitratePolicy, Codec, DecodeSpec, DecoderChoice, ExposureSpec, FecScheme, FecSpec, FecTransport,
     FramesOutput, HlsOutput, NackSpec, OutputsSpec, RestreamTarget, SourceOutputs, PodResources, Rendition, RepairSpec, ResourceAmounts, ServiceType, RtpTransport, RtspTransport, RtspLowerTransport, CredentialsSecret, SrtTransport, SrtMode, PassphraseSecret, ScalingSpec, Source, StreamPipeline, StreamPipelineSpec,
-    Transport,
+    Transport, rendition_groups,
 };
 pub use status::{ConditionType, Handover, HandoverPhase, StreamPipelineStatus, StreamStatus};
 

@@ -70,6 +70,7 @@ use crate::status::StreamPipelineStatus;
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = rules::kubernetes_openapi)]
+#[schemars(extend("x-kubernetes-validations" = rules::spec()))]
 pub struct StreamPipelineSpec {
     /// The live streams to ingest, at least 1 and at most 128 (split larger fleets into several
     /// pipelines). Source names are unique, and no two sources may listen on the same UDP port.
@@ -280,6 +281,54 @@ pub struct Source {
     /// `outputs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<SourceOutputs>,
+    /// The name of the source this one is a lower rendition of: the same camera's sub stream
+    /// (lower resolution or bitrate) sent on another port or RTSP path, for a camera that cannot
+    /// change its bitrate on request. The named source is the group's main stream; it must
+    /// exist, must not itself set renditionOf, and a group holds at most 16 sources. The group's
+    /// ladder is the main source followed by the sources naming it, in spec order, highest
+    /// first. Every member is received and repaired, on one shard, but only the active
+    /// rendition is decoded and fed to the outputs; the others' frames are counted as skipped
+    /// (reason inactive_rendition). bitratePolicy (required with this field) decides when the
+    /// group switches: down one rendition when the active one loses more than repair recovers
+    /// for downgradeWindowSeconds, back up after upgradeAfterSeconds of health, decoding
+    /// starting at a keyframe. Grouped sources are never sent TMMBR. Unset: an ungrouped source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = rules::MAX_NAME_LENGTH))]
+    pub rendition_of: Option<String>,
+}
+
+impl Source {
+    /// The name this source is sharded by (see [`zerodrop_core::shard::key`]):
+    /// its group's main source, else its own name.
+    pub fn shard_key(&self) -> &str {
+        zerodrop_core::shard::key(&self.name, self.rendition_of.as_deref())
+    }
+}
+
+/// The rendition groups of `sources`: each main source (one that others name
+/// in `renditionOf`) followed by the sources naming it, in spec order, as
+/// indices into `sources`. Sources outside any group do not appear. Names
+/// that do not resolve (rejected by validation) are left out, never a panic.
+pub fn rendition_groups(sources: &[Source]) -> Vec<Vec<usize>> {
+    let mut groups = Vec::new();
+    for (main, source) in sources.iter().enumerate() {
+        if source.rendition_of.is_some() {
+            continue;
+        }
+        let members: Vec<usize> = std::iter::once(main)
+            .chain(
+                sources
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, s)| *i != main && s.rendition_of.as_deref() == Some(source.name.as_str()))
+                    .map(|(i, _)| i),
+            )
+            .collect();
+        if members.len() > 1 {
+            groups.push(members);
+        }
+    }
+    groups
 }
 
 /// Outputs of one source.
@@ -682,7 +731,8 @@ impl Default for ScalingSpec {
 
 /// When to ask senders for a lower bitrate and when to go back up. The policy steps down the
 /// renditions list, one step at a time, when unrepaired loss stays high, and back up after a
-/// stable period. RTP senders are asked through RTCP TMMBR/REMB.
+/// stable period. RTP senders are asked through RTCP TMMBR. Sources grouped with renditionOf
+/// use the same thresholds to switch which of their renditions is decoded instead.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = rules::bitrate_policy()))]
@@ -701,8 +751,12 @@ pub struct BitratePolicy {
     /// up one rendition again, 1 to 86400.
     #[schemars(range(min = 1, max = 86_400))]
     pub upgrade_after_seconds: u32,
-    /// The bitrate ladder, from the highest bitrate (where every stream starts) to the lowest,
-    /// 2 to 16 entries with unique names and bitrates.
+    /// The bitrate ladder that ungrouped sources are stepped along with RTCP TMMBR, from the
+    /// highest bitrate (where every stream starts) to the lowest, 2 to 16 entries with unique
+    /// names and bitrates. It applies only to sources outside a rendition group (renditionOf):
+    /// a group steps between its sources and its members are never sent TMMBR. May be left out
+    /// when no source is to be sent TMMBR.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(min = 2, max = 16))]
     #[schemars(extend(
         "x-kubernetes-list-type" = "map",

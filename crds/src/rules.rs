@@ -115,7 +115,7 @@ pub fn source_list() -> Value {
     );
     let first = format!("self[{users}.indexOf(true)].name");
     let last = format!("self[{users}.lastIndexOf(true)].name");
-    json!([{
+    let mut rules = vec![json!({
         "rule": format!("[{ports}].all(l, l.all(p, l.indexOf(p) == l.lastIndexOf(p)))"),
         "message": format!("a UDP listen port is used more than once: {explanation}"),
         "messageExpression": format!(
@@ -125,12 +125,74 @@ pub fn source_list() -> Value {
                  : 'sources ' + {first} + ' and ' + {last} + ' listen on the same UDP port') \
                + ': {explanation}')[0]"
         ),
-    }])
+    })];
+    rules.extend(rendition_groups());
+    Value::Array(rules)
+}
+
+/// Most sources in one rendition group: the main source and up to 15
+/// sources naming it in `renditionOf` (as many as a bitrate ladder holds).
+pub const MAX_RENDITION_GROUP: usize = 16;
+
+/// Rules on `spec` as a whole.
+pub fn spec() -> Value {
+    json!([rule(
+        "!self.sources.exists(s, has(s.renditionOf)) || has(self.bitratePolicy)",
+        "bitratePolicy is required when a source sets renditionOf: its downgradeLossPercent, \
+         downgradeWindowSeconds and upgradeAfterSeconds decide when a rendition group switches",
+        Some(".bitratePolicy"),
+    )])
+}
+
+/// Rules on the rendition groups (`renditionOf`) across `spec.sources`.
+/// Each failed rule names the first source that breaks it, read from `self`
+/// by index (see [`source_list`] on why not from a `filter`).
+fn rendition_groups() -> Vec<Value> {
+    let named = |cond: &str| {
+        format!("self[self.map(s, {cond}).indexOf(true)].name")
+    };
+    let unknown = "has(s.renditionOf) && !self.exists(m, m.name == s.renditionOf)";
+    let chained = "has(s.renditionOf) && self.exists(m, m.name == s.renditionOf && has(m.renditionOf))";
+    let crowded = format!(
+        "!has(s.renditionOf) && self.filter(r, has(r.renditionOf) && r.renditionOf == s.name).size() > {}",
+        MAX_RENDITION_GROUP - 1
+    );
+    vec![
+        json!({
+            "rule": format!("!self.exists(s, {unknown})"),
+            "message": "renditionOf must name another source of this pipeline (the main stream of the group)",
+            "messageExpression": format!(
+                "'source ' + {} + ': renditionOf must name another source of this pipeline (the main stream of the group)'",
+                named(unknown)
+            ),
+        }),
+        json!({
+            "rule": format!("!self.exists(s, {chained})"),
+            "message": "renditionOf must name a main source, one without renditionOf of its own (one level of renditions)",
+            "messageExpression": format!(
+                "'source ' + {} + ': renditionOf must name a main source, one without renditionOf of its own (one level of renditions)'",
+                named(chained)
+            ),
+        }),
+        json!({
+            "rule": format!("!self.exists(s, {crowded})"),
+            "message": format!("a rendition group holds at most {MAX_RENDITION_GROUP} sources: the main source and {} naming it in renditionOf", MAX_RENDITION_GROUP - 1),
+            "messageExpression": format!(
+                "'source ' + {} + ': a rendition group holds at most {MAX_RENDITION_GROUP} sources: the main source and {} naming it in renditionOf'",
+                named(&crowded), MAX_RENDITION_GROUP - 1
+            ),
+        }),
+    ]
 }
 
 /// Rules on one `spec.sources[*]` entry.
 pub fn source() -> Value {
     json!([
+        rule(
+            "!has(self.renditionOf) || self.renditionOf != self.name",
+            "renditionOf must name another source, not the source itself",
+            Some(".renditionOf"),
+        ),
         rule(
             "!has(self.rtxPayloadType) || self.rtxPayloadType != self.payloadType",
             "rtxPayloadType must differ from payloadType: RTX retransmissions (RFC 4588) \

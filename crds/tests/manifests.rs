@@ -655,3 +655,86 @@ fn an_srt_caller_without_an_address_is_rejected() {
     });
     assert_problem(&problems, "spec.sources[1].transport.srt.address", &["required in caller mode"]);
 }
+
+/// `demo()` with `cam-2` as `cam-1`'s sub stream and the switching thresholds.
+fn grouped() -> Value {
+    let mut d = demo();
+    d["spec"]["sources"][1]["renditionOf"] = json!("cam-1");
+    d["spec"]["bitratePolicy"] = json!({"downgradeLossPercent": 1, "downgradeWindowSeconds": 5, "upgradeAfterSeconds": 30});
+    d
+}
+
+fn grouped_problems(edit: impl FnOnce(&mut Value)) -> Vec<ManifestProblem> {
+    let mut doc = grouped();
+    edit(&mut doc);
+    match parse_manifests(&to_yaml(&[doc])) {
+        Ok(_) => panic!("the edited manifest was accepted"),
+        Err(e) => e.problems,
+    }
+}
+
+#[test]
+fn a_rendition_group_without_a_tmmbr_ladder_is_accepted_and_reads_as_one_group() {
+    let pipelines = parse_manifests(&to_yaml(&[grouped()])).expect("valid");
+    let spec = &pipelines[0].spec;
+    assert_eq!(spec.sources[1].rendition_of.as_deref(), Some("cam-1"));
+    assert!(spec.bitrate_policy.as_ref().unwrap().renditions.is_empty());
+    assert_eq!(zerodrop_crds::rendition_groups(&spec.sources), vec![vec![0, 1]]);
+    assert_eq!(spec.sources[1].shard_key(), "cam-1");
+    assert_eq!(spec.sources[0].shard_key(), "cam-1");
+}
+
+#[test]
+fn rendition_of_an_unknown_source_is_rejected_naming_the_source() {
+    let problems = grouped_problems(|d| source(d, 1)["renditionOf"] = json!("cam-9"));
+    assert_problem(&problems, "spec.sources", &["source cam-2", "renditionOf must name another source"]);
+}
+
+#[test]
+fn rendition_of_itself_is_rejected() {
+    let problems = grouped_problems(|d| source(d, 1)["renditionOf"] = json!("cam-2"));
+    assert_problem(&problems, "spec.sources[1].renditionOf", &["not the source itself"]);
+}
+
+#[test]
+fn rendition_of_a_rendition_is_rejected_one_level_only() {
+    let problems = grouped_problems(|d| {
+        let mut third = d["spec"]["sources"][1].clone();
+        third["name"] = json!("cam-3");
+        third["renditionOf"] = json!("cam-2");
+        third["transport"]["rtp"] = json!({"listenAddress": "127.0.0.1", "port": 5204, "rtcpPort": 5205});
+        d["spec"]["sources"].as_array_mut().unwrap().push(third);
+    });
+    assert_problem(&problems, "spec.sources", &["source cam-3", "one level of renditions"]);
+}
+
+#[test]
+fn a_rendition_group_of_more_than_16_sources_is_rejected() {
+    let build = |members: usize| {
+        let mut d = grouped();
+        let template = d["spec"]["sources"][1].clone();
+        let list = d["spec"]["sources"].as_array_mut().unwrap();
+        list.truncate(1);
+        for i in 1..members {
+            let mut s = template.clone();
+            s["name"] = json!(format!("sub-{i}"));
+            s["transport"]["rtp"] = json!({"listenAddress": "127.0.0.1", "port": 6000 + 2 * i as u16, "rtcpMux": true});
+            list.push(s);
+        }
+        d
+    };
+    assert!(parse_manifests(&to_yaml(&[build(16)])).is_ok(), "16 members are allowed");
+    let problems = match parse_manifests(&to_yaml(&[build(17)])) {
+        Ok(_) => panic!("17 members accepted"),
+        Err(e) => e.problems,
+    };
+    assert_problem(&problems, "spec.sources", &["source cam-1", "at most 16 sources"]);
+}
+
+#[test]
+fn rendition_of_without_a_bitrate_policy_is_rejected() {
+    let problems = grouped_problems(|d| {
+        d["spec"].as_object_mut().unwrap().remove("bitratePolicy");
+    });
+    assert_problem(&problems, "spec.bitratePolicy", &["bitratePolicy is required when a source sets renditionOf"]);
+}
