@@ -64,6 +64,12 @@ pub struct ControlOptions {
     /// Per-stream figures in status are written at most this often.
     /// Default 10 s: status is for people; metrics are for graphs.
     pub status_interval: Duration,
+    /// Status writes that only refresh figures (no condition, decision or
+    /// replica change, which are written at once), across all pipelines, at
+    /// most this many a second; beyond it pipelines take turns. Default 10:
+    /// at 1,000 pipelines each one's figures are refreshed about every 100 s,
+    /// and the apiserver takes 600 such writes a minute whatever the fleet.
+    pub status_refreshes_per_second: f64,
     /// Port of the pods' `/metrics` (the pod template's `metrics` port).
     pub metrics_port: u16,
     /// Where the node agents' `/metrics` are (kernel drops by socket and reason).
@@ -106,10 +112,40 @@ impl Default for ControlOptions {
             scrape_timeout: Duration::from_millis(800),
             concurrency: 64,
             status_interval: Duration::from_secs(10),
+            status_refreshes_per_second: 10.0,
             metrics_port: METRICS_PORT as u16,
             agents: Agents::None,
             source: SignalSource::Pods,
             settings: Settings::default(),
+        }
+    }
+}
+
+/// A token bucket for the status writes that only refresh figures: `rate`
+/// a second, at most one second's worth saved up.
+#[derive(Debug)]
+pub struct RefreshBudget {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RefreshBudget {
+    pub fn new(rate: f64, now: Instant) -> Self {
+        let rate = rate.max(0.0);
+        Self { rate, tokens: rate.max(1.0), last: now }
+    }
+
+    /// Takes one write if one is left at `now`.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -263,6 +299,7 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
     let mut tracks: HashMap<String, Track> = HashMap::new();
     // With the Prometheus source: the newest sample time read per shard.
     let mut prometheus_seen: HashMap<(String, u32), f64> = HashMap::new();
+    let mut budget = RefreshBudget::new(opts.status_refreshes_per_second, Instant::now());
     let mut ticker = tokio::time::interval(opts.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tracing::info!(interval_ms = opts.interval.as_millis() as u64, concurrency = opts.concurrency, "control loop starting");
@@ -367,7 +404,7 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
                 ctx.metrics.signal_age.observe(now.saturating_sub(newest).as_secs_f64());
             }
             let owners: Vec<(String, u32)> =
-                sp.spec.sources.iter().map(|s| (s.name.clone(), shard::owner(&s.name, route as i32))).collect();
+                sp.spec.sources.iter().map(|s| (s.name.clone(), shard::owner(s.shard_key(), route as i32))).collect();
             let history = opts.settings.history(&pipeline);
             match &opts.source {
                 SignalSource::Pods => track.collector.record(now, replicas, &owners, &shard_scrapes, history),
@@ -386,7 +423,7 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
             }
             let verdict = zerodrop_policy::decide(&opts.settings, &pipeline, &track.collector.signals, &track.state, now);
             track.state = verdict.state.clone();
-            act(&ctx, &sp, &k, track, &verdict, &opts).await;
+            act(&ctx, &sp, &k, track, &verdict, &opts, &mut budget).await;
         }
         tracks.retain(|k, _| sps.iter().any(|sp| &key(sp) == k));
         ctx.metrics.control_round.observe(started.elapsed().as_secs_f64());
@@ -394,7 +431,7 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
 }
 
 /// Carries out one verdict: replicas, Events, metrics, status.
-async fn act(ctx: &Context, sp: &StreamPipeline, k: &str, track: &mut Track, verdict: &Verdict, opts: &ControlOptions) {
+async fn act(ctx: &Context, sp: &StreamPipeline, k: &str, track: &mut Track, verdict: &Verdict, opts: &ControlOptions, budget: &mut RefreshBudget) {
     let mut decided = false;
     for d in &verdict.decisions {
         ctx.metrics.policy_decision(k, d.action.as_str(), d.reason.as_str());
@@ -428,7 +465,7 @@ async fn act(ctx: &Context, sp: &StreamPipeline, k: &str, track: &mut Track, ver
         Some((last, at)) => {
             decided
                 || essentials(last) != essentials(&patch)
-                || (at.elapsed() >= opts.status_interval && *last != patch)
+                || (at.elapsed() >= opts.status_interval && *last != patch && budget.take(Instant::now()))
         }
     };
     if !due {
@@ -606,6 +643,21 @@ spec:
         assert_eq!(t, vec![(0, "10.0.0.5:9464".parse().unwrap())]);
         let t = targets(&sp(None), &pods, 3, 9464);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn figure_refreshes_are_budgeted_across_pipelines() {
+        let t0 = Instant::now();
+        let mut b = RefreshBudget::new(10.0, t0);
+        let burst = (0..100).filter(|_| b.take(t0)).count();
+        assert_eq!(burst, 10, "one second's worth saved up");
+        assert!(!b.take(t0 + Duration::from_millis(50)), "half a token after 50 ms");
+        assert!(b.take(t0 + Duration::from_millis(100)));
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..100).filter(|_| b.take(later)).count(), 10, "never more than a second's worth, however long it waited");
+        let mut slow = RefreshBudget::new(0.5, t0);
+        assert!(slow.take(t0) && !slow.take(t0), "below one a second: one saved up");
+        assert!(slow.take(t0 + Duration::from_secs(2)));
     }
 
     #[test]

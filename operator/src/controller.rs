@@ -190,7 +190,15 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, control: Option<c
             .reflect(writer)
             .touched_objects()
     }
-    let controller = Controller::new(api, watcher::Config::default())
+    // The pipelines' own watch, managed fields dropped from the cached
+    // copies too (three field managers' worth per pipeline, never read).
+    let (pipelines, pipeline_writer) = reflector::store();
+    let pipeline_watch = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|sp: &mut StreamPipeline| sp.meta_mut().managed_fields = None)
+        .reflect(pipeline_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(pipeline_watch, pipelines)
         .owns_stream(watch_into(sts, labelled.clone(), writers.statefulsets))
         .owns_stream(watch_into(svc, labelled.clone(), writers.services))
         .owns_stream(watch_into(cm, labelled.clone(), writers.configmaps))
@@ -621,7 +629,7 @@ pub fn observed_status_during(sp: &StreamPipeline, sts: Option<&StatefulSet>, ro
         .iter()
         .take(MAX_STATUS_STREAMS)
         .map(|s| {
-            let shard = shard::owner(&s.name, layout.route);
+            let shard = shard::owner(s.shard_key(), layout.route);
             let hls = sp.spec.outputs.hls.as_ref().map(|_| desired::hls_url(&namespace, &name, &s.name, shard));
             StreamStatus { name: s.name.clone(), shard: shard as i32, hls, ..Default::default() }
         })

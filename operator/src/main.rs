@@ -60,6 +60,11 @@ struct Args {
     /// Per-stream figures in status are written at most this often, in seconds.
     #[arg(long, default_value_t = 10)]
     status_interval_s: u64,
+    /// Status writes that only refresh figures, across all pipelines, at most
+    /// this many a second (pipelines take turns beyond it); condition,
+    /// decision and replica changes are written at once.
+    #[arg(long, default_value_t = 10.0)]
+    status_refreshes_per_second: f64,
     /// Label selector of the node agents' pods (zerodrop-agent, host network),
     /// whose kernel drops by socket and reason join the pods' own figures.
     /// The chart sets it to its agent DaemonSet's labels.
@@ -144,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             scrape_timeout: Duration::from_millis(args.scrape_timeout_ms.max(10)),
             concurrency: args.scrape_concurrency.max(1),
             status_interval: Duration::from_secs(args.status_interval_s),
+            status_refreshes_per_second: args.status_refreshes_per_second,
             metrics_port: args.pod_metrics_port,
             source: match (args.signal_source.as_str(), &args.prometheus_url) {
                 ("prometheus", Some(url)) => SignalSource::Prometheus(PrometheusSource::parse(url).map_err(|e| anyhow::anyhow!(e))?),
