@@ -61,6 +61,9 @@ pub(crate) fn propose(
     last_step: Option<Timestamp>,
     now: Timestamp,
 ) -> Option<Step> {
+    // A rendition group steps between its sources; every other stream along
+    // the pipeline's ladder. The thresholds and windows are the same.
+    let ladder = &BitrateLadder { renditions: stream.ladder_steps.unwrap_or(ladder.renditions), ..*ladder };
     if ladder.renditions < 2 {
         return None;
     }

@@ -88,6 +88,12 @@ pub struct StreamSignals {
     /// The rendition the stream is asked to send now: an index into the
     /// ladder, 0 being the highest bitrate (where every stream starts).
     pub rendition: usize,
+    /// How many steps this stream's own ladder has, when it is not the
+    /// pipeline's bitrate ladder: a rendition group (`renditionOf`), whose
+    /// steps are its sources, main first. The caller then gives the group as
+    /// one stream named after its main source, with the active rendition's
+    /// samples. `None`: the pipeline's ladder (`BitrateLadder::renditions`).
+    pub ladder_steps: Option<usize>,
     /// Samples in time order, oldest first.
     pub samples: Vec<StreamSample>,
 }

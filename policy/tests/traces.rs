@@ -67,6 +67,7 @@ impl Sim {
             stream: CAM.into(),
             shard: 0,
             rendition: 0,
+            ladder_steps: None,
             samples: Vec::new(),
         });
         self.stream_model = Some(model);
@@ -718,4 +719,32 @@ fn without_a_bitrate_policy_no_stream_is_stepped() {
     sim.run(1, 100);
     assert_eq!(sim.actions(), []);
     assert_eq!(sim.last_degraded.reasons, [DegradedReason::NetworkLoss]);
+}
+
+#[test]
+fn a_rendition_group_steps_along_its_own_sources_not_the_pipelines_ladder() {
+    // A camera's main and sub stream: two steps, whatever the pipeline's
+    // TMMBR ladder holds (three renditions here). The sub stream's path is
+    // clean, so once it is active the group stays there until upgrade_after
+    // of health, then goes back to the main stream.
+    let mut sim = Sim::new(1, 1, 4, ReplicasOwner::Policy, healthy_shard()).with_stream(Box::new(|t, rendition| {
+        if rendition == 0 && (20..=60).contains(&t) {
+            stream(300, 50)
+        } else {
+            stream(0, 0)
+        }
+    }));
+    sim.signals.streams[0].ladder_steps = Some(2);
+    sim.run(1, 200);
+    assert_eq!(
+        sim.actions(),
+        [
+            (29, Action::StepDown { stream: CAM.into(), to_rendition: 1 }),
+            // upgrade_after (60 s) of health on the sub stream; the main
+            // stream's loss ended at 60, so the group stays up.
+            (89, Action::StepUp { stream: CAM.into(), to_rendition: 0 }),
+        ]
+    );
+    // Never past the group's last source, though the pipeline's ladder has three.
+    assert!(sim.actions().iter().all(|(_, a)| !matches!(a, Action::StepDown { to_rendition: 2, .. })));
 }
