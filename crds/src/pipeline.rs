@@ -297,6 +297,21 @@ pub struct Source {
     pub rendition_of: Option<String>,
 }
 
+impl StreamPipelineSpec {
+    /// What status shows as the rendition of source `source` at ladder
+    /// position `index` (`zerodrop_rendition_index`): for a member of a
+    /// rendition group, the name of the group's source at that position (the
+    /// one decoded); for any other source, the name of that step of
+    /// `bitratePolicy.renditions`. `None` when there is no such step.
+    pub fn rendition_name(&self, source: &str, index: usize) -> Option<&str> {
+        let position = self.sources.iter().position(|s| s.name == source)?;
+        if let Some(group) = rendition_groups(&self.sources).into_iter().find(|g| g.contains(&position)) {
+            return group.get(index).map(|&i| self.sources[i].name.as_str());
+        }
+        self.bitrate_policy.as_ref()?.renditions.get(index).map(|r| r.name.as_str())
+    }
+}
+
 impl Source {
     /// The name this source is sharded by (see [`zerodrop_core::shard::key`]):
     /// its group's main source, else its own name.

@@ -166,7 +166,8 @@ pub struct StreamStatus {
     /// `NO_SOCKET`, `UDP_CSUM`, ...), since each agent started. Empty without agents.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub kernel_drops_by_reason: std::collections::BTreeMap<String, u64>,
-    /// The rendition the bitrate policy currently asks the sender for, when a policy is set.
+    /// The rendition the bitrate policy currently asks the sender for, when a policy is set; for
+    /// a source in a rendition group (renditionOf), the name of the group's source being decoded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = rules::MAX_NAME_LENGTH))]
     pub rendition: Option<String>,

@@ -738,3 +738,19 @@ fn rendition_of_without_a_bitrate_policy_is_rejected() {
     });
     assert_problem(&problems, "spec.bitratePolicy", &["bitratePolicy is required when a source sets renditionOf"]);
 }
+
+#[test]
+fn status_names_a_groups_decoded_source_and_an_ungrouped_sources_ladder_step() {
+    let mut doc = grouped();
+    doc["spec"]["sources"].as_array_mut().unwrap().push(json!(
+        {"name": "cam-3", "codec": "h264", "transport": {"rtp": {"listenAddress": "127.0.0.1", "port": 5204, "rtcpMux": true}}}
+    ));
+    doc["spec"]["bitratePolicy"]["renditions"] = json!([{"name": "high", "bitrateKbps": 4000}, {"name": "low", "bitrateKbps": 1000}]);
+    let spec = parse_manifests(&to_yaml(&[doc])).expect("valid").remove(0).spec;
+    // Both members of the group show the decoded one.
+    assert_eq!(spec.rendition_name("cam-1", 1), Some("cam-2"));
+    assert_eq!(spec.rendition_name("cam-2", 0), Some("cam-1"));
+    assert_eq!(spec.rendition_name("cam-3", 1), Some("low"));
+    assert_eq!(spec.rendition_name("cam-2", 2), None);
+    assert_eq!(spec.rendition_name("nope", 0), None);
+}

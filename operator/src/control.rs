@@ -565,10 +565,8 @@ fn policy_status(sp: &StreamPipeline, track: &Track, verdict: &Verdict) -> serde
             if let Some(by_reason) = c.agent_drops.as_ref().filter(|m| !m.is_empty()) {
                 v["kernelDropsByReason"] = serde_json::json!(by_reason);
             }
-            if let (Some(r), Some(policy)) = (c.rendition, &sp.spec.bitrate_policy)
-                && let Some(rendition) = policy.renditions.get(r)
-            {
-                v["rendition"] = rendition.name.clone().into();
+            if let Some(rendition) = c.rendition.and_then(|r| sp.spec.rendition_name(&s.name, r)) {
+                v["rendition"] = rendition.into();
             }
             Some(v)
         })
