@@ -41,6 +41,10 @@ pub struct SourceConfig {
     pub rtsp: Option<crate::ingest::rtsp::RtspSettings>,
     /// MPEG-TS over SRT (`transport.srt`) instead of RTP.
     pub srt: Option<crate::ingest::srt::SrtSettings>,
+    /// The main source of this source's rendition group (`renditionOf`),
+    /// when it is a lower rendition of another: it starts received and
+    /// repaired but not decoded, until the path policy switches to it.
+    pub rendition_of: Option<String>,
 }
 
 /// Where a source's FEC arrives and how to read it.
@@ -56,6 +60,12 @@ pub struct FecSource {
 impl SourceConfig {
     pub fn id(&self) -> String {
         format!("{}/{}", self.pipeline, self.name)
+    }
+
+    /// The name the source is sharded by: its rendition group's main source,
+    /// else its own name (see `zerodrop_core::shard::key`).
+    pub fn shard_key(&self) -> &str {
+        zerodrop_core::shard::key(&self.name, self.rendition_of.as_deref())
     }
 
     /// Whether an ingest task feeds the source through a local socket
@@ -234,6 +244,7 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             restream,
             rtsp,
             srt,
+            rendition_of: source.rendition_of.clone(),
         });
     }
     Ok(out)

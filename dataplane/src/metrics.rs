@@ -120,6 +120,8 @@ pub struct Metrics {
     frames_decoded: Family<StreamLabels, Counter>,
     frames_dropped: Family<ReasonLabels, Counter>,
     frames_skipped: Family<StreamLabels, Counter>,
+    frames_skipped_by_reason: Family<ReasonLabels, Counter>,
+    rendition_decoding: Family<StreamLabels, Gauge>,
     hls_segments: Family<StreamLabels, Counter>,
     hls_segment_delay: Family<StreamLabels, Histogram, fn() -> Histogram>,
     restream_send: Family<StreamLabels, Histogram, fn() -> Histogram>,
@@ -197,6 +199,8 @@ impl Metrics {
             frames_decoded: Family::default(),
             frames_dropped: Family::default(),
             frames_skipped: Family::default(),
+            frames_skipped_by_reason: Family::default(),
+            rendition_decoding: Family::default(),
             hls_segments: Family::default(),
             hls_segment_delay: Family::new_with_constructor(latency_histogram),
             restream_send: Family::new_with_constructor(short_histogram),
@@ -328,6 +332,16 @@ impl Metrics {
             m.frames_skipped.clone(),
         );
         r.register(
+            "frames_skipped",
+            "Frames received whole but deliberately not decoded, by reason (inactive_rendition: a rendition of a camera whose other rendition is decoded)",
+            m.frames_skipped_by_reason.clone(),
+        );
+        r.register(
+            "rendition_decoding",
+            "1 while a source is decoded, 0 while it is a rendition group member received and repaired only",
+            m.rendition_decoding.clone(),
+        );
+        r.register(
             "hls_segments",
             "HLS segments published (each starts at a keyframe)",
             m.hls_segments.clone(),
@@ -438,7 +452,7 @@ impl Metrics {
         );
         r.register(
             "rendition_index",
-            "Position of the rendition a stream's sender is asked for on its pipeline's bitrate ladder (0 = the highest)",
+            "Position on its ladder of the rendition a stream's sender is asked for (0 = the highest), or for a rendition group member the position of the group's decoded source",
             m.rendition.clone(),
         );
         r.register(
@@ -553,6 +567,12 @@ impl Metrics {
             kernel_drops: self.kernel_drops.clone(),
             kernel_drops_total: handle(&self.kernel_drops_sum, &l),
             frames_skipped: handle(&self.frames_skipped, &l),
+            // Known in advance: a dashboard reads 0, not "no data".
+            frames_skipped_inactive: handle(
+                &self.frames_skipped_by_reason,
+                &ReasonLabels { pipeline: pipeline.into(), stream: stream.into(), reason: "inactive_rendition".into() },
+            ),
+            rendition_decoding: handle(&self.rendition_decoding, &l),
             hls_segments: handle(&self.hls_segments, &l),
             hls_segment_delay: handle(&self.hls_segment_delay, &l),
             restream_send: handle(&self.restream_send, &l),
@@ -639,6 +659,11 @@ pub struct StreamMetrics {
     /// Kernel drops summed over reasons, for the live table and the report.
     pub kernel_drops_total: Counter,
     pub frames_skipped: Counter,
+    /// Frames of a rendition group member while another member is decoded
+    /// (`zerodrop_frames_skipped_total{reason="inactive_rendition"}`).
+    pub frames_skipped_inactive: Counter,
+    /// 1 while the stream is decoded, 0 while it is an inactive rendition.
+    pub rendition_decoding: Gauge,
     pub hls_segments: Counter,
     pub hls_segment_delay: Histogram,
     pub restream_send: Histogram,

@@ -83,9 +83,11 @@ fn handover_from(p: &zerodrop_crds::StreamPipeline) -> Option<i32> {
     }
 }
 
-/// Whether shard `ordinal` runs source `name` of the rendered pipeline `p`.
-fn runs(p: &zerodrop_crds::StreamPipeline, name: &str, ordinal: u32) -> bool {
-    zerodrop_crds::shard::runs(name, ordinal, rendered_replicas(p), handover_from(p))
+/// Whether shard `ordinal` runs the sources sharded by `key` (a source's
+/// `shard_key`: its rendition group's main source, else its name) of the
+/// rendered pipeline `p`.
+fn runs(p: &zerodrop_crds::StreamPipeline, key: &str, ordinal: u32) -> bool {
+    zerodrop_crds::shard::runs(key, ordinal, rendered_replicas(p), handover_from(p))
 }
 
 /// The pipelines of `text` cut down to the sources shard `ordinal` runs: what
@@ -93,7 +95,7 @@ fn runs(p: &zerodrop_crds::StreamPipeline, name: &str, ordinal: u32) -> bool {
 pub fn owned_pipelines(text: &str, ordinal: u32) -> anyhow::Result<Vec<zerodrop_crds::StreamPipeline>> {
     let mut pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     for p in &mut pipelines {
-        let keep: Vec<bool> = p.spec.sources.iter().map(|s| runs(p, &s.name, ordinal)).collect();
+        let keep: Vec<bool> = p.spec.sources.iter().map(|s| runs(p, s.shard_key(), ordinal)).collect();
         let mut keep = keep.into_iter();
         p.spec.sources.retain(|_| keep.next().unwrap_or(false));
     }
@@ -106,7 +108,7 @@ pub fn owned_sources(text: &str, ordinal: u32) -> anyhow::Result<Vec<SourceConfi
     let pipelines = zerodrop_crds::parse_manifests(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut out = Vec::new();
     for p in &pipelines {
-        out.extend(config::sources(p)?.into_iter().filter(|s| runs(p, &s.name, ordinal)));
+        out.extend(config::sources(p)?.into_iter().filter(|s| runs(p, s.shard_key(), ordinal)));
     }
     Ok(out)
 }
@@ -172,7 +174,7 @@ pub fn run(args: PodArgs) -> anyhow::Result<()> {
         }
         kernel_drops.update(&supervisor.sockets());
         if let Some(p) = &mut path_policy {
-            p.tick(&supervisor, Instant::now());
+            p.tick(&mut supervisor, Instant::now());
         }
         if let Some((id, result)) = supervisor.wait_ended(Duration::from_millis(500)) {
             // A receiver that died is retried on the next config check.

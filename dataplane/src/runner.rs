@@ -190,7 +190,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         kernel_drops.update(&supervisor.sockets());
         if let Some(p) = &mut path_policy {
-            p.tick(&supervisor, Instant::now());
+            p.tick(&mut supervisor, Instant::now());
         }
         view.refresh(started.elapsed());
     }

@@ -74,6 +74,11 @@ pub struct StreamOptions {
     /// Where outputs publish what the HTTP server serves (HLS playlists,
     /// thumbnails), for sources that ask for them.
     pub published: Option<Arc<Published>>,
+    /// Start as an inactive rendition: received and repaired, its frames
+    /// counted as skipped (`inactive_rendition`) instead of decoded, until
+    /// [`Stream::set_decoding`] turns it on (a rendition group member that
+    /// another member's decoding stands for).
+    pub inactive_rendition: bool,
 }
 
 /// Final figures for one stream, written to the run report.
@@ -87,6 +92,9 @@ pub struct StreamReport {
     pub frames_decoded: u64,
     pub frames_dropped: u64,
     pub frames_skipped_before_keyframe: u64,
+    /// Whole frames of an inactive rendition, not decoded (frames sent =
+    /// decoded + dropped + skipped before a keyframe + these).
+    pub frames_skipped_inactive_rendition: u64,
     pub packets_received: u64,
     pub packets_lost: u64,
     pub packets_recovered_nack: u64,
@@ -174,6 +182,12 @@ pub struct Stream {
     last_packet: Option<Instant>,
     silent: bool,
     keyframe_wanted: bool,
+    /// Whether frames go on to the decoder and the outputs; false for a
+    /// rendition group member while another member is decoded.
+    decoding: bool,
+    /// Decoding was just switched on: frames before the next keyframe are
+    /// skipped (a decoder cannot start from a delta frame).
+    decode_from_keyframe: bool,
     /// The sender has shown that it hears us: its report told us where its
     /// RTCP comes from, or a retransmission answered a request. Until then
     /// losses are held (`JitterBuffer::hold_losses_until`).
@@ -247,6 +261,7 @@ impl Stream {
             ),
             None => None,
         };
+        metrics.rendition_decoding.set(i64::from(!options.inactive_rendition));
         let session = RtcpSession::new(
             SessionSettings {
                 our_ssrc: rand::random(),
@@ -272,6 +287,8 @@ impl Stream {
             last_packet: None,
             silent: false,
             keyframe_wanted: false,
+            decoding: !options.inactive_rendition,
+            decode_from_keyframe: false,
             sender_hears_us: false,
             joined_at: None,
             join_to_first_frame: None,
@@ -412,6 +429,36 @@ impl Stream {
             self.keyframe_wanted = true;
             self.session.allow_keyframe_request();
         }
+    }
+
+    /// Switches whether this stream's frames are decoded and fed to the
+    /// outputs (a rendition group's path policy turns one member on and the
+    /// others off). Turned on, decoding starts at the next keyframe, asked
+    /// for at once (PLI); the frames before it count as skipped before a
+    /// keyframe. Turned off, the open HLS segment is published and later
+    /// frames count as skipped (`inactive_rendition`). Reception, repair and
+    /// RTCP go on either way.
+    pub fn set_decoding(&mut self, on: bool) {
+        if on == self.decoding {
+            return;
+        }
+        self.decoding = on;
+        self.metrics.rendition_decoding.set(i64::from(on));
+        if on {
+            self.decode_from_keyframe = true;
+            self.keyframe_wanted = true;
+            self.session.allow_keyframe_request();
+            // What follows a gap of this source's own timeline.
+            if let Some(hls) = &mut self.hls {
+                hls.discontinuity();
+            }
+        } else {
+            self.decode_from_keyframe = false;
+            if let Some(hls) = &mut self.hls {
+                hls.cut();
+            }
+        }
+        tracing::info!(stream = %self.cfg.id(), decoding = on, "rendition switched");
     }
 
     /// Asks the sender to send at most `bitrate_bps` (TMMBR, RFC 5104),
@@ -733,6 +780,28 @@ impl Stream {
         for event in events.drain(..) {
             match event {
                 DepayEvent::Frame(au) => {
+                    if !self.decoding {
+                        // An inactive rendition: received whole, not decoded.
+                        // Its timeline still advances (a wrap may pass while
+                        // it waits), and a keyframe answers any request.
+                        self.extend_timestamp(au.rtp_timestamp);
+                        if au.keyframe {
+                            self.keyframe_wanted = false;
+                        }
+                        self.depay.recycle(au.data);
+                        self.metrics.frames_skipped_inactive.inc();
+                        continue;
+                    }
+                    if self.decode_from_keyframe {
+                        if !au.keyframe {
+                            // Switched on mid-GOP: the decoder starts at a keyframe.
+                            self.extend_timestamp(au.rtp_timestamp);
+                            self.depay.recycle(au.data);
+                            self.metrics.frames_skipped.inc();
+                            continue;
+                        }
+                        self.decode_from_keyframe = false;
+                    }
                     if std::mem::take(&mut self.awaiting_first_frame)
                         && let Some(joined) = self.joined_at
                     {
@@ -935,6 +1004,7 @@ impl Stream {
             frames_decoded: m.frames_decoded.get(),
             frames_dropped: m.frames_dropped_total.get(),
             frames_skipped_before_keyframe: m.frames_skipped.get(),
+            frames_skipped_inactive_rendition: m.frames_skipped_inactive.get(),
             packets_received: m.packets_received.get(),
             packets_lost: m.packets_lost.get(),
             packets_recovered_nack: m.recovered_nack.get(),

@@ -54,6 +54,9 @@ pub struct Supervisor {
     done_rx: crossbeam_channel::Receiver<Done>,
     /// Reports received while waiting for another one.
     backlog: VecDeque<Done>,
+    /// Sources told to decode or not (rendition switches), by id: a source
+    /// restarted (its settings changed) keeps what it was told.
+    decoding: BTreeMap<String, bool>,
     generation: u64,
 }
 
@@ -69,6 +72,7 @@ impl Supervisor {
             done_tx,
             done_rx,
             backlog: VecDeque::new(),
+            decoding: BTreeMap::new(),
             generation: 0,
         }
     }
@@ -120,7 +124,24 @@ impl Supervisor {
         true
     }
 
-        pub fn running(&self) -> usize {
+    /// Turns decoding of source `id` (`pipeline/name`) on or off without
+    /// restarting it: a rendition group decodes one member at a time. Kept
+    /// for a source not running yet or restarted later. False when no such
+    /// source runs now.
+    pub fn set_decoding(&mut self, id: &str, on: bool) -> bool {
+        self.decoding.insert(id.to_string(), on);
+        let Some(r) = self.running.get(id) else { return false };
+        self.workers[r.worker].set_decoding(id.to_string(), on);
+        true
+    }
+
+    /// What source `id` was last told by [`Supervisor::set_decoding`], if
+    /// anything.
+    pub fn told_decoding(&self, id: &str) -> Option<bool> {
+        self.decoding.get(id).copied()
+    }
+
+    pub fn running(&self) -> usize {
         self.running.len()
     }
 
@@ -131,6 +152,7 @@ impl Supervisor {
         let mut ended = Vec::new();
         self.readiness.set_expected(desired.iter().map(SourceConfig::id));
         let wanted: BTreeMap<String, &SourceConfig> = desired.iter().map(|c| (c.id(), c)).collect();
+        self.decoding.retain(|id, _| wanted.contains_key(id));
         let stale: Vec<String> = self
             .running
             .iter()
@@ -182,6 +204,8 @@ impl Supervisor {
             no_decode: self.options.no_decode,
             readiness: Some(self.readiness.clone()),
             published: self.options.published.clone(),
+            // A lower rendition starts received only, unless switched on.
+            inactive_rendition: !self.decoding.get(&id).copied().unwrap_or(cfg.rendition_of.is_none()),
         };
         self.workers[worker].start(cfg.clone(), metrics, options, generation);
         self.workers[worker].load += 1;

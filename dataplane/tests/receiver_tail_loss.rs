@@ -75,6 +75,7 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
         restream: None,
         rtsp: None,
         srt: None,
+        rendition_of: None,
         frames: None,
     };
     let metrics = Metrics::new();

@@ -133,6 +133,7 @@ fn the_receive_thread_allocates_nothing_per_packet_in_steady_state() {
         restream: None,
         rtsp: None,
         srt: None,
+        rendition_of: None,
         frames: None,
     };
     let options = StreamOptions { no_decode: true, ..StreamOptions::default() };

@@ -173,15 +173,18 @@ pub fn run(cluster: &TestCluster, r: &Rescale) -> anyhow::Result<RescaleOutcome>
         pods.insert(o, PodProcess::start_with(cluster, &r.pipeline, opts(o))?);
     }
     let names: Vec<String> = (0..r.sources).map(|i| format!("cam-{i}")).collect();
+    // The pipeline's sources are ungrouped (no renditionOf): each is sharded
+    // by its own name, as the operator and the pods shard it.
+    let key = |n: &str| zerodrop_core::shard::key(n, None).to_string();
     let mut senders = Vec::new();
     for (i, n) in names.iter().enumerate() {
-        let owner = &pods[&zerodrop_core::shard::owner(n, r.from)];
+        let owner = &pods[&zerodrop_core::shard::owner(&key(n), r.from)];
         senders.push(start_sender(cluster, r, i, &owner.ip, r.send_seconds)?);
     }
     // Every stream decodes on its owner before the rescale.
     cluster.wait_for("every stream decoding on its first owner", Duration::from_secs(30), || {
         let decoding = names.iter().all(|n| {
-            let owner = zerodrop_core::shard::owner(n, r.from);
+            let owner = zerodrop_core::shard::owner(&key(n), r.from);
             pods.get(&owner).and_then(|p| p.metrics().ok()).is_some_and(|m| {
                 metric_sum(&m, "zerodrop_frames_decoded_total", &format!("stream=\"{n}\"")) > 0.0
             })
@@ -213,10 +216,10 @@ pub fn run(cluster: &TestCluster, r: &Rescale) -> anyhow::Result<RescaleOutcome>
             }
         }
         for n in &names {
-            if !zerodrop_core::shard::moves(n, r.from, r.to) || switched_before_bound.contains(n) {
+            if !zerodrop_core::shard::moves(&key(n), r.from, r.to) || switched_before_bound.contains(n) {
                 continue;
             }
-            let new_owner = zerodrop_core::shard::owner(n, r.to);
+            let new_owner = zerodrop_core::shard::owner(&key(n), r.to);
             if selected_pod(cluster, &format!("{}-{n}", r.pipeline)) == Some(format!("{sts}-{new_owner}"))
                 && !pods.get(&new_owner).is_some_and(|p| listed_bound(p, &r.pipeline, n))
             {
@@ -277,9 +280,9 @@ pub fn run(cluster: &TestCluster, r: &Rescale) -> anyhow::Result<RescaleOutcome>
         let frames_sent = sent[i]["frames_sent"].as_u64().context("frames_sent in the sender's summary")?;
         streams.push(StreamOutcome {
             name: n.clone(),
-            old_owner: zerodrop_core::shard::owner(n, r.from),
-            new_owner: zerodrop_core::shard::owner(n, r.to),
-            moved: zerodrop_core::shard::moves(n, r.from, r.to),
+            old_owner: zerodrop_core::shard::owner(&key(n), r.from),
+            new_owner: zerodrop_core::shard::owner(&key(n), r.to),
+            moved: zerodrop_core::shard::moves(&key(n), r.from, r.to),
             frames_sent,
             decoded_by_shard,
             accounted_by_shard,

@@ -252,7 +252,7 @@ pub fn build_with(sp: &StreamPipeline, settings: &BuildSettings, layout: crate::
             (None, Some(port)) => vec![udp_port("srt", port)],
             (None, None) => continue,
         };
-        let owner_pod = format!("{sts_name}-{}", shard::owner(&source.name, layout.route));
+        let owner_pod = format!("{sts_name}-{}", shard::owner(source.shard_key(), layout.route));
         let service_type = sp.spec.exposure.service_type;
         let mut selector = labels.clone();
         selector.insert("statefulset.kubernetes.io/pod-name".into(), owner_pod);
@@ -552,6 +552,26 @@ spec:
         assert_eq!(a_ports, vec![5000, 5001], "RTP and RTCP");
         let b_ports = d.source_services[1].spec.as_ref().unwrap().ports.as_ref().unwrap().len();
         assert_eq!(b_ports, 1, "rtcp-mux needs one port");
+    }
+
+    #[test]
+    fn a_rendition_groups_services_select_the_pod_that_owns_its_main_source() {
+        // Names whose own hashes fall on different shards: only the group's
+        // key keeps them together.
+        let main = "a";
+        let sub = (0..100).map(|i| format!("a-sub-{i}")).find(|n| shard::owner(n, 4) != shard::owner(main, 4)).unwrap();
+        let mut sp = pipeline(Some(4), "ClusterIP");
+        sp.spec.sources[1].name = sub.clone();
+        sp.spec.sources[1].rendition_of = Some(main.into());
+        let d = build(&sp, &settings()).unwrap();
+        let pods: Vec<String> = d
+            .source_services
+            .iter()
+            .map(|svc| svc.spec.as_ref().unwrap().selector.as_ref().unwrap()["statefulset.kubernetes.io/pod-name"].clone())
+            .collect();
+        assert_eq!(pods, vec![format!("fleet-dataplane-{}", shard::owner(main, 4)); 2], "{sub} goes with {main}");
+        let moving = crate::handover::moving(&sp, 4, 3);
+        assert!(moving.is_empty() || moving.len() == 2, "a group moves whole: {moving:?}");
     }
 
     #[test]

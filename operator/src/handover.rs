@@ -138,8 +138,8 @@ pub fn moving(sp: &StreamPipeline, from: i32, to: i32) -> Vec<(String, u32)> {
     sp.spec
         .sources
         .iter()
-        .filter(|s| shard::moves(&s.name, from, to))
-        .map(|s| (s.name.clone(), shard::owner(&s.name, to)))
+        .filter(|s| shard::moves(s.shard_key(), from, to))
+        .map(|s| (s.name.clone(), shard::owner(s.shard_key(), to)))
         .collect()
 }
 

@@ -240,6 +240,11 @@ impl UdpSource {
         self.stream.request_bitrate(bitrate_bps, Instant::now());
     }
 
+    /// Turns decoding of this source on or off; see [`Stream::set_decoding`].
+    pub fn set_decoding(&mut self, on: bool) {
+        self.stream.set_decoding(on);
+    }
+
     /// Stops receiving (the sockets close); see [`Stream::finish`].
     pub fn finish(self) -> Finishing {
         self.stream.finish(Instant::now())

@@ -167,6 +167,16 @@ impl Worker {
         true
     }
 
+    /// Turns decoding of source `id` on or off at once (a rendition switch);
+    /// its timers run at the next turn, so a keyframe request goes out then.
+    /// False when no such source is served here.
+    pub fn set_decoding(&mut self, id: &str, on: bool) -> bool {
+        let Some(slot) = self.slots.iter_mut().flatten().find(|s| s.id == id) else { return false };
+        slot.source.set_decoding(on);
+        slot.wake_at = Instant::now();
+        true
+    }
+
     /// Stops serving every source.
     pub fn take_all(&mut self) -> Vec<(String, u64, Finishing)> {
         let ids: Vec<(String, u64)> = self.slots.iter().flatten().map(|s| (s.id.clone(), s.generation)).collect();
@@ -231,6 +241,7 @@ enum Command {
     Start { cfg: Box<SourceConfig>, metrics: StreamMetrics, options: StreamOptions, generation: u64 },
     Stop { id: String, generation: u64 },
     RequestBitrate { id: String, bitrate_bps: u64 },
+    SetDecoding { id: String, on: bool },
     Exit,
 }
 
@@ -276,6 +287,11 @@ impl WorkerThread {
     /// Asks source `id`'s sender for at most `bitrate_bps` (TMMBR).
     pub fn request_bitrate(&self, id: String, bitrate_bps: u64) {
         self.send(Command::RequestBitrate { id, bitrate_bps });
+    }
+
+    /// Turns decoding of source `id` on or off (a rendition switch).
+    pub fn set_decoding(&self, id: String, on: bool) {
+        self.send(Command::SetDecoding { id, on });
     }
 
     /// Asks for one source to stop; its report arrives on the done channel.
@@ -348,6 +364,11 @@ fn serve(mut worker: Worker, commands: crossbeam_channel::Receiver<Command>, wak
                 Command::RequestBitrate { id, bitrate_bps } => {
                     if !worker.request_bitrate(&id, bitrate_bps) {
                         tracing::debug!(stream = %id, "bit rate request for a source not served here");
+                    }
+                }
+                Command::SetDecoding { id, on } => {
+                    if !worker.set_decoding(&id, on) {
+                        tracing::debug!(stream = %id, "rendition switch for a source not served here");
                     }
                 }
                 Command::Exit => {
