@@ -48,16 +48,19 @@ pub struct RenditionGroup {
 impl RenditionGroup {
     /// The group's stream for the policy: named after the main source, on
     /// the group's own ladder, with the decoded rendition's samples (the loss
-    /// that steps the group is the active rendition's).
+    /// that steps the group is the active rendition's) and, below the top,
+    /// the next higher rendition's (a step up waits for its path to heal).
     fn signals(&self, streams: &[LadderStream]) -> StreamSignals {
         let main = &streams[self.members[0]];
         let active = &streams[self.members[self.active]];
+        let upper = self.active.checked_sub(1).map(|i| streams[self.members[i]].samples.clone());
         StreamSignals {
             stream: main.name.clone(),
             shard: 0,
             rendition: self.active,
             ladder_steps: Some(self.members.len()),
             samples: active.samples.clone(),
+            upper_samples: upper.unwrap_or_default(),
         }
     }
 
@@ -236,6 +239,7 @@ impl PathPolicy {
                         shard: 0,
                         rendition: s.rendition,
                         ladder_steps: None,
+                        upper_samples: Vec::new(),
                         samples: s.samples.clone(),
                     })
                     .chain(p.groups.iter().map(|g| g.signals(&p.streams)))
@@ -365,9 +369,11 @@ spec:
             }
         }
         // Down once the main stream's loss filled the 2 s window (samples at
-        // 1 and 2 s), up after 3 s of the sub stream's health (3, 4, 5 s),
-        // and nothing else: the main stream's path is clean from 6 s.
-        assert_eq!(switched, vec![(2, (Some(false), Some(true))), (5, (Some(true), Some(false)))]);
+        // 1 and 2 s); up once both the sub stream (decoded) and the main
+        // stream (received, not decoded) were healthy for 3 s: the main
+        // stream's path is clean from 6 s, so at 8 s, not at 5 s when the sub
+        // stream alone had been healthy that long. Nothing else.
+        assert_eq!(switched, vec![(2, (Some(false), Some(true))), (8, (Some(true), Some(false)))]);
         assert!(rendition_metric(&supervisor, "door-sub").ends_with(" 0"));
         assert_eq!(supervisor.told_decoding("cams/yard"), None, "an ungrouped source is never switched");
     }

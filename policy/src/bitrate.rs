@@ -146,6 +146,18 @@ fn step_up(
     if !readings.iter().all(|r| healthy(settings, ladder, r)) {
         return None;
     }
+    if !stream.upper_samples.is_empty() {
+        let upper = signals::window(
+            &stream.upper_samples,
+            now,
+            ladder.upgrade_after,
+            settings.stale_after,
+            last_step,
+        )?;
+        if !upper.iter().all(|r| healthy(settings, ladder, r)) {
+            return None;
+        }
+    }
     let (expected, _, unrecovered) = totals(&readings);
     Some(Step {
         to_rendition: current - 1,

@@ -94,6 +94,11 @@ pub struct StreamSignals {
     /// one stream named after its main source, with the active rendition's
     /// samples. `None`: the pipeline's ladder (`BitrateLadder::renditions`).
     pub ladder_steps: Option<usize>,
+    /// For a rendition group below its top: the samples of the rendition one
+    /// step up, which is received and repaired while not decoded. A step up
+    /// then also needs them healthy for the whole upgrade window, so a group
+    /// never goes back to a stream whose path still loses. Empty otherwise.
+    pub upper_samples: Vec<StreamSample>,
     /// Samples in time order, oldest first.
     pub samples: Vec<StreamSample>,
 }

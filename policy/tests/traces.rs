@@ -68,6 +68,7 @@ impl Sim {
             shard: 0,
             rendition: 0,
             ladder_steps: None,
+            upper_samples: Vec::new(),
             samples: Vec::new(),
         });
         self.stream_model = Some(model);
@@ -747,4 +748,35 @@ fn a_rendition_group_steps_along_its_own_sources_not_the_pipelines_ladder() {
     );
     // Never past the group's last source, though the pipeline's ladder has three.
     assert!(sim.actions().iter().all(|(_, a)| !matches!(a, Action::StepDown { to_rendition: 2, .. })));
+}
+
+#[test]
+fn a_rendition_group_goes_back_up_only_once_the_higher_renditions_own_path_is_healthy() {
+    // The main stream (rendition 0) loses until t=80; the sub stream never.
+    // On the sub stream the group sees the main stream's samples too
+    // (received, not decoded): it stays down while they show loss.
+    let main = |t: u64| if (20..80).contains(&t) { stream(300, 50) } else { stream(0, 0) };
+    let mut sim = Sim::new(1, 1, 4, ReplicasOwner::Policy, healthy_shard())
+        .with_stream(Box::new(move |t, rendition| if rendition == 0 { main(t) } else { stream(0, 0) }));
+    sim.signals.streams[0].ladder_steps = Some(2);
+    for t in 1..=250 {
+        let stream = &mut sim.signals.streams[0];
+        if stream.rendition == 1 {
+            if let Some(sample) = main(t) {
+                stream.upper_samples.push(StreamSample { at: Duration::from_secs(t), ..sample });
+            }
+        } else {
+            stream.upper_samples.clear();
+        }
+        sim.round(t);
+    }
+    assert_eq!(
+        sim.actions(),
+        [
+            (29, Action::StepDown { stream: CAM.into(), to_rendition: 1 }),
+            // The main stream's last lossy second is 79: 60 s of its health
+            // (upgrade_after) end at 139, not 89.
+            (139, Action::StepUp { stream: CAM.into(), to_rendition: 0 }),
+        ]
+    );
 }
