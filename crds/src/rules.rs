@@ -152,7 +152,9 @@ fn rendition_groups() -> Vec<Value> {
         format!("self[self.map(s, {cond}).indexOf(true)].name")
     };
     let unknown = "has(s.renditionOf) && !self.exists(m, m.name == s.renditionOf)";
-    let chained = "has(s.renditionOf) && self.exists(m, m.name == s.renditionOf && has(m.renditionOf))";
+    // Naming itself is the per-source rule's to report, not this one's.
+    let chained = "has(s.renditionOf) && s.renditionOf != s.name \
+                   && self.exists(m, m.name == s.renditionOf && has(m.renditionOf))";
     let crowded = format!(
         "!has(s.renditionOf) && self.filter(r, has(r.renditionOf) && r.renditionOf == s.name).size() > {}",
         MAX_RENDITION_GROUP - 1

@@ -694,6 +694,7 @@ fn rendition_of_an_unknown_source_is_rejected_naming_the_source() {
 fn rendition_of_itself_is_rejected() {
     let problems = grouped_problems(|d| source(d, 1)["renditionOf"] = json!("cam-2"));
     assert_problem(&problems, "spec.sources[1].renditionOf", &["not the source itself"]);
+    assert_eq!(problems.len(), 1, "only that: {problems:#?}");
 }
 
 #[test]
