@@ -191,11 +191,15 @@ impl Drop for RunnerProcess {
 
 
 /// Frames of `stream` a /metrics text accounts for: decoded + dropped +
-/// skipped before the first keyframe.
+/// skipped before the first keyframe + skipped for a reason (an inactive
+/// rendition's frames).
 pub fn frames_accounted(metrics: &str, stream: &str) -> u64 {
     let needle = format!("stream=\"{stream}\"");
     let f = |name| metric_sum(metrics, name, &needle) as u64;
-    f("zerodrop_frames_decoded_total") + f("zerodrop_frames_dropped_total") + f("zerodrop_frames_skipped_before_keyframe_total")
+    f("zerodrop_frames_decoded_total")
+        + f("zerodrop_frames_dropped_total")
+        + f("zerodrop_frames_skipped_before_keyframe_total")
+        + f("zerodrop_frames_skipped_total")
 }
 
 /// Value of a metric sample line `name{labels} value` whose name and labels

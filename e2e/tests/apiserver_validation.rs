@@ -55,7 +55,62 @@ struct Invalid {
     expect: &'static [&'static str],
 }
 
+/// The switching thresholds a rendition group needs.
+fn switching(d: &mut Value) {
+    d["spec"]["bitratePolicy"] = json!({"downgradeLossPercent": 1, "upgradeAfterSeconds": 30});
+}
+
+/// A third source at ports 5204/5205, a rendition of `of`.
+fn third_source(d: &mut Value, name: &str, of: &str) {
+    let s = json!({"name": name, "codec": "h264", "renditionOf": of,
+                   "transport": {"rtp": {"listenAddress": "127.0.0.1", "port": 5204, "rtcpPort": 5205}}});
+    d["spec"]["sources"].as_array_mut().unwrap().push(s);
+}
+
 const INVALID: &[Invalid] = &[
+    Invalid {
+        what: "renditionOf without a bitratePolicy",
+        edit: |d| d["spec"]["sources"][1]["renditionOf"] = json!("cam-1"),
+        expect: &["spec.bitratePolicy", "bitratePolicy is required when a source sets renditionOf"],
+    },
+    Invalid {
+        what: "renditionOf naming no source",
+        edit: |d| {
+            switching(d);
+            d["spec"]["sources"][1]["renditionOf"] = json!("cam-9");
+        },
+        expect: &["spec.sources", "source cam-2: renditionOf must name another source of this pipeline"],
+    },
+    Invalid {
+        what: "renditionOf naming the source itself",
+        edit: |d| {
+            switching(d);
+            d["spec"]["sources"][1]["renditionOf"] = json!("cam-2");
+        },
+        expect: &["spec.sources[1].renditionOf", "renditionOf must name another source, not the source itself"],
+    },
+    Invalid {
+        what: "renditionOf naming a rendition (two levels)",
+        edit: |d| {
+            switching(d);
+            d["spec"]["sources"][1]["renditionOf"] = json!("cam-1");
+            third_source(d, "cam-3", "cam-2");
+        },
+        expect: &["spec.sources", "source cam-3: renditionOf must name a main source", "one level of renditions"],
+    },
+    Invalid {
+        what: "a rendition group of 17 sources",
+        edit: |d| {
+            switching(d);
+            let list = d["spec"]["sources"].as_array_mut().unwrap();
+            list.truncate(1);
+            for i in 1..17u16 {
+                list.push(json!({"name": format!("sub-{i}"), "codec": "h264", "renditionOf": "cam-1",
+                                 "transport": {"rtp": {"listenAddress": "127.0.0.1", "port": 6000 + 2 * i, "rtcpMux": true}}}));
+            }
+        },
+        expect: &["spec.sources", "source cam-1: a rendition group holds at most 16 sources"],
+    },
     Invalid {
         what: "duplicate source names",
         edit: |d| d["spec"]["sources"][1]["name"] = json!("cam-1"),
@@ -132,7 +187,12 @@ fn real_apiserver_validates_and_serves_streampipelines() {
     );
 
     // The examples apply as they are.
-    for example in ["examples/local-demo.yaml", "examples/camera-fleet.yaml", "examples/contribution-fec.yaml"] {
+    for example in [
+        "examples/local-demo.yaml",
+        "examples/camera-fleet.yaml",
+        "examples/contribution-fec.yaml",
+        "examples/camera-substreams.yaml",
+    ] {
         let out = cluster.kubectl(["apply", "-f", &repo(example)]);
         assert!(
             out.status.success(),
@@ -151,7 +211,7 @@ fn real_apiserver_validates_and_serves_streampipelines() {
         .unwrap();
     assert_eq!(
         names.split_whitespace().collect::<Vec<_>>(),
-        ["camera-fleet", "contribution", "demo"]
+        ["camera-fleet", "contribution", "demo", "lobby-cams"]
     );
 
     // Invalid specs are rejected by the apiserver, naming the field or rule.
