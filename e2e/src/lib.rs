@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod cpulimit;
 pub mod netloss;
 pub mod operator;
 pub mod procstat;

@@ -221,6 +221,11 @@ impl PodProcess {
         Ok(process)
     }
 
+    /// The process id (for its CPU time, or a CPU limit).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The pod's /metrics text.
     pub fn metrics(&self) -> anyhow::Result<String> {
         Ok(http_get(format!("{}:9464", self.ip).parse()?, "/metrics")?.body)

@@ -113,44 +113,74 @@ pub const SENDER_IP: &str = "10.244.255.1";
 /// Sender `i` binds RTCP here + 2i (odd) and RTP on the port below.
 const SENDER_FIRST_RTCP_PORT: u16 = 40001;
 
-struct Sender {
+/// A running `zerodrop send` for one source, aimed at its Service.
+pub struct Sender {
     child: Child,
     summary: PathBuf,
 }
 
-/// Starts source `i`'s sender once kube-proxy routes its Service to
-/// `pod_ip` (before that, its first keyframe would be rejected on the way).
-fn start_sender(cluster: &TestCluster, r: &Rescale, i: usize, pod_ip: &str, seconds: u64) -> anyhow::Result<Sender> {
-    let service = format!("{}-cam-{i}", r.pipeline);
-    let ip = cluster.wait_for(&format!("{service}'s ClusterIP"), Duration::from_secs(30), || {
-        let out = cluster.kubectl(["get", "service", &service, "-o", "jsonpath={.spec.clusterIP}"]);
-        Ok((out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
-    })?;
-    let port = r.first_port + 2 * i as u16;
-    // kube-proxy's endpoint chain for the Service's RTP port on that pod.
-    let chain = format!("/{service}/udp/rtp__{pod_ip}/{port}");
-    cluster.wait_for(&format!("kube-proxy to route {service} to {pod_ip}"), Duration::from_secs(30), || {
-        Ok(cluster.service_proxy_rules()?.contains(&chain).then_some(()))
-    })?;
-    // The sender sits at an address of the pod range, as a sender pod (or
-    // an external camera through a Local-policy Service) would: kube-proxy
-    // masquerades traffic to a ClusterIP from outside the cluster's range
-    // with a random source port, so a new owner could not answer a sender
-    // on this host's own address before its next sender report.
-    let rtcp_bind = format!("{SENDER_IP}:{}", SENDER_FIRST_RTCP_PORT + 2 * i as u16);
-    let summary = cluster.dir().join(format!("{}-cam-{i}.send.json", r.pipeline));
-    let log = std::fs::File::create(cluster.dir().join(format!("{}-cam-{i}.send.log", r.pipeline)))?;
-    let child = Command::new(zerodrop_bin())
-        .args(["send", "--dest", &format!("{ip}:{port}"), "--width", "320", "--height", "180", "--fps", "30"])
-        .args(["--bitrate", "400", "--key-int", "60", "--duration", &seconds.to_string(), "--quiet"])
-        .args(["--cname", &format!("cam-{i}"), "--rtcp-bind", &rtcp_bind, "--summary-json"])
-        .arg(&summary)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("zerodrop send starts")?;
-    Ok(Sender { child, summary })
+/// What a [`Sender`] sends.
+#[derive(Debug, Clone, Copy)]
+pub struct SenderSettings {
+    pub width: u32,
+    pub height: u32,
+    pub bitrate_kbps: u32,
+    pub seconds: u64,
+}
+
+impl Sender {
+    /// Starts the sender of `source` of `pipeline` (the `index`-th: its
+    /// address's port) once kube-proxy routes its Service's RTP `port` to
+    /// `pod_ip` (before that, its first keyframe would be rejected on the
+    /// way). H.264, 30 fps, a keyframe every 60 frames.
+    pub fn start(cluster: &TestCluster, pipeline: &str, source: &str, index: usize, port: u16, pod_ip: &str, s: SenderSettings) -> anyhow::Result<Sender> {
+        let service = format!("{pipeline}-{source}");
+        let ip = cluster.wait_for(&format!("{service}'s ClusterIP"), Duration::from_secs(30), || {
+            let out = cluster.kubectl(["get", "service", &service, "-o", "jsonpath={.spec.clusterIP}"]);
+            Ok((out.status.success() && !out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+        })?;
+        // kube-proxy's endpoint chain for the Service's RTP port on that pod.
+        let chain = format!("/{service}/udp/rtp__{pod_ip}/{port}");
+        cluster.wait_for(&format!("kube-proxy to route {service} to {pod_ip}"), Duration::from_secs(30), || {
+            Ok(cluster.service_proxy_rules()?.contains(&chain).then_some(()))
+        })?;
+        // The sender sits at an address of the pod range, as a sender pod (or
+        // an external camera through a Local-policy Service) would: kube-proxy
+        // masquerades traffic to a ClusterIP from outside the cluster's range
+        // with a random source port, so a new owner could not answer a sender
+        // on this host's own address before its next sender report.
+        let rtcp_bind = format!("{SENDER_IP}:{}", SENDER_FIRST_RTCP_PORT + 2 * index as u16);
+        let summary = cluster.dir().join(format!("{service}.send.json"));
+        let log = std::fs::File::create(cluster.dir().join(format!("{service}.send.log")))?;
+        let child = Command::new(zerodrop_bin())
+            .args(["send", "--dest", &format!("{ip}:{port}"), "--fps", "30", "--key-int", "60", "--quiet"])
+            .args(["--width", &s.width.to_string(), "--height", &s.height.to_string()])
+            .args(["--bitrate", &s.bitrate_kbps.to_string(), "--duration", &s.seconds.to_string()])
+            .args(["--cname", source, "--rtcp-bind", &rtcp_bind, "--summary-json"])
+            .arg(&summary)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("zerodrop send starts")?;
+        Ok(Sender { child, summary })
+    }
+
+    /// Waits for the sender to end and returns its summary (`--summary-json`).
+    pub fn finish(mut self) -> anyhow::Result<serde_json::Value> {
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "a sender failed: {status}");
+        Ok(serde_json::from_str(&std::fs::read_to_string(&self.summary)?)?)
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn selected_pod(cluster: &TestCluster, service: &str) -> Option<String> {
@@ -179,7 +209,8 @@ pub fn run(cluster: &TestCluster, r: &Rescale) -> anyhow::Result<RescaleOutcome>
     let mut senders = Vec::new();
     for (i, n) in names.iter().enumerate() {
         let owner = &pods[&zerodrop_core::shard::owner(&key(n), r.from)];
-        senders.push(start_sender(cluster, r, i, &owner.ip, r.send_seconds)?);
+        let settings = SenderSettings { width: 320, height: 180, bitrate_kbps: 400, seconds: r.send_seconds };
+        senders.push(Sender::start(cluster, &r.pipeline, n, i, r.first_port + 2 * i as u16, &owner.ip, settings)?);
     }
     // Every stream decodes on its owner before the rescale.
     cluster.wait_for("every stream decoding on its first owner", Duration::from_secs(30), || {
@@ -242,11 +273,8 @@ pub fn run(cluster: &TestCluster, r: &Rescale) -> anyhow::Result<RescaleOutcome>
 
     // The senders end by themselves; then every pod's books.
     let mut sent: Vec<serde_json::Value> = Vec::new();
-    for mut s in senders {
-        let status = s.child.wait()?;
-        anyhow::ensure!(status.success(), "a sender failed: {status}");
-        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&s.summary)?)?;
-        sent.push(summary);
+    for s in senders {
+        sent.push(s.finish()?);
     }
     // Until each pod's figures stop changing (the last frames decoded).
     let mut last = String::new();
