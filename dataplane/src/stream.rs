@@ -790,6 +790,9 @@ impl Stream {
                         }
                         self.depay.recycle(au.data);
                         self.metrics.frames_skipped_inactive.inc();
+                        // Sent and received whole: dropped / expected stays
+                        // this stream's path figure while it is not decoded.
+                        self.metrics.frames_expected.inc();
                         continue;
                     }
                     if self.decode_from_keyframe {

@@ -202,5 +202,12 @@ fn loss_on_the_main_streams_path_switches_decoding_to_the_sub_stream_and_back_on
             sent["frames_sent"].as_u64().unwrap(),
             "{stream}: the books balance"
         );
+        // An inactive rendition's whole frames count as expected: dropped /
+        // expected stays the stream's own path figure.
+        assert!(
+            n("frames_expected") >= n("frames_assembled") + n("frames_skipped_inactive_rendition"),
+            "{stream}: expected {} < assembled {} + inactive {}",
+            n("frames_expected"), n("frames_assembled"), n("frames_skipped_inactive_rendition")
+        );
     }
 }
