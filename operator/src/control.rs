@@ -42,7 +42,7 @@ use kube::{Resource, ResourceExt};
 use zerodrop_crds::{ConditionType, StreamPipeline, shard};
 use zerodrop_policy::{Action, Pipeline, PolicyState, Reason, ReplicasOwner, ScalingBounds, Settings, Verdict};
 
-use crate::collect::{AgentDrops, Collector, ShardScrape, pod_figures};
+use crate::collect::{AgentDrops, Collector, PodFigures, ShardScrape, pod_figures};
 use crate::controller::{Context, condition, publish};
 use crate::desired::{self, METRICS_PORT, PIPELINE_LABEL};
 use crate::promsource::PrometheusSource;
@@ -221,7 +221,7 @@ async fn from_prometheus(
     targets: Vec<((String, u32), SocketAddr)>,
     seen: &mut HashMap<(String, u32), f64>,
     opts: &ControlOptions,
-) -> (Vec<scrape::Scrape<(String, u32)>>, AgentDrops) {
+) -> (Vec<scrape::Scrape<(String, u32), PodFigures>>, AgentDrops) {
     let answer: Result<HashMap<(String, String), crate::promsource::PodSeries>, String> = async {
         let addr = tokio::net::lookup_host((p.host.as_str(), p.port))
             .await
@@ -267,7 +267,7 @@ async fn from_prometheus(
                         (Err(scrape::ScrapeError::NotNew), at)
                     } else {
                         seen.insert(target.clone(), series.at_unix);
-                        (Ok(series.samples.clone()), at)
+                        (Ok(pod_figures(&series.samples, name)), at)
                     }
                 }
             };
@@ -354,7 +354,11 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
                 let target_count = scrape_targets.len() + agent_targets.len();
                 let agents = AgentDrops::new(agent_targets.len());
                 let (scrapes, agent_scrapes) = futures::join!(
-                    scrape::scrape_all(scrape_targets, "/metrics", opts.concurrency, opts.scrape_timeout),
+                    // Each page is cut down to its pipeline's figures as it
+                    // arrives (a fleet's pages are never all held at once).
+                    scrape::scrape_all_map(scrape_targets, "/metrics", opts.concurrency, opts.scrape_timeout, |(key, _), samples| {
+                        pod_figures(&samples, key.split_once('/').map_or(key.as_str(), |(_, name)| name))
+                    }),
                     scrape::scrape_all(agent_targets.into_iter().map(|a| (a, a)).collect(), "/metrics", opts.concurrency, opts.scrape_timeout),
                 );
                 (target_count, agents, scrapes, agent_scrapes)
@@ -373,7 +377,7 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
                 }
             }
         }
-        let mut by_pipeline: HashMap<String, Vec<(u32, Instant, Vec<scrape::MetricSample>)>> = HashMap::new();
+        let mut by_pipeline: HashMap<String, Vec<(u32, Instant, PodFigures)>> = HashMap::new();
         for s in scrapes {
             match s.result {
                 Ok(samples) => by_pipeline.entry(s.target.0).or_default().push((s.target.1, s.at, samples)),
@@ -390,11 +394,9 @@ pub async fn run(ctx: Arc<Context>, pipelines: Store<StreamPipeline>, pods: Stor
         let now = origin.elapsed();
         for (sp, k, pipeline, replicas, route) in plan {
             let Some(track) = tracks.get_mut(&k) else { continue };
-            let name = sp.name_any();
             let mut shard_scrapes = HashMap::new();
-            for (ordinal, at, samples) in by_pipeline.remove(&k).unwrap_or_default() {
+            for (ordinal, at, mut figures) in by_pipeline.remove(&k).unwrap_or_default() {
                 let at = at.saturating_duration_since(origin);
-                let mut figures = pod_figures(&samples, &name);
                 if let Some(ip) = pod_ips.get(&(k.clone(), ordinal)) {
                     join_agent_drops(&sp, &mut figures, *ip, &agents);
                 }

@@ -187,12 +187,13 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, ScrapeError> {
     }
 }
 
-/// What one scrape of one target gave, and when it was answered.
+/// What one scrape of one target gave (its samples, or what `scrape_all_map`
+/// made of them), and when it was answered.
 #[derive(Debug)]
-pub struct Scrape<T> {
+pub struct Scrape<T, R = Vec<MetricSample>> {
     pub target: T,
     pub at: Instant,
-    pub result: Result<Vec<MetricSample>, ScrapeError>,
+    pub result: Result<R, ScrapeError>,
     /// Lines of the response that did not parse.
     pub bad_lines: usize,
 }
@@ -205,6 +206,20 @@ pub async fn scrape_all<T: Send + 'static>(
     concurrency: usize,
     timeout: Duration,
 ) -> Vec<Scrape<T>> {
+    scrape_all_map(targets, path, concurrency, timeout, |_, samples| samples).await
+}
+
+/// [`scrape_all`], with each answer's samples turned by `map` into what the
+/// caller keeps as soon as it is parsed: a round over a fleet then holds one
+/// page's samples per request in flight, not every page's.
+pub async fn scrape_all_map<T: Send + 'static, R>(
+    targets: Vec<(T, SocketAddr)>,
+    path: &'static str,
+    concurrency: usize,
+    timeout: Duration,
+    map: impl Fn(&T, Vec<MetricSample>) -> R,
+) -> Vec<Scrape<T, R>> {
+    let map = &map;
     futures::stream::iter(targets)
         .map(|(target, addr)| async move {
             let result = http_get(addr, path, timeout).await;
@@ -212,7 +227,9 @@ pub async fn scrape_all<T: Send + 'static>(
             match result {
                 Ok(text) => {
                     let (samples, bad_lines) = parse_text(&text);
-                    Scrape { target, at, result: Ok(samples), bad_lines }
+                    drop(text);
+                    let kept = map(&target, samples);
+                    Scrape { target, at, result: Ok(kept), bad_lines }
                 }
                 Err(e) => Scrape { target, at, result: Err(e), bad_lines: 0 },
             }
