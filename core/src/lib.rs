@@ -2,7 +2,7 @@
 //! Kubernetes types (the linkerd policy-controller keeps its `core` crate
 //! apart from `k8s` the same way):
 //!
-//! - [`media`]: codecs, FEC schemes, the decoder choice;
+//! - [`media`]: codecs, FEC schemes, the decoder choice, the bit rate request;
 //! - [`limits`]: defaults and limits of the API that code relies on;
 //! - [`ports`]: the UDP ports a source listens on (RTP, RTCP, FEC);
 //! - [`scaling`]: how many replicas a spec asks for;
@@ -18,5 +18,5 @@ pub mod ports;
 pub mod scaling;
 pub mod shard;
 
-pub use media::{Codec, DecoderChoice, FecScheme, UnknownName};
+pub use media::{BitrateRequest, Codec, DecoderChoice, FecScheme, UnknownName};
 pub use ports::SourcePorts;

@@ -1,4 +1,5 @@
-//! Codecs, FEC schemes and decoder choices, as the manifest spells them.
+//! Codecs, FEC schemes, decoder choices and how a sender is asked for a bit
+//! rate, as the manifest spells them.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -98,6 +99,21 @@ pub enum DecoderChoice {
 }
 named!(DecoderChoice, "decoder", { Auto => "auto", Software => "software", Nvdec => "nvdec" });
 
+/// How a source's sender is asked for a lower (or back the higher) bit rate
+/// when the bitrate policy steps its stream: the RTCP message it understands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BitrateRequest {
+    /// RTCP TMMBR (RFC 5104), repeated until the sender's TMMBN acknowledges it.
+    #[default]
+    Tmmbr,
+    /// RTCP REMB (draft-alvestrand-rmcat-remb, SDP `a=rtcp-fb:* goog-remb`), as
+    /// browsers and WebRTC gateways understand it. It has no acknowledgement:
+    /// it is repeated every second while a step below the top stands.
+    Remb,
+}
+named!(BitrateRequest, "bitrate request", { Tmmbr => "tmmbr", Remb => "remb" });
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +131,10 @@ mod tests {
         for d in DecoderChoice::ALL {
             assert_eq!(d.as_str().parse::<DecoderChoice>(), Ok(*d));
             assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+        }
+        for b in BitrateRequest::ALL {
+            assert_eq!(b.as_str().parse::<BitrateRequest>(), Ok(*b));
+            assert_eq!(serde_json::to_value(b).unwrap(), b.as_str());
         }
     }
 

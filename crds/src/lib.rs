@@ -20,7 +20,7 @@ pub mod status;
 
 pub use manifest::{API_VERSION, KIND, ManifestError, ManifestProblem, parse_manifests};
 pub use pipeline::{
-    BitratePolicy, Codec, DecodeSpec, DecoderChoice, ExposureSpec, FecScheme, FecSpec, FecTransport,
+    BitratePolicy, BitrateRequest, Codec, DecodeSpec, DecoderChoice, ExposureSpec, FecScheme, FecSpec, FecTransport,
     FramesOutput, HlsOutput, NackSpec, OutputsSpec, RestreamTarget, SourceOutputs, PodResources, Rendition, RepairSpec, ResourceAmounts, ServiceType, RtpTransport, RtspTransport, RtspLowerTransport, CredentialsSecret, SrtTransport, SrtMode, PassphraseSecret, ScalingSpec, Source, StreamPipeline, StreamPipelineSpec,
     Transport, rendition_groups,
 };

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use zerodrop_core::{SourcePorts, limits};
 
-pub use zerodrop_core::{Codec, DecoderChoice, FecScheme};
+pub use zerodrop_core::{BitrateRequest, Codec, DecoderChoice, FecScheme};
 
 use crate::rules;
 use crate::status::StreamPipelineStatus;
@@ -295,6 +295,18 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = rules::MAX_NAME_LENGTH))]
     pub rendition_of: Option<String>,
+    /// How the sender is asked for a bit rate when bitratePolicy steps this stream down its
+    /// ladder (and back up): `tmmbr` (the default: RTCP TMMBR, RFC 5104, repeated once a second
+    /// until the sender's TMMBN acknowledges it) or `remb` (RTCP REMB, the `goog-remb` feedback
+    /// of browsers, WebRTC senders and many gateways, which have no TMMBR: sent at once and
+    /// repeated once a second while a step below the top stands, and three times when back at
+    /// the top; REMB is never acknowledged). A pushed stream has no SDP to negotiate it: say
+    /// what the sender understands, as its `a=rtcp-fb:* goog-remb` would. Only pushed RTP
+    /// sources outside a rendition group are ever asked: an RTSP source's RTCP is retina's
+    /// (which sends none of ours), SRT has no RTCP, and a rendition group switches sources
+    /// instead.
+    #[serde(default)]
+    pub bitrate_request: BitrateRequest,
 }
 
 impl StreamPipelineSpec {

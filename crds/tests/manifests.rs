@@ -129,6 +129,7 @@ fn omitted_fields_take_the_schema_defaults() {
     let rtp = s.transport.rtp.as_ref().unwrap();
     assert_eq!(rtp.listen_address, "0.0.0.0");
     assert_eq!(rtp.effective_rtcp_port(), 6001);
+    assert_eq!(s.bitrate_request, zerodrop_crds::BitrateRequest::Tmmbr);
     assert_eq!(p.spec.repair.latency_ms, 200);
     assert_eq!(
         (
@@ -270,6 +271,24 @@ fn unknown_codec_is_rejected_listing_the_supported_ones() {
         "spec.sources[1].codec",
         &["\"vp8\"", "\"h264\"", "\"h265\""],
     );
+}
+
+#[test]
+fn unknown_bitrate_request_is_rejected_listing_tmmbr_and_remb() {
+    let problems = problems_after(|d| source(d, 0)["bitrateRequest"] = json!("goog-remb"));
+    assert_problem(
+        &problems,
+        "spec.sources[0].bitrateRequest",
+        &["\"goog-remb\"", "\"tmmbr\"", "\"remb\""],
+    );
+    let p = parse_manifests(&to_yaml(&[{
+        let mut d = demo();
+        source(&mut d, 0)["bitrateRequest"] = json!("remb");
+        d
+    }]))
+    .unwrap()
+    .remove(0);
+    assert_eq!(p.spec.sources[0].bitrate_request, zerodrop_crds::BitrateRequest::Remb);
 }
 
 #[test]

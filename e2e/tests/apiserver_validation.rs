@@ -159,6 +159,17 @@ const INVALID: &[Invalid] = &[
             "h265",
         ],
     },
+    Invalid {
+        what: "an unknown bitrateRequest",
+        edit: |d| d["spec"]["sources"][0]["bitrateRequest"] = json!("goog-remb"),
+        expect: &[
+            "spec.sources[0].bitrateRequest",
+            "Unsupported value",
+            "\"goog-remb\"",
+            "tmmbr",
+            "remb",
+        ],
+    },
 ];
 
 #[test]
