@@ -179,6 +179,9 @@ def main():
     write("rtcp", "sr-sdes", sr + sdes_cname(9, b"sender"))
     fir = rtcp(4, 206, struct.pack("!IIIB3x", 9, 0, 0xDEADBEEF, 1))
     write("rtcp", "rr-fir-bye", rtcp(0, 201, struct.pack("!I", 1)) + fir + rtcp(1, 203, struct.pack("!I", 9)))
+    # REMB (draft-alvestrand-rmcat-remb): 300,000 bit/s = 150,000 x 2^1 for one SSRC.
+    remb = rtcp(15, 206, struct.pack("!II4sI", 1, 0, b"REMB", (1 << 24) | (1 << 18) | 150000) + struct.pack("!I", 0xDEADBEEF))
+    write("rtcp", "rr-remb", rtcp(0, 201, struct.pack("!I", 1)) + remb)
 
     # depay_h264: keyframe from STAP-A and FU-A, P frames, then a loss inside a frame.
     idr_parts = fu_a(IDR, 60)

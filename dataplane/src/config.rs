@@ -45,6 +45,8 @@ pub struct SourceConfig {
     /// when it is a lower rendition of another: it starts received and
     /// repaired but not decoded, until the path policy switches to it.
     pub rendition_of: Option<String>,
+    /// How the sender is asked for a bit rate (`bitrateRequest`).
+    pub bitrate_request: zerodrop_core::BitrateRequest,
 }
 
 /// Where a source's FEC arrives and how to read it.
@@ -245,6 +247,7 @@ pub fn sources(pipeline: &StreamPipeline) -> anyhow::Result<Vec<SourceConfig>> {
             rtsp,
             srt,
             rendition_of: source.rendition_of.clone(),
+            bitrate_request: source.bitrate_request,
         });
     }
     Ok(out)

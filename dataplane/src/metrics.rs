@@ -61,6 +61,15 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// `zerodrop_bitrate_requests_sent_total`'s labels: `method` is the RTCP
+/// message, `tmmbr` or `remb` (the source's `bitrateRequest`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BitrateRequestLabels {
+    pub pipeline: String,
+    pub stream: String,
+    pub method: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KernelDropLabels {
     pub pipeline: String,
@@ -142,6 +151,7 @@ pub struct Metrics {
     join_to_first_frame: Family<StreamLabels, F64Gauge>,
     bitrate_requested: Family<StreamLabels, Gauge>,
     bitrate_acknowledged: Family<StreamLabels, Gauge>,
+    bitrate_requests_sent: Family<BitrateRequestLabels, Counter>,
     jitter: Family<StreamLabels, F64Gauge>,
     rtt: Family<StreamLabels, F64Gauge>,
     assembly_latency: Family<StreamLabels, Histogram, fn() -> Histogram>,
@@ -221,6 +231,7 @@ impl Metrics {
             join_to_first_frame: Family::default(),
             bitrate_requested: Family::default(),
             bitrate_acknowledged: Family::default(),
+            bitrate_requests_sent: Family::default(),
             jitter: Family::default(),
             rtt: Family::default(),
             assembly_latency: Family::new_with_constructor(latency_histogram),
@@ -457,13 +468,18 @@ impl Metrics {
         );
         r.register(
             "bitrate_requested_bits_per_second",
-            "Bit rate asked of the sender with RTCP TMMBR (RFC 5104); 0 when none was asked",
+            "Bit rate asked of the sender with RTCP TMMBR (RFC 5104) or REMB, as the source's bitrateRequest says, 0 when none was asked",
             m.bitrate_requested.clone(),
         );
         r.register(
             "bitrate_request_acknowledged",
-            "1 once the sender acknowledged the bit rate asked for (TMMBN), else 0",
+            "1 once the sender acknowledged the bit rate asked for with TMMBR (by TMMBN), 0 until then, -1 when it was asked with REMB, which has no acknowledgement",
             m.bitrate_acknowledged.clone(),
+        );
+        r.register(
+            "bitrate_requests_sent",
+            "RTCP bit rate requests sent to a stream's sender, repeats included, by method (tmmbr or remb)",
+            m.bitrate_requests_sent.clone(),
         );
         r.register_with_unit(
             "interarrival_jitter",
@@ -599,6 +615,7 @@ impl Metrics {
             join_to_first_frame: handle(&self.join_to_first_frame, &l),
             bitrate_requested: handle(&self.bitrate_requested, &l),
             bitrate_acknowledged: handle(&self.bitrate_acknowledged, &l),
+            bitrate_requests_sent: self.bitrate_requests_sent.clone(),
             jitter: handle(&self.jitter, &l),
             rtt: handle(&self.rtt, &l),
             assembly_latency: handle(&self.assembly_latency, &l),
@@ -678,6 +695,9 @@ pub struct StreamMetrics {
     pub join_to_first_frame: F64Gauge,
     pub bitrate_requested: Gauge,
     pub bitrate_acknowledged: Gauge,
+    /// Made on a stream's first bit rate request (see
+    /// [`StreamMetrics::bitrate_requests_sent`]).
+    bitrate_requests_sent: Family<BitrateRequestLabels, Counter>,
     pub jitter: F64Gauge,
     pub rtt: F64Gauge,
     pub assembly_latency: Histogram,
@@ -712,6 +732,17 @@ impl StreamMetrics {
             disconnected: handle(&f.disconnected, l),
             labels: l.clone(),
         }
+    }
+
+    /// The count of bit rate requests sent by `method`, created on first
+    /// use so that streams never asked for a bit rate export none.
+    pub fn bitrate_requests_sent(&self, method: zerodrop_core::BitrateRequest) -> Counter {
+        let l = BitrateRequestLabels {
+            pipeline: self.labels.pipeline.clone(),
+            stream: self.labels.stream.clone(),
+            method: method.as_str().into(),
+        };
+        handle(&self.bitrate_requests_sent, &l)
     }
 
     fn reason(&self, reason: &str) -> ReasonLabels {

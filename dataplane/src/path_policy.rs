@@ -2,7 +2,8 @@
 //! second it samples each stream's loss and repair counters and the receive
 //! workers' busy time, asks `zerodrop_policy::decide` what to do, and turns a
 //! step down or up a pipeline's bitrate ladder (`spec.bitratePolicy`) into an
-//! RTCP TMMBR to that stream's sender. A rendition group (sources naming a
+//! RTCP TMMBR to that stream's sender (or a REMB, for a source whose
+//! `bitrateRequest` says so). A rendition group (sources naming a
 //! main source in `renditionOf`) is one stream to the policy, whose ladder is
 //! its sources and whose signals are its decoded rendition's: a step switches
 //! which member is decoded (`Supervisor::set_decoding`), and no TMMBR is
@@ -282,7 +283,7 @@ impl PathPolicy {
                 );
                 s.rendition = to;
                 metrics.set_rendition(&p.name, &s.name, to);
-                if !supervisor.request_bitrate(&s.id, *bitrate_bps) {
+                if !supervisor.request_bitrate(&s.id, *bitrate_bps, to == 0) {
                     tracing::warn!(stream = %s.id, "the stream is not running: no bit rate request sent");
                 }
             }

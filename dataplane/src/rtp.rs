@@ -91,6 +91,10 @@ pub enum RtcpEvent {
     /// Its acknowledgement (RFC 5104 §4.2.2), one per entry of the bounding
     /// set: the request of receiver `ssrc` that the sender now honours.
     Tmmbn { sender_ssrc: u32, ssrc: u32, bitrate_bps: u64, overhead: u16 },
+    /// Receiver estimated maximum bit rate (REMB, draft-alvestrand-rmcat-remb
+    /// §2.2): receiver `sender_ssrc` asks the senders of `ssrcs` to send at
+    /// most `bitrate_bps` in all. Never acknowledged.
+    Remb { sender_ssrc: u32, bitrate_bps: u64, ssrcs: Vec<u32> },
 }
 
 /// TMMBR (FMT 3) and TMMBN (FMT 4) share one FCI layout: 8-byte entries of
@@ -153,6 +157,110 @@ fn write_tmmb_entry(out: &mut Vec<u8>, ssrc: u32, bitrate_bps: u64, overhead: u1
     let (exp, mantissa) = tmmb_encode(bitrate_bps);
     out.extend_from_slice(&ssrc.to_be_bytes());
     out.extend_from_slice(&((exp << 26) | (mantissa << 9) | u32::from(overhead & 0x1ff)).to_be_bytes());
+}
+
+/// Application layer feedback (PSFB FMT 15, RFC 4585 §6.4): its FCI as it
+/// came, for [`parse_remb`] to read (REMB is one application's use of it).
+struct AfbFci<'a>(&'a [u8]);
+
+impl<'a> FciParser<'a> for AfbFci<'a> {
+    const PACKET_TYPE: FciFeedbackPacketType = FciFeedbackPacketType::PAYLOAD;
+    const FCI_FORMAT: u8 = AFB_FMT;
+
+    fn parse(data: &'a [u8]) -> Result<Self, RtcpParseError> {
+        Ok(Self(data))
+    }
+}
+
+const AFB_FMT: u8 = 15;
+const REMB_IDENTIFIER: [u8; 4] = *b"REMB";
+/// Identifier, SSRC count and bit rate: the FCI before the SSRC list.
+const REMB_FIXED: usize = 8;
+const REMB_MAX_MANTISSA: u64 = 0x3_ffff;
+
+/// A REMB's FCI, read without copying: the bit rate and the SSRCs it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RembFci<'a> {
+    pub bitrate_bps: u64,
+    ssrcs: &'a [u8],
+}
+
+impl RembFci<'_> {
+    /// The media SSRCs the estimate applies to (its SSRC feedback list).
+    pub fn ssrcs(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ssrcs.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+    }
+}
+
+/// What is wrong with an application layer feedback FCI read as REMB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RembError {
+    #[error("REMB FCI of {0} bytes is shorter than the 8 bytes of its identifier, SSRC count and bit rate")]
+    Truncated(usize),
+    #[error("application layer feedback identifier {0:?} is not \"REMB\"")]
+    NotRemb([u8; 4]),
+    #[error("REMB lists {count} SSRCs but its packet has room for {room}")]
+    SsrcsBeyondPacket { count: u8, room: usize },
+}
+
+/// Reads a REMB FCI (the bytes after the media source SSRC): "REMB", Num
+/// SSRC (8 bits), BR Exp (6 bits), BR Mantissa (18 bits), then Num SSRC
+/// SSRCs. Bytes after the list (padding) are ignored.
+pub fn parse_remb(fci: &[u8]) -> Result<RembFci<'_>, RembError> {
+    if fci.len() < 4 {
+        return Err(RembError::Truncated(fci.len()));
+    }
+    let identifier = [fci[0], fci[1], fci[2], fci[3]];
+    if identifier != REMB_IDENTIFIER {
+        return Err(RembError::NotRemb(identifier));
+    }
+    if fci.len() < REMB_FIXED {
+        return Err(RembError::Truncated(fci.len()));
+    }
+    let count = fci[4];
+    let word = u32::from_be_bytes([0, fci[5], fci[6], fci[7]]);
+    let room = (fci.len() - REMB_FIXED) / 4;
+    if usize::from(count) > room {
+        return Err(RembError::SsrcsBeyondPacket { count, room });
+    }
+    Ok(RembFci {
+        bitrate_bps: tmmb_bitrate(word >> 18, word & REMB_MAX_MANTISSA as u32),
+        ssrcs: &fci[REMB_FIXED..REMB_FIXED + 4 * usize::from(count)],
+    })
+}
+
+/// The (exponent, mantissa) of a REMB for `bitrate_bps`: the smallest
+/// exponent whose 18-bit mantissa holds it, the mantissa rounded down, so
+/// the estimate sent never exceeds the one meant.
+pub fn remb_encode(bitrate_bps: u64) -> (u32, u32) {
+    let mut exp = 0;
+    while (bitrate_bps >> exp) > REMB_MAX_MANTISSA {
+        exp += 1;
+    }
+    (exp, (bitrate_bps >> exp) as u32)
+}
+
+/// The bit rate a REMB for `bitrate_bps` actually carries.
+pub fn remb_representable(bitrate_bps: u64) -> u64 {
+    let (exp, mantissa) = remb_encode(bitrate_bps);
+    tmmb_bitrate(exp, mantissa)
+}
+
+/// Appends a REMB (draft-alvestrand-rmcat-remb §2.2) from `sender_ssrc` to
+/// a compound in `out`: at most `bitrate_bps` for the media of `ssrcs` (the
+/// first 255). Its media source SSRC is 0, as the draft has it.
+pub fn append_remb(out: &mut Vec<u8>, sender_ssrc: u32, bitrate_bps: u64, ssrcs: &[u32]) {
+    let ssrcs = &ssrcs[..ssrcs.len().min(255)];
+    let (exp, mantissa) = remb_encode(bitrate_bps);
+    let start = begin_rtcp(out, AFB_FMT, 206);
+    out.extend_from_slice(&sender_ssrc.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&REMB_IDENTIFIER);
+    out.extend_from_slice(&(((ssrcs.len() as u32) << 24) | (exp << 18) | mantissa).to_be_bytes());
+    for ssrc in ssrcs {
+        out.extend_from_slice(&ssrc.to_be_bytes());
+    }
+    end_rtcp(out, start);
 }
 
 /// Appends a TMMBN (RFC 5104 §4.2.2) to a compound already in `out`: the
@@ -228,6 +336,17 @@ pub fn parse_rtcp(datagram: &[u8], events: &mut Vec<RtcpEvent>) -> Result<(), Rt
                     events.push(RtcpEvent::Pli { media_ssrc: fb.media_ssrc() });
                 } else if fb.parse_fci::<rtcp_types::Fir>().is_ok() {
                     events.push(RtcpEvent::Fir { media_ssrc: fb.media_ssrc() });
+                } else if let Ok(afb) = fb.parse_fci::<AfbFci>() {
+                    match parse_remb(afb.0) {
+                        Ok(remb) => events.push(RtcpEvent::Remb {
+                            sender_ssrc: fb.sender_ssrc(),
+                            bitrate_bps: remb.bitrate_bps,
+                            ssrcs: remb.ssrcs().collect(),
+                        }),
+                        // Another application's feedback: not ours to read.
+                        Err(RembError::NotRemb(_)) => {}
+                        Err(e) => return Err(err(format!("REMB from SSRC {:#010x}: {e}", fb.sender_ssrc()))),
+                    }
                 }
             }
             RtcpPacket::Bye(bye) => events.push(RtcpEvent::Bye { ssrcs: bye.ssrcs().collect() }),
@@ -291,6 +410,9 @@ pub struct ReceiverFeedback<'a> {
     /// A TMMBR (RFC 5104 §4.2.1) asking `media_ssrc` to send at most this
     /// many bits per second.
     pub tmmbr_bps: Option<u64>,
+    /// A REMB (draft-alvestrand-rmcat-remb) asking `media_ssrc`'s sender
+    /// for at most this many bits per second.
+    pub remb_bps: Option<u64>,
 }
 
 /// Most sequence numbers one receiver compound asks for: at most that many
@@ -300,7 +422,7 @@ pub const MAX_NACKS_PER_COMPOUND: usize = 300;
 
 /// Writes a receiver RTCP compound into `out` and returns its length: RR
 /// (RFC 3550 §6.4.2), SDES CNAME (§6.5), Generic NACK (RFC 4585 §6.2.1), PLI
-/// (§6.3.1). Written by hand into the caller's buffer: this runs for every
+/// (§6.3.1), TMMBR (RFC 5104 §4.2.1), REMB, XR RRTR. Written by hand into the caller's buffer: this runs for every
 /// loss and must not allocate once `out` has grown to a datagram.
 pub fn write_receiver_rtcp(
     sender_ssrc: u32,
@@ -383,6 +505,9 @@ pub fn write_receiver_rtcp(
         out.extend_from_slice(&0u32.to_be_bytes());
         write_tmmb_entry(out, feedback.media_ssrc, bitrate_bps, TMMB_OVERHEAD);
         end_rtcp(out, start);
+    }
+    if let Some(bitrate_bps) = feedback.remb_bps {
+        append_remb(out, sender_ssrc, bitrate_bps, &[feedback.media_ssrc]);
     }
     if let Some(ntp) = feedback.rrtr_ntp {
         let start = begin_rtcp(out, 0, 207);
@@ -545,6 +670,97 @@ mod tests {
         assert!(!events.iter().any(|e| matches!(e, RtcpEvent::Tmmbr { .. })));
     }
 
+    /// libwebrtc's REMB test packet (`rtcp_packet/remb_unittest.cc`): sender
+    /// 0x12345678, three SSRCs, BR Exp 1 and Mantissa 0x3fb93 (522,022 bit/s).
+    const LIBWEBRTC_REMB: [u8; 32] = [
+        0x8f, 206, 0x00, 0x07, 0x12, 0x34, 0x56, 0x78, 0x00, 0x00, 0x00, 0x00, b'R', b'E', b'M', b'B', //
+        0x03, 0x07, 0xfb, 0x93, 0x23, 0x45, 0x67, 0x89, 0x23, 0x45, 0x67, 0x8a, 0x23, 0x45, 0x67, 0x8b,
+    ];
+
+    #[test]
+    fn remb_is_written_and_read_bit_for_bit_as_libwebrtc_does() {
+        let mut out = Vec::new();
+        append_remb(&mut out, 0x1234_5678, 522_022, &[0x2345_6789, 0x2345_678a, 0x2345_678b]);
+        assert_eq!(out, LIBWEBRTC_REMB);
+        let mut events = Vec::new();
+        parse_rtcp(&LIBWEBRTC_REMB, &mut events).unwrap();
+        assert_eq!(
+            events,
+            [RtcpEvent::Remb { sender_ssrc: 0x1234_5678, bitrate_bps: 522_022, ssrcs: vec![0x2345_6789, 0x2345_678a, 0x2345_678b] }]
+        );
+        // mediasoup's test packet: two SSRCs, BR Exp 0, Mantissa 122754.
+        let mediasoup = [
+            0x8f, 0xce, 0x00, 0x06, 0xfa, 0x17, 0xfa, 0x17, 0, 0, 0, 0, 0x52, 0x45, 0x4d, 0x42, //
+            0x02, 0x01, 0xdf, 0x82, 0x02, 0xd0, 0x37, 0x02, 0x04, 0xa7, 0x67, 0x47,
+        ];
+        events.clear();
+        parse_rtcp(&mediasoup, &mut events).unwrap();
+        assert_eq!(events, [RtcpEvent::Remb { sender_ssrc: 0xfa17_fa17, bitrate_bps: 122_754, ssrcs: vec![0x02d0_3702, 0x04a7_6747] }]);
+    }
+
+    #[test]
+    fn our_receivers_remb_names_the_media_ssrc_and_carries_no_media_source() {
+        let fb = ReceiverFeedback { media_ssrc: 0xabcd, remb_bps: Some(300_000), ..Default::default() };
+        let mut out = Vec::new();
+        write_receiver_rtcp(7, "rx", &fb, &mut out).unwrap();
+        // 300,000 = 150,000 × 2^1: Exp 1 (0x06 holds Exp << 2 and the
+        // mantissa's top two bits), Mantissa 0x249f0.
+        let remb = [0x8f, 206, 0, 5, 0, 0, 0, 7, 0, 0, 0, 0, b'R', b'E', b'M', b'B', 0x01, 0x06, 0x49, 0xf0, 0, 0, 0xab, 0xcd];
+        assert_eq!(out[out.len() - remb.len()..], remb);
+        let mut events = Vec::new();
+        parse_rtcp(&out, &mut events).unwrap();
+        assert!(events.contains(&RtcpEvent::Remb { sender_ssrc: 7, bitrate_bps: 300_000, ssrcs: vec![0xabcd] }));
+        assert!(!events.iter().any(|e| matches!(e, RtcpEvent::Tmmbr { .. })));
+    }
+
+    #[test]
+    fn remb_bit_rates_take_the_smallest_exponent_and_round_down() {
+        assert_eq!(remb_encode(0), (0, 0));
+        assert_eq!(remb_encode(0x3_ffff), (0, 0x3_ffff), "the largest mantissa at exponent 0");
+        assert_eq!(remb_encode(0x4_0000), (1, 0x2_0000));
+        assert_eq!(remb_encode(1_500_000), (3, 187_500));
+        assert_eq!(remb_representable(1_500_000), 1_500_000);
+        // 1,000,003 / 4 = 250,000.75: rounding to nearest would say 1,000,004,
+        // above what was meant.
+        assert_eq!(remb_encode(1_000_003), (2, 250_000));
+        assert_eq!(remb_representable(1_000_003), 1_000_000);
+        assert_eq!(remb_encode(u64::MAX), (46, 0x3_ffff));
+        assert!(remb_representable(u64::MAX) <= u64::MAX);
+    }
+
+    #[test]
+    fn malformed_remb_is_an_error_naming_its_fault_and_other_feedback_is_skipped() {
+        assert_eq!(parse_remb(b"RE"), Err(RembError::Truncated(2)));
+        assert_eq!(parse_remb(b"REMB\x01\x06"), Err(RembError::Truncated(6)));
+        assert_eq!(parse_remb(b"ABCD\x00\x00\x00\x00"), Err(RembError::NotRemb(*b"ABCD")));
+        assert_eq!(
+            parse_remb(b"REMB\x02\x06\x49\xf0\x00\x00\xab\xcd"),
+            Err(RembError::SsrcsBeyondPacket { count: 2, room: 1 })
+        );
+        let remb = parse_remb(b"REMB\x01\x06\x49\xf0\x00\x00\xab\xcd\x00\x00\x00\x00").unwrap();
+        assert_eq!((remb.bitrate_bps, remb.ssrcs().collect::<Vec<_>>()), (300_000, vec![0xabcd]), "padding after the list is ignored");
+
+        let mut rr = Vec::new();
+        write_receiver_rtcp(7, "rx", &ReceiverFeedback::default(), &mut rr).unwrap();
+        // Num SSRC 3, room for 1.
+        let mut bad = rr.clone();
+        bad.extend_from_slice(&[0x8f, 206, 0, 5, 0, 0, 0, 7, 0, 0, 0, 0, b'R', b'E', b'M', b'B', 3, 0x06, 0x49, 0xf0, 0, 0, 0xab, 0xcd]);
+        let mut events = Vec::new();
+        let e = parse_rtcp(&bad, &mut events).unwrap_err();
+        assert!(e.reason.contains("REMB from SSRC 0x00000007") && e.reason.contains("lists 3 SSRCs"), "{e}");
+        // An FCI too short for the bit rate.
+        let mut bad = rr.clone();
+        bad.extend_from_slice(&[0x8f, 206, 0, 3, 0, 0, 0, 7, 0, 0, 0, 0, b'R', b'E', b'M', b'B']);
+        let e = parse_rtcp(&bad, &mut events).unwrap_err();
+        assert!(e.reason.contains("REMB FCI of 4 bytes is shorter"), "{e}");
+        // Application layer feedback of another kind is not an error.
+        let mut other = rr.clone();
+        other.extend_from_slice(&[0x8f, 206, 0, 4, 0, 0, 0, 7, 0, 0, 0, 0, b'A', b'B', b'C', b'D', 0, 0, 0, 0]);
+        events.clear();
+        parse_rtcp(&other, &mut events).unwrap();
+        assert!(!events.iter().any(|e| matches!(e, RtcpEvent::Remb { .. })));
+    }
+
     fn rtp(seq: u16, pt: u8, payload: &[u8]) -> Vec<u8> {
         RtpPacketBuilder::<&[u8], &[u8]>::new()
             .payload_type(pt)
@@ -588,6 +804,7 @@ mod tests {
             media_ssrc: 5,
             rrtr_ntp: Some(0x0102_0304_0506_0708),
             tmmbr_bps: None,
+            remb_bps: None,
         };
         write_receiver_rtcp(1, "zerodrop@test", &fb, &mut out).unwrap();
         assert!(is_rtcp(&out));
@@ -670,9 +887,24 @@ mod tests {
         }
 
         #[test]
+        fn remb_round_trips_any_bit_rate_rounded_down(
+            bitrate in proptest::prelude::any::<u64>(),
+            ssrcs in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..40),
+        ) {
+            let mut out = Vec::new();
+            append_remb(&mut out, 9, bitrate, &ssrcs);
+            let mut events = Vec::new();
+            parse_rtcp(&out, &mut events).unwrap();
+            let sent = remb_representable(bitrate);
+            let (exp, _) = remb_encode(bitrate);
+            proptest::prop_assert!(sent <= bitrate && bitrate - sent < 1u64 << exp);
+            proptest::prop_assert_eq!(events, vec![RtcpEvent::Remb { sender_ssrc: 9, bitrate_bps: sent, ssrcs }]);
+        }
+
+        #[test]
         fn rtcp_with_random_nack_lists_round_trips(seqs in proptest::collection::vec(proptest::prelude::any::<u16>(), 1..200)) {
             let mut out = Vec::new();
-            let fb = ReceiverFeedback { report: None, nacks: &seqs, pli: false, media_ssrc: 3, rrtr_ntp: None, tmmbr_bps: None };
+            let fb = ReceiverFeedback { report: None, nacks: &seqs, pli: false, media_ssrc: 3, rrtr_ntp: None, tmmbr_bps: None, remb_bps: None };
             write_receiver_rtcp(1, "c", &fb, &mut out).unwrap();
             let mut events = Vec::new();
             parse_rtcp(&out, &mut events).unwrap();

@@ -163,6 +163,9 @@ pub struct Stream {
     cfg: SourceConfig,
     metrics: StreamMetrics,
     session: RtcpSession,
+    /// `zerodrop_bitrate_requests_sent_total` for the source's method, from
+    /// its first bit rate request on.
+    bitrate_requests_sent: Option<prometheus_client::metrics::counter::Counter>,
     repair: Repair,
     depay: Depacketizer,
     decoder: Option<Decoder>,
@@ -268,6 +271,7 @@ impl Stream {
                 cname: format!("zerodrop-{}@{}", cfg.name, std::process::id()),
                 clock_rate: cfg.clock_rate,
                 separate_rtcp_port: cfg.rtcp_bind.is_some(),
+                bitrate_request: cfg.bitrate_request,
             },
             now,
         );
@@ -275,6 +279,7 @@ impl Stream {
             repair: Repair::new(cfg.jitter.clone(), cfg.fec.as_ref(), now),
             depay: new_depacketizer(&cfg),
             session,
+            bitrate_requests_sent: None,
             decoder,
             au_log,
             recovered_log,
@@ -461,12 +466,23 @@ impl Stream {
         tracing::info!(stream = %self.cfg.id(), decoding = on, "rendition switched");
     }
 
-    /// Asks the sender to send at most `bitrate_bps` (TMMBR, RFC 5104),
-    /// again every second until its TMMBN acknowledges it.
-    pub fn request_bitrate(&mut self, bitrate_bps: u64, now: Instant) {
-        if self.session.request_bitrate(bitrate_bps, now) {
+    /// Asks the sender to send at most `bitrate_bps` (`ladder_top`: the top
+    /// of its ladder) as the source's `bitrateRequest` says: TMMBR (RFC
+    /// 5104) again every second until its TMMBN acknowledges it, or REMB
+    /// every second while below the top (see [`RtcpSession::request_bitrate`]).
+    pub fn request_bitrate(&mut self, bitrate_bps: u64, ladder_top: bool, now: Instant) {
+        if self.session.request_bitrate(bitrate_bps, ladder_top, now) {
             self.metrics.bitrate_requested.set(bitrate_bps as i64);
-            self.metrics.bitrate_acknowledged.set(0);
+            // REMB is never acknowledged: -1 says so, where 0 would read as
+            // "not yet".
+            let method = self.session.bitrate_request_kind();
+            self.metrics.bitrate_acknowledged.set(match method {
+                zerodrop_core::BitrateRequest::Tmmbr => 0,
+                zerodrop_core::BitrateRequest::Remb => -1,
+            });
+            if self.bitrate_requests_sent.is_none() {
+                self.bitrate_requests_sent = Some(self.metrics.bitrate_requests_sent(method));
+            }
         }
     }
 
@@ -926,6 +942,11 @@ impl Stream {
         self.metrics.nacks_sent.inc_by(transmit.nacks as u64);
         if transmit.pli {
             self.metrics.keyframe_requests.inc();
+        }
+        if (transmit.tmmbr_bps.is_some() || transmit.remb_bps.is_some())
+            && let Some(sent) = &self.bitrate_requests_sent
+        {
+            sent.inc();
         }
         Some(transmit)
     }

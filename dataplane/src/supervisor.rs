@@ -117,10 +117,12 @@ impl Supervisor {
     }
 
     /// Asks the sender of running source `id` (`pipeline/name`) for at most
-    /// `bitrate_bps` (RTCP TMMBR). False when no such source runs.
-    pub fn request_bitrate(&self, id: &str, bitrate_bps: u64) -> bool {
+    /// `bitrate_bps` (RTCP TMMBR or REMB, as the source's `bitrateRequest`
+    /// says; `ladder_top`: the top of its ladder). False when no such source
+    /// runs.
+    pub fn request_bitrate(&self, id: &str, bitrate_bps: u64, ladder_top: bool) -> bool {
         let Some(r) = self.running.get(id) else { return false };
-        self.workers[r.worker].request_bitrate(id.to_string(), bitrate_bps);
+        self.workers[r.worker].request_bitrate(id.to_string(), bitrate_bps, ladder_top);
         true
     }
 

@@ -76,6 +76,7 @@ fn lost_last_packet_of_the_stream_is_found_by_a_tail_probe_and_repaired() {
         rtsp: None,
         srt: None,
         rendition_of: None,
+        bitrate_request: Default::default(),
         frames: None,
     };
     let metrics = Metrics::new();

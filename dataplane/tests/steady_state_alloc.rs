@@ -134,6 +134,7 @@ fn the_receive_thread_allocates_nothing_per_packet_in_steady_state() {
         rtsp: None,
         srt: None,
         rendition_of: None,
+        bitrate_request: Default::default(),
         frames: None,
     };
     let options = StreamOptions { no_decode: true, ..StreamOptions::default() };

@@ -1,11 +1,13 @@
 #![no_main]
-//! RTCP parsing on arbitrary datagrams; and the NACK list read from the same
-//! bytes (big-endian u16s) written as a receiver compound must parse back to
-//! the same set of sequence numbers.
+//! RTCP parsing on arbitrary datagrams (every packet type we read: SR, RR,
+//! NACK, PLI, FIR, TMMBR/TMMBN, REMB, BYE, XR); and the NACK list read from
+//! the same bytes (big-endian u16s) written as a receiver compound must parse
+//! back to the same set of sequence numbers, and a REMB written with it to
+//! the bit rate it can carry.
 
 use libfuzzer_sys::fuzz_target;
 use zerodrop_dataplane::rtp::{
-    MAX_NACKS_PER_COMPOUND, ReceiverFeedback, ReceptionReport, RtcpEvent, parse_rtcp, write_receiver_rtcp,
+    MAX_NACKS_PER_COMPOUND, ReceiverFeedback, ReceptionReport, RtcpEvent, parse_rtcp, remb_representable, write_receiver_rtcp,
 };
 
 const MEDIA_SSRC: u32 = 0x1234_5678;
@@ -27,7 +29,8 @@ fuzz_target!(|data: &[u8]| {
     let pli = data.len() % 3 == 0;
     let rrtr_ntp = (data.len() % 5 == 0).then_some(u64::from(data.len() as u32) << 32);
     let tmmbr_bps = (data.len() % 7 == 0).then(|| u64::from(data.first().copied().unwrap_or(0)) << (data.len() % 40));
-    let feedback = ReceiverFeedback { report, nacks: &nacks, pli, media_ssrc: MEDIA_SSRC, rrtr_ntp, tmmbr_bps };
+    let remb_bps = (data.len() % 11 == 0).then(|| u64::from(data.last().copied().unwrap_or(0)) << (data.len() % 50));
+    let feedback = ReceiverFeedback { report, nacks: &nacks, pli, media_ssrc: MEDIA_SSRC, rrtr_ntp, tmmbr_bps, remb_bps };
     let mut out = Vec::new();
     write_receiver_rtcp(0xfeed, "zerodrop@fuzz", &feedback, &mut out).expect("receiver RTCP can be written");
 
@@ -47,6 +50,10 @@ fuzz_target!(|data: &[u8]| {
     want.dedup();
     assert_eq!(got, want, "NACKed sequence numbers changed in the round trip");
     assert_eq!(events.contains(&RtcpEvent::Pli { media_ssrc: MEDIA_SSRC }), pli);
+    if let Some(bps) = remb_bps {
+        let remb = RtcpEvent::Remb { sender_ssrc: 0xfeed, bitrate_bps: remb_representable(bps), ssrcs: vec![MEDIA_SSRC] };
+        assert!(events.contains(&remb), "our REMB did not parse back: {events:?}");
+    }
     if let Some(ntp) = rrtr_ntp {
         assert!(events.contains(&RtcpEvent::ReceiverReferenceTime { ssrc: 0xfeed, ntp }));
     }

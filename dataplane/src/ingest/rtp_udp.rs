@@ -235,9 +235,10 @@ impl UdpSource {
         self.stream.next_wake(now)
     }
 
-    /// Asks the sender for at most `bitrate_bps` (TMMBR).
-    pub fn request_bitrate(&mut self, bitrate_bps: u64) {
-        self.stream.request_bitrate(bitrate_bps, Instant::now());
+    /// Asks the sender for at most `bitrate_bps` (TMMBR or REMB, as the
+    /// source says); `ladder_top`: the top of its ladder.
+    pub fn request_bitrate(&mut self, bitrate_bps: u64, ladder_top: bool) {
+        self.stream.request_bitrate(bitrate_bps, ladder_top, Instant::now());
     }
 
     /// Turns decoding of this source on or off; see [`Stream::set_decoding`].

@@ -158,11 +158,12 @@ impl Worker {
         Some(slot.source.finish())
     }
 
-    /// Asks source `id`'s sender for at most `bitrate_bps` (TMMBR), at its
-    /// next turn. False when no such source is served here.
-    pub fn request_bitrate(&mut self, id: &str, bitrate_bps: u64) -> bool {
+    /// Asks source `id`'s sender for at most `bitrate_bps` (TMMBR or REMB;
+    /// `ladder_top`: the top of its ladder), at its next turn. False when no
+    /// such source is served here.
+    pub fn request_bitrate(&mut self, id: &str, bitrate_bps: u64, ladder_top: bool) -> bool {
         let Some(slot) = self.slots.iter_mut().flatten().find(|s| s.id == id) else { return false };
-        slot.source.request_bitrate(bitrate_bps);
+        slot.source.request_bitrate(bitrate_bps, ladder_top);
         slot.wake_at = Instant::now();
         true
     }
@@ -240,7 +241,7 @@ impl Worker {
 enum Command {
     Start { cfg: Box<SourceConfig>, metrics: StreamMetrics, options: StreamOptions, generation: u64 },
     Stop { id: String, generation: u64 },
-    RequestBitrate { id: String, bitrate_bps: u64 },
+    RequestBitrate { id: String, bitrate_bps: u64, ladder_top: bool },
     SetDecoding { id: String, on: bool },
     Exit,
 }
@@ -284,9 +285,9 @@ impl WorkerThread {
         self.send(Command::Start { cfg: Box::new(cfg), metrics, options, generation });
     }
 
-    /// Asks source `id`'s sender for at most `bitrate_bps` (TMMBR).
-    pub fn request_bitrate(&self, id: String, bitrate_bps: u64) {
-        self.send(Command::RequestBitrate { id, bitrate_bps });
+    /// Asks source `id`'s sender for at most `bitrate_bps` (TMMBR or REMB).
+    pub fn request_bitrate(&self, id: String, bitrate_bps: u64, ladder_top: bool) {
+        self.send(Command::RequestBitrate { id, bitrate_bps, ladder_top });
     }
 
     /// Turns decoding of source `id` on or off (a rendition switch).
@@ -361,8 +362,8 @@ fn serve(mut worker: Worker, commands: crossbeam_channel::Receiver<Command>, wak
                         report(id, generation, f);
                     }
                 }
-                Command::RequestBitrate { id, bitrate_bps } => {
-                    if !worker.request_bitrate(&id, bitrate_bps) {
+                Command::RequestBitrate { id, bitrate_bps, ladder_top } => {
+                    if !worker.request_bitrate(&id, bitrate_bps, ladder_top) {
                         tracing::debug!(stream = %id, "bit rate request for a source not served here");
                     }
                 }

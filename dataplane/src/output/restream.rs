@@ -455,7 +455,7 @@ mod tests {
         let to = SocketAddr::from(([127, 0, 0, 1], r.local_addr().unwrap().port()));
         let pli = |ssrc: u32| {
             let mut out = Vec::new();
-            let fb = rtp::ReceiverFeedback { report: None, nacks: &[], pli: true, media_ssrc: ssrc, rrtr_ntp: None, tmmbr_bps: None };
+            let fb = rtp::ReceiverFeedback { report: None, nacks: &[], pli: true, media_ssrc: ssrc, rrtr_ntp: None, tmmbr_bps: None, remb_bps: None };
             rtp::write_receiver_rtcp(0x1111, "viewer", &fb, &mut out).unwrap();
             out
         };

@@ -14,10 +14,15 @@
 //! - the regular receiver report with its loss fraction per interval;
 //! - keyframe requests (PLI, RFC 4585) at most once per max(RTT, 300 ms);
 //! - a bit rate asked of the sender (TMMBR, RFC 5104) until its TMMBN
-//!   acknowledges it, repeated once per report interval.
+//!   acknowledges it, repeated once per report interval; or, for a sender
+//!   that reads REMB instead (browsers, WebRTC gateways), a REMB repeated
+//!   once per report interval while a step below the top stands (REMB is
+//!   never acknowledged), and [`REMB_TOP_REPEATS`] times back at the top.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
+
+use zerodrop_core::BitrateRequest;
 
 use crate::repair::jitter::NackState;
 use crate::rtp::{self, RtcpEvent};
@@ -31,6 +36,10 @@ pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// longer): a keyframe takes a while to come, and asking again before it
 /// could have arrived only makes the sender send several.
 pub const MIN_PLI_INTERVAL: Duration = Duration::from_millis(300);
+/// A REMB for the top of the ladder is sent this many times, a report
+/// interval apart, then no more: one lost on the way does not leave the
+/// sender held low, and the sender's own estimate rules again after it.
+pub const REMB_TOP_REPEATS: u8 = 3;
 
 /// What a session is told once, at the start.
 #[derive(Debug, Clone)]
@@ -43,6 +52,8 @@ pub struct SessionSettings {
     /// sender report to show its RTCP address, feedback goes to the
     /// sender's RTP port + 1.
     pub separate_rtcp_port: bool,
+    /// How the sender is asked for a bit rate (`bitrateRequest`).
+    pub bitrate_request: BitrateRequest,
 }
 
 /// What a sender's RTCP compound told us.
@@ -52,7 +63,7 @@ pub struct RtcpNews {
     pub sender_report: Option<u32>,
     /// The round trip was measured (DLRR).
     pub rtt: Option<Duration>,
-    /// The sender acknowledged (TMMBN) the bit rate we asked for.
+    /// The sender acknowledged (TMMBN) the bit rate we asked for with TMMBR.
     pub bitrate_acknowledged: Option<u64>,
     /// The media sender's report mapped its wallclock (NTP) to RTP time:
     /// `(ntp, rtp_timestamp)`.
@@ -92,6 +103,7 @@ pub struct Transmit<'a> {
     pub nacks: usize,
     pub pli: bool,
     pub tmmbr_bps: Option<u64>,
+    pub remb_bps: Option<u64>,
     pub report: bool,
 }
 
@@ -110,8 +122,13 @@ pub struct RtcpSession {
     next_report: Instant,
     last_pli: Option<Instant>,
     bitrate_request: Option<u64>,
+    /// TMMBR: the sender's TMMBN came for `bitrate_request`.
     bitrate_acknowledged: bool,
-    next_tmmbr: Instant,
+    /// When the bit rate request goes out (again).
+    next_bitrate_request: Instant,
+    /// REMB: how many more times the request goes out; `None` while a step
+    /// below the top stands (until it changes).
+    remb_left: Option<u8>,
     /// The last XR reference times sent (middle 32 bits of NTP, when).
     rrtr_sent: [Option<(u32, Instant)>; 4],
     rrtr_next: usize,
@@ -136,7 +153,8 @@ impl RtcpSession {
             last_pli: None,
             bitrate_request: None,
             bitrate_acknowledged: false,
-            next_tmmbr: now,
+            next_bitrate_request: now,
+            remb_left: None,
             rrtr_sent: [None; 4],
             rrtr_next: 0,
             events: Vec::with_capacity(8),
@@ -215,7 +233,9 @@ impl RtcpSession {
                 RtcpEvent::Bye { ref ssrcs } if self.media_ssrc.is_some_and(|m| ssrcs.contains(&m)) => {
                     news.bye = true;
                 }
-                RtcpEvent::Tmmbn { ssrc, bitrate_bps, .. } if ssrc == self.settings.our_ssrc => {
+                RtcpEvent::Tmmbn { ssrc, bitrate_bps, .. }
+                    if ssrc == self.settings.our_ssrc && self.settings.bitrate_request == BitrateRequest::Tmmbr =>
+                {
                     let asked = self.bitrate_request.map(rtp::tmmb_representable);
                     if asked == Some(bitrate_bps) && !self.bitrate_acknowledged {
                         self.bitrate_acknowledged = true;
@@ -236,17 +256,25 @@ impl RtcpSession {
         Ok(news)
     }
 
-    /// Asks the sender to send at most `bitrate_bps`, from the next feedback
-    /// on and again each report interval until acknowledged. Returns false
+    /// Asks the sender to send at most `bitrate_bps` (`ladder_top`: the top
+    /// of its ladder), from the next feedback on. TMMBR goes again each
+    /// report interval until acknowledged; REMB each report interval while
+    /// below the top, [`REMB_TOP_REPEATS`] times at the top. Returns false
     /// when that is already what is asked.
-    pub fn request_bitrate(&mut self, bitrate_bps: u64, now: Instant) -> bool {
+    pub fn request_bitrate(&mut self, bitrate_bps: u64, ladder_top: bool, now: Instant) -> bool {
         if self.bitrate_request == Some(bitrate_bps) {
             return false;
         }
         self.bitrate_request = Some(bitrate_bps);
         self.bitrate_acknowledged = false;
-        self.next_tmmbr = now;
+        self.next_bitrate_request = now;
+        self.remb_left = ladder_top.then_some(REMB_TOP_REPEATS);
         true
+    }
+
+    /// How the sender is asked for a bit rate.
+    pub fn bitrate_request_kind(&self) -> BitrateRequest {
+        self.settings.bitrate_request
     }
 
     /// Lets the next keyframe request go out at once (the sender can hear
@@ -258,17 +286,21 @@ impl RtcpSession {
     /// The compound due now, if any: NACKs for `request.nacks`, a PLI when a
     /// keyframe is wanted and the last request is old enough, the regular
     /// report when due (with an XR reference time), a TMMBR while one is
-    /// unacknowledged. `wall` is the wallclock for the XR reference time.
+    /// unacknowledged or a REMB while one is due. `wall` is the wallclock for the XR reference time.
     pub fn poll_feedback(&mut self, now: Instant, wall: SystemTime, request: FeedbackRequest<'_>) -> Option<Transmit<'_>> {
         let pli_interval = self.rtt_or_default().max(MIN_PLI_INTERVAL);
         let pli = request.keyframe_wanted
             && self.media_ssrc.is_some()
             && self.last_pli.is_none_or(|t| now.saturating_duration_since(t) >= pli_interval);
         let report_due = now >= self.next_report;
-        let tmmbr_bps = self
+        let still_asking = match self.settings.bitrate_request {
+            BitrateRequest::Tmmbr => !self.bitrate_acknowledged,
+            BitrateRequest::Remb => self.remb_left != Some(0),
+        };
+        let bitrate_bps = self
             .bitrate_request
-            .filter(|_| !self.bitrate_acknowledged && now >= self.next_tmmbr && self.media_ssrc.is_some());
-        if request.nacks.is_empty() && !pli && !report_due && tmmbr_bps.is_none() {
+            .filter(|_| still_asking && now >= self.next_bitrate_request && self.media_ssrc.is_some());
+        if request.nacks.is_empty() && !pli && !report_due && bitrate_bps.is_none() {
             return None;
         }
         if report_due {
@@ -277,9 +309,16 @@ impl RtcpSession {
             self.next_report = now + REPORT_INTERVAL;
         }
         let peer = self.feedback_peer()?;
-        if tmmbr_bps.is_some() {
-            self.next_tmmbr = now + REPORT_INTERVAL;
+        if bitrate_bps.is_some() {
+            self.next_bitrate_request = now + REPORT_INTERVAL;
+            if let Some(left) = &mut self.remb_left {
+                *left = left.saturating_sub(1);
+            }
         }
+        let (tmmbr_bps, remb_bps) = match self.settings.bitrate_request {
+            BitrateRequest::Tmmbr => (bitrate_bps, None),
+            BitrateRequest::Remb => (None, bitrate_bps),
+        };
         let media_ssrc = self.media_ssrc.unwrap_or(0);
         self.nack_seqs.clear();
         self.nack_seqs.extend(request.nacks.iter().map(|&s| s as u16));
@@ -297,14 +336,14 @@ impl RtcpSession {
             self.rrtr_next += 1;
             ntp
         });
-        let fb = rtp::ReceiverFeedback { report, nacks: &self.nack_seqs, pli, media_ssrc, rrtr_ntp, tmmbr_bps };
+        let fb = rtp::ReceiverFeedback { report, nacks: &self.nack_seqs, pli, media_ssrc, rrtr_ntp, tmmbr_bps, remb_bps };
         if rtp::write_receiver_rtcp(self.settings.our_ssrc, &self.settings.cname, &fb, &mut self.buf).is_err() {
             return None;
         }
         if pli {
             self.last_pli = Some(now);
         }
-        Some(Transmit { data: &self.buf, to: peer, nacks: request.nacks.len(), pli, tmmbr_bps, report: report_due })
+        Some(Transmit { data: &self.buf, to: peer, nacks: request.nacks.len(), pli, tmmbr_bps, remb_bps, report: report_due })
     }
 
     /// A new sender took over the stream (new SSRC): everything learned of

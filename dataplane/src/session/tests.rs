@@ -16,8 +16,12 @@ fn ms(n: u64) -> Duration {
 }
 
 fn session(t0: Instant, separate_rtcp_port: bool) -> RtcpSession {
+    session_asking_by(t0, separate_rtcp_port, BitrateRequest::Tmmbr)
+}
+
+fn session_asking_by(t0: Instant, separate_rtcp_port: bool, bitrate_request: BitrateRequest) -> RtcpSession {
     RtcpSession::new(
-        SessionSettings { our_ssrc: OURS, cname: "test@zerodrop".into(), clock_rate: 90_000, separate_rtcp_port },
+        SessionSettings { our_ssrc: OURS, cname: "test@zerodrop".into(), clock_rate: 90_000, separate_rtcp_port, bitrate_request },
         t0,
     )
 }
@@ -201,8 +205,8 @@ fn round_trip_samples_are_smoothed_with_rfc_6298_gain() {
 fn a_bit_rate_is_asked_at_once_then_each_second_until_acknowledged() {
     let t0 = Instant::now();
     let mut s = joined(t0);
-    assert!(s.request_bitrate(1_500_000, t0));
-    assert!(!s.request_bitrate(1_500_000, t0), "asking the same again changes nothing");
+    assert!(s.request_bitrate(1_500_000, false, t0));
+    assert!(!s.request_bitrate(1_500_000, false, t0), "asking the same again changes nothing");
     let tmmbr = |s: &mut RtcpSession, at| {
         s.poll_feedback(t0 + ms(at), SystemTime::now(), request(&[], false, counts(0, 9, 9))).and_then(|t| t.tmmbr_bps)
     };
@@ -217,6 +221,40 @@ fn a_bit_rate_is_asked_at_once_then_each_second_until_acknowledged() {
     crate::rtp::append_tmmbn(&mut ack, SENDER, Some((OURS, crate::rtp::tmmb_representable(1_500_000), 40)));
     assert_eq!(s.handle_rtcp(&ack, None, t0 + ms(1200)).unwrap().bitrate_acknowledged, Some(crate::rtp::tmmb_representable(1_500_000)));
     assert_eq!(tmmbr(&mut s, 2000), None, "acknowledged: no more requests");
+}
+
+#[test]
+fn remb_is_repeated_each_second_below_the_top_and_three_times_back_at_the_top() {
+    let t0 = Instant::now();
+    let mut s = session_asking_by(t0, true, BitrateRequest::Remb);
+    s.set_media_ssrc(SENDER);
+    s.on_media(Some(sender_at()), t0, 0, false);
+    let poll = |s: &mut RtcpSession, at: u64, sent: &mut Vec<(u64, u64)>| {
+        let Some(t) = s.poll_feedback(t0 + ms(at), SystemTime::now(), request(&[], false, counts(0, 9, 9))) else { return };
+        assert_eq!(t.tmmbr_bps, None, "a REMB sender is never sent TMMBR");
+        let Some(bps) = t.remb_bps else { return };
+        let mut events = Vec::new();
+        crate::rtp::parse_rtcp(t.data, &mut events).unwrap();
+        assert!(events.contains(&RtcpEvent::Remb { sender_ssrc: OURS, bitrate_bps: bps, ssrcs: vec![SENDER] }), "{events:?}");
+        sent.push((at, bps));
+    };
+    let mut sent = Vec::new();
+    assert!(s.request_bitrate(300_000, false, t0));
+    for at in (0..=4000).step_by(250) {
+        poll(&mut s, at, &mut sent);
+    }
+    // A TMMBN-like answer changes nothing: REMB has none, and goes on.
+    let mut ack = sender_report(1, 1, None);
+    crate::rtp::append_tmmbn(&mut ack, SENDER, Some((OURS, 300_000, 40)));
+    assert_eq!(s.handle_rtcp(&ack, None, t0 + ms(4100)).unwrap().bitrate_acknowledged, None);
+    poll(&mut s, 5000, &mut sent);
+    assert_eq!(sent, [0, 1000, 2000, 3000, 4000, 5000].map(|at| (at, 300_000)));
+    sent.clear();
+    assert!(s.request_bitrate(1_500_000, true, t0 + ms(5500)));
+    for at in (5500..=12_000).step_by(250) {
+        poll(&mut s, at, &mut sent);
+    }
+    assert_eq!(sent, [5500, 6500, 7500].map(|at| (at, 1_500_000)), "the top three times, then no more");
 }
 
 #[test]

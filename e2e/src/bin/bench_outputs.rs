@@ -372,6 +372,7 @@ fn restream_join(port: u16, feedback: SocketAddr, pli: bool, timeout: Duration) 
                 media_ssrc: p.ssrc(),
                 rrtr_ntp: None,
                 tmmbr_bps: None,
+                remb_bps: None,
             };
             let mut out = Vec::new();
             zerodrop_dataplane::rtp::write_receiver_rtcp(0x5eed, "bench-viewer", &fb, &mut out).map_err(|e| anyhow::anyhow!("{e}"))?;
