@@ -245,6 +245,43 @@ fn sender_honours_tmmbr_by_lowering_its_encoder_bitrate_and_answers_tmmbn() {
     sender.stop().unwrap();
 }
 
+/// REMB (draft-alvestrand-rmcat-remb) sets the encoder's bit rate to its
+/// figure (no overhead to take off), as a WebRTC sender caps its target by
+/// it; a REMB for other SSRCs is not ours, and a repeat changes nothing.
+#[test]
+fn sender_follows_remb_naming_its_ssrc_and_ignores_remb_for_others() {
+    let (rcv_rtp, rcv_rtcp) = receiver_pair();
+    let mut args = send_args(rcv_rtp.local_addr().unwrap(), &["--frames", "300", "--pattern", "snow", "--mtu", "1200"]);
+    args.bitrate = 2000;
+    let sender = Sender::start(args).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let mut first: Option<Instant> = None;
+    let mut sender_rtcp: Option<SocketAddr> = None;
+    let before = media_rate(&rcv_rtp, &mut buf, &mut first, &mut sender_rtcp, 1000, 3000);
+
+    let mut remb = Vec::new();
+    let others = ReceiverFeedback { media_ssrc: SSRC ^ 1, remb_bps: Some(100_000), ..Default::default() };
+    rtp::write_receiver_rtcp(0x4242, "test-receiver", &others, &mut remb).unwrap();
+    rcv_rtcp.send_to(&remb, sender_rtcp.unwrap()).unwrap();
+    let fb = ReceiverFeedback { media_ssrc: SSRC, remb_bps: Some(400_000), ..Default::default() };
+    rtp::write_receiver_rtcp(0x4242, "test-receiver", &fb, &mut remb).unwrap();
+    rcv_rtcp.send_to(&remb, sender_rtcp.unwrap()).unwrap();
+    rcv_rtcp.send_to(&remb, sender_rtcp.unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sender.stats().rembs_received < 2 {
+        assert!(Instant::now() < deadline, "the REMBs were not read: {:?}", sender.stats());
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    let stats = sender.stats();
+    assert_eq!((stats.rembs_received, stats.tmmbrs_received), (2, 0), "the REMB for another SSRC is not counted");
+    assert_eq!(stats.bitrate_kbps, 400);
+    let after = media_rate(&rcv_rtp, &mut buf, &mut first, &mut sender_rtcp, 5000, 7000);
+    eprintln!("media rate before {before:.0} bit/s, after REMB {after:.0} bit/s");
+    assert!(before > 1_200_000.0, "the sender used its 2 Mbit/s: {before:.0}");
+    assert!(after < 700_000.0, "the sender stepped down: {after:.0}");
+    sender.stop().unwrap();
+}
+
 /// Media bit rate received between `from_ms` and `to_ms` after the first
 /// packet; notes where the sender's RTCP socket is (RTP source port + 1).
 fn media_rate(

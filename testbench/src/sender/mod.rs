@@ -258,8 +258,10 @@ pub struct SendCounters {
     pub rtx_dropped: AtomicU64,
     pub plis_received: AtomicU64,
     pub firs_received: AtomicU64,
-    /// TMMBR entries addressed to us, and the encoder bit rate now (kbit/s).
+    /// TMMBR entries addressed to us, REMBs naming our SSRC, and the
+    /// encoder bit rate now (kbit/s).
     pub tmmbrs_received: AtomicU64,
+    pub rembs_received: AtomicU64,
     pub bitrate_kbps: AtomicU64,
     pub keyframes_forced: AtomicU64,
     pub feedback_other_ssrc: AtomicU64,
@@ -296,6 +298,7 @@ pub struct SendStats {
     pub plis_received: u64,
     pub firs_received: u64,
     pub tmmbrs_received: u64,
+    pub rembs_received: u64,
     pub bitrate_kbps: u64,
     pub keyframes_forced: u64,
     pub feedback_other_ssrc: u64,
@@ -335,6 +338,7 @@ impl SendCounters {
             plis_received: g(&self.plis_received),
             firs_received: g(&self.firs_received),
             tmmbrs_received: g(&self.tmmbrs_received),
+            rembs_received: g(&self.rembs_received),
             bitrate_kbps: g(&self.bitrate_kbps),
             keyframes_forced: g(&self.keyframes_forced),
             feedback_other_ssrc: g(&self.feedback_other_ssrc),
@@ -703,7 +707,7 @@ impl SendWorker {
         let s = self.counters.snapshot();
         let rtt = s.rtt_us.map_or_else(|| "-".into(), |us| format!("{:.1}ms", us as f64 / 1000.0));
         eprintln!(
-            "send {:>5.1}s: frames {} packets {} dropped {} nacks {} rtx {} plis {} rtt {}",
+            "send {:>5.1}s: frames {} packets {} dropped {} nacks {} rtx {} plis {} rtt {} bitrate {}kbps tmmbrs {} rembs {}",
             started.elapsed().as_secs_f64(),
             s.frames_sent,
             s.packets_sent,
@@ -711,7 +715,10 @@ impl SendWorker {
             s.nacks_received,
             s.rtx_sent,
             s.plis_received,
-            rtt
+            rtt,
+            s.bitrate_kbps,
+            s.tmmbrs_received,
+            s.rembs_received
         );
     }
 

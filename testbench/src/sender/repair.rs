@@ -2,7 +2,9 @@
 //! from a history of sent packets, turns PLI/FIR into a forced keyframe, sends
 //! sender reports so the receiver can measure RTT, reads the receiver's
 //! report blocks for the RTT it measured back, and honours TMMBR (RFC 5104)
-//! by changing the encoder's bit rate live, acknowledged with TMMBN.
+//! by changing the encoder's bit rate live, acknowledged with TMMBN, and REMB
+//! (draft-alvestrand-rmcat-remb) the same way, unacknowledged, as a WebRTC
+//! sender does.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -182,6 +184,10 @@ impl RtcpResponder {
                     c.tmmbrs_received.fetch_add(1, Ordering::Relaxed);
                     self.limit_bitrate(sender_ssrc, bitrate_bps, overhead, out);
                 }
+                RtcpEvent::Remb { sender_ssrc, bitrate_bps, ssrcs } if ssrcs.contains(&self.ssrc) => {
+                    c.rembs_received.fetch_add(1, Ordering::Relaxed);
+                    self.follow_remb(sender_ssrc, bitrate_bps);
+                }
                 RtcpEvent::ReceiverReferenceTime { ssrc, ntp } => {
                     self.last_rrtr = Some((ssrc, (ntp >> 16) as u32, Instant::now()));
                 }
@@ -235,22 +241,41 @@ impl RtcpResponder {
     fn limit_bitrate(&mut self, requester: u32, bitrate_bps: u64, overhead: u16, out: &mut Vec<u8>) {
         let packet = u64::from(self.mtu.max(1));
         let media_bps = bitrate_bps.saturating_mul(packet) / (packet + u64::from(overhead));
+        if !self.set_encoder_bitrate(requester, bitrate_bps, media_bps, "TMMBR") {
+            self.send_sender_report(out, None, false);
+            return;
+        }
+        self.send_sender_report(out, Some((requester, bitrate_bps, overhead)), false);
+    }
+
+    /// Sets the encoder to a REMB's figure, as a WebRTC sender caps its
+    /// target bit rate by it (REMB says nothing of packet overhead). Nothing
+    /// answers a REMB; the receiver repeats it while it stands.
+    fn follow_remb(&mut self, requester: u32, bitrate_bps: u64) {
+        self.set_encoder_bitrate(requester, bitrate_bps, bitrate_bps, "REMB");
+    }
+
+    /// Sets the encoder's bit rate to `media_bps` (clamped to what the
+    /// command line asked and [`MIN_KBPS`]) on `requester`'s `message` for
+    /// `bitrate_bps`. False when the encoder cannot change it while playing.
+    fn set_encoder_bitrate(&self, requester: u32, bitrate_bps: u64, media_bps: u64, message: &str) -> bool {
         let kbps = (media_bps / 1000).clamp(MIN_KBPS, u64::from(self.max_kbps)) as u32;
         let live = self
             .encoder
             .find_property("bitrate")
             .is_some_and(|p| p.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING));
         if !live {
-            tracing::warn!(requester, bitrate_bps, "TMMBR not honoured: the encoder cannot change its bit rate while playing");
-            self.send_sender_report(out, None, false);
-            return;
+            tracing::warn!(requester, bitrate_bps, "{message} not honoured: the encoder cannot change its bit rate while playing");
+            return false;
         }
-        self.encoder.set_property("bitrate", kbps);
         let before = self.counters.bitrate_kbps.swap(u64::from(kbps), Ordering::Relaxed);
+        // A repeated REMB asks what is already set: the encoder is not
+        // reconfigured for nothing.
         if before != u64::from(kbps) {
-            tracing::info!(requester, bitrate_bps, from_kbps = before, to_kbps = kbps, "encoder bit rate changed on TMMBR");
+            self.encoder.set_property("bitrate", kbps);
+            tracing::info!(requester, bitrate_bps, from_kbps = before, to_kbps = kbps, "encoder bit rate changed on {message}");
         }
-        self.send_sender_report(out, Some((requester, bitrate_bps, overhead)), false);
+        true
     }
 
     fn send_sender_report(&self, out: &mut Vec<u8>, tmmbn: Option<(u32, u64, u16)>, bye: bool) {
