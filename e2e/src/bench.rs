@@ -39,7 +39,6 @@ pub fn ensure_zerodrop_built() -> anyhow::Result<PathBuf> {
 
 /// A free even RTP port whose RTCP neighbour is free too (closed again for
 /// the receiver to bind).
-/// An even RTP port whose RTCP neighbour is free too.
 pub fn free_rtp_port() -> anyhow::Result<u16> {
     Ok(free_rtp_ports(1)?[0])
 }
@@ -57,8 +56,6 @@ pub fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// CPU time of a process: (utime + stime from `/proc/PID/stat`, in clock
-/// ticks; the sum of its threads' `schedstat` run time, in ns), in seconds.
 /// CPU time of process `pid` so far, in seconds: utime + stime from
 /// `/proc/PID/stat`, and the run time of all its threads from schedstat.
 pub fn process_cpu(pid: u32) -> anyhow::Result<(f64, f64)> {
@@ -80,13 +77,35 @@ pub fn process_cpu(pid: u32) -> anyhow::Result<(f64, f64)> {
 
 /// The kernel's drop count of the UDP socket bound to 127.0.0.1:`port`
 /// (the last column of `/proc/net/udp`).
-/// The kernel's drop count of the loopback UDP socket on `port`
-/// (`/proc/net/udp`).
 pub fn udp_socket_drops(port: u16) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/net/udp").ok()?;
-    let local = format!("0100007F:{port:04X}");
-    text.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() >= 13 && f[1] == local).then(|| f[12].parse().ok()).flatten()
-    })
+    Some(udp_socket_states(&[port]).first()?.drops)
+}
+
+/// What `/proc/net/udp` says of a loopback socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UdpSocketState {
+    pub port: u16,
+    /// Bytes waiting in its receive queue (each datagram counts its whole
+    /// kernel buffer, not only its payload).
+    pub rx_queue: u64,
+    pub drops: u64,
+}
+
+/// The states of the UDP sockets bound to 127.0.0.1 on `ports`, in the
+/// order found, from one read of `/proc/net/udp`; a port with no socket
+/// is left out.
+pub fn udp_socket_states(ports: &[u16]) -> Vec<UdpSocketState> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/udp") else { return Vec::new() };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = u16::from_str_radix(f.get(1)?.strip_prefix("0100007F:")?, 16).ok()?;
+            if f.len() < 13 || !ports.contains(&port) {
+                return None;
+            }
+            let rx_queue = u64::from_str_radix(f[4].split_once(':')?.1, 16).ok()?;
+            Some(UdpSocketState { port, rx_queue, drops: f[12].parse().ok()? })
+        })
+        .collect()
 }

@@ -848,6 +848,23 @@ impl ReplaySender {
         Ok(n)
     }
 
+    /// Sends `frames` whole frames of every stream, a frame of each in turn,
+    /// as fast as the kernel takes them, with no loss: a fill for receivers
+    /// that hold everything in their socket buffers. Returns each stream's
+    /// counts so far.
+    pub fn send_frames(&mut self, frames: u64) -> Vec<StreamCounts> {
+        for _ in 0..frames {
+            for s in 0..self.streams.len() {
+                while !self.push_next(s, false) {}
+            }
+            if self.batch.sizes.len() >= 512 {
+                self.flush();
+            }
+        }
+        self.flush();
+        self.streams.iter().map(|s| s.counts.clone()).collect()
+    }
+
     /// Sends the phases one after another, round-robin over the streams.
     /// Sets `stop` to end early (the phases not reached are left out).
     pub fn run_rates(&mut self, phases: &[RatePhase], stop: &AtomicBool) -> RateRun {

@@ -27,6 +27,11 @@
 //! - *staircase*: rates rising by 25% a step until two steps in a row lose
 //!   packets: the highest rate taken without loss.
 //!
+//! One core and two ([`cores`]): the receiver's sockets filled while it is
+//! stopped, then timed as it drains them on core 1 alone and on both cores
+//! (ours with `--workers 2`, the bare loop as a child per core): its
+//! throughput on whole cores, with no sender on the CPU.
+//!
 //! Concurrency: one `zerodrop run --no-decode` with N sources (one manifest,
 //! N port pairs) against N streams at 4 Mbit/s each with seeded 3% loss on
 //! first transmissions and on retransmissions, NACKs answered with RTX; N
@@ -100,6 +105,8 @@ pub(crate) const MARK_END: &str = "<!-- bench-throughput:end -->";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Part {
     Throughput,
+    /// The drain runs: one core against two, ours against the bare loop.
+    Cores,
     Concurrency,
 }
 
@@ -141,6 +148,15 @@ pub(crate) struct Args {
     /// Seed of the concurrency loss models (stream i: seed + i).
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
+    /// Drain runs: sockets per core.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) drain_sockets_per_core: usize,
+    /// Drain runs: packets queued per core (default 1,000,000; 200,000 with --quick).
+    #[arg(long)]
+    pub(crate) drain_packets: Option<u64>,
+    /// Drain runs: runs of each receiver on each core count (default 3; 1 with --quick).
+    #[arg(long)]
+    pub(crate) drain_reps: Option<usize>,
     /// Where the JSON goes (default results/throughput-benchmark.json; none with --quick).
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
@@ -171,6 +187,12 @@ impl Args {
     /// Overloads of the bare loop and ours beyond the overload run's.
     pub(crate) fn extra_overloads(&self) -> usize {
         if self.quick { 1 } else { 2 }
+    }
+    pub(crate) fn drain_packets_per_core(&self) -> u64 {
+        self.drain_packets.unwrap_or(if self.quick { 200_000 } else { 1_000_000 })
+    }
+    pub(crate) fn drain_reps(&self) -> usize {
+        self.drain_reps.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
     }
     pub(crate) fn step_s(&self) -> f64 {
         if self.quick { 0.4 } else { 1.0 }
@@ -267,6 +289,10 @@ fn main() -> anyhow::Result<()> {
     if args.only.is_none_or(|p| p == Part::Throughput) {
         throughput = Some(run_throughput(&args, &clip, &work)?);
     }
+    let mut cores = None;
+    if args.only.is_none_or(|p| p == Part::Cores) {
+        cores = Some(run_cores(&args, &clip, &work)?);
+    }
     let (mut concurrency, mut concurrency_gst) = (None, None);
     if args.only.is_none_or(|p| p == Part::Concurrency) {
         concurrency = Some(run_concurrency(&args, &clip, ConcurrencyRx::Zerodrop, &work)?);
@@ -283,6 +309,7 @@ fn main() -> anyhow::Result<()> {
         &clip_summary,
         gso.as_ref(),
         throughput.as_ref(),
+        cores.as_ref(),
         concurrency.as_ref(),
         concurrency_gst.as_ref(),
     );
@@ -303,6 +330,7 @@ fn main() -> anyhow::Result<()> {
             "clip": clip_summary,
             "wall_s": wall_s,
             "throughput": throughput,
+            "cores": cores,
             "concurrency": concurrency,
             "concurrency_gstreamer": concurrency_gst,
         });
@@ -321,9 +349,11 @@ mod throughput;
 mod timelines;
 mod receivers;
 mod concurrency;
+mod cores;
 mod report;
 use throughput::*;
 use timelines::*;
 use receivers::*;
 use concurrency::*;
+use cores::*;
 use report::*;

@@ -122,19 +122,23 @@ impl RxProcess {
 impl ChildRx {
     /// `taskset -c 1 <this binary> <sub> --port=P`, ready once it says so.
     pub(crate) fn spawn(sub: &str, port: u16, log: &Path) -> anyhow::Result<Self> {
+        let args = [format!("--port={port}"), format!("--buffer={RECEIVE_BUFFER}"), format!("--latency-ms={LATENCY_MS}")];
+        Self::spawn_on(sub, &RECEIVER_CORE.to_string(), &args, log)
+    }
+
+    /// `taskset -c <cores> <this binary> <sub> <args>`, ready once it says so.
+    pub(crate) fn spawn_on(sub: &str, cores: &str, args: &[String], log: &Path) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new("taskset")
-            .args(["-c", &RECEIVER_CORE.to_string()])
+            .args(["-c", cores])
             .arg(&exe)
             .arg(sub)
-            .arg(format!("--port={port}"))
-            .arg(format!("--buffer={RECEIVE_BUFFER}"))
-            .arg(format!("--latency-ms={LATENCY_MS}"))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log)?)
             .spawn()
-            .with_context(|| format!("starting taskset -c {RECEIVER_CORE} {} {sub}", exe.display()))?;
+            .with_context(|| format!("starting taskset -c {cores} {} {sub}", exe.display()))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().context("child stdout")?;
         let samples: Arc<Mutex<Vec<RxSample>>> = Arc::default();
@@ -232,13 +236,23 @@ pub(crate) fn stop_on_stdin_close() -> Arc<AtomicBool> {
     stop
 }
 
-/// The bare loop: `recvmmsg` (our `RecvBatch`) into counting, nothing else.
+/// The bare loop: `recvmmsg` (our `RecvBatch`) into counting, nothing else;
+/// with several sockets (`--ports=a,b,…`), one call on each in turn.
 /// Prints `t_ns read read 0` every 20 ms.
 pub(crate) fn bare_child_main(raw: &[String]) -> anyhow::Result<()> {
     let args = child_args(raw)?;
-    let port: u16 = child_arg(&args, "port")?;
+    let ports: Vec<u16> = match args.get("ports") {
+        Some(list) => list.split(',').map(|p| p.parse().with_context(|| format!("--ports: {p:?} is not a port"))).collect::<anyhow::Result<_>>()?,
+        None => vec![child_arg(&args, "port")?],
+    };
     let buffer: usize = child_arg(&args, "buffer")?;
-    let (socket, granted) = udp::bind(format!("127.0.0.1:{port}").parse()?, buffer)?;
+    let mut sockets = Vec::with_capacity(ports.len());
+    let mut granted = usize::MAX;
+    for port in &ports {
+        let (socket, g) = udp::bind(format!("127.0.0.1:{port}").parse()?, buffer)?;
+        granted = granted.min(g);
+        sockets.push(socket);
+    }
     let stop = stop_on_stdin_close();
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready {granted}")?;
@@ -247,12 +261,17 @@ pub(crate) fn bare_child_main(raw: &[String]) -> anyhow::Result<()> {
     let mut count: u64 = 0;
     let mut calls: u64 = 0;
     let mut next_report = monotonic_ns();
+    let waiting: Vec<&std::net::UdpSocket> = sockets.iter().collect();
     while !stop.load(Ordering::Relaxed) {
-        let n = batch.recv(&socket)?;
-        calls += 1;
-        count += n as u64;
-        if n == 0 {
-            udp::wait_readable(&[&socket], Duration::from_millis(20))?;
+        let mut turn = 0;
+        for socket in &sockets {
+            let n = batch.recv(socket)?;
+            calls += 1;
+            turn += n;
+        }
+        count += turn as u64;
+        if turn == 0 {
+            udp::wait_readable(&waiting, Duration::from_millis(20))?;
         }
         let now = monotonic_ns();
         if now >= next_report {
