@@ -151,10 +151,10 @@ pub(crate) struct Args {
     /// Drain runs: sockets per core.
     #[arg(long, default_value_t = 4)]
     pub(crate) drain_sockets_per_core: usize,
-    /// Drain runs: packets queued per core (default 1,000,000; 200,000 with --quick).
+    /// Drain runs: packets queued per core (default 500,000; 200,000 with --quick).
     #[arg(long)]
     pub(crate) drain_packets: Option<u64>,
-    /// Drain runs: runs of each receiver on each core count (default 3; 1 with --quick).
+    /// Drain runs: runs of each receiver in each placement (default 5; 1 with --quick).
     #[arg(long)]
     pub(crate) drain_reps: Option<usize>,
     /// Where the JSON goes (default results/throughput-benchmark.json; none with --quick).
@@ -189,10 +189,10 @@ impl Args {
         if self.quick { 1 } else { 2 }
     }
     pub(crate) fn drain_packets_per_core(&self) -> u64 {
-        self.drain_packets.unwrap_or(if self.quick { 200_000 } else { 1_000_000 })
+        self.drain_packets.unwrap_or(if self.quick { 200_000 } else { 500_000 })
     }
     pub(crate) fn drain_reps(&self) -> usize {
-        self.drain_reps.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
+        self.drain_reps.unwrap_or(if self.quick { 1 } else { 5 }).max(1)
     }
     pub(crate) fn step_s(&self) -> f64 {
         if self.quick { 0.4 } else { 1.0 }
