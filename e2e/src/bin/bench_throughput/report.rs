@@ -278,8 +278,7 @@ pub(crate) fn cores_section(s: &mut String, c: &CoresResult) {
     let _ = writeln!(
         s,
         "\nTargets: ours ≥ 0.8 of the saturated bare loop on one core: **{}** ({:.3} on core 1, {:.3} on core 0); two cores ≥ 1.8× one core: **{}** ({:.3}× core 1 alone; {:.2} of what cores 0 and 1 take alone, added). \
-         The last column is the kernel's limit, not ours: when one core allocated every packet, the other frees what it did not \
-         allocate, and the bare loop gains as little from the second core as ours.\n",
+         The last column fills every socket from core 0, so the kernel frees on core 1 what core 0 allocated.\n",
         if c.ratio_core1.min(c.ratio_core0) >= 0.8 { "met" } else { "missed" },
         c.ratio_core1,
         c.ratio_core0,
