@@ -415,6 +415,7 @@ fn drain_run(
         if Instant::now() > deadline {
             bail!("{} did not bind its {sockets} sockets within 30 s", kind.name());
         }
+        // Polling /proc/net/udp for the receiver's sockets to appear.
         std::thread::sleep(POLL_MIN);
     }
     let pids = rx.pids();
