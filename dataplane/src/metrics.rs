@@ -718,13 +718,38 @@ struct IngestFamilies {
     disconnected: Family<StreamLabels, SecondsCounter>,
 }
 
+/// A pulled source's connection metrics.
+#[derive(Clone)]
+pub struct IngestCounters {
+    pub connected: Gauge,
+    pub reconnects: Counter,
+    pub(crate) errors: Family<ReasonLabels, Counter>,
+    pub last_frame: F64Gauge,
+    pub disconnected: SecondsCounter,
+    pub(crate) labels: StreamLabels,
+}
+
+impl IngestCounters {
+    /// Counts one failed or ended session under `reason`.
+    pub fn error(&self, reason: &str) {
+        let l = ReasonLabels { pipeline: self.labels.pipeline.clone(), stream: self.labels.stream.clone(), reason: reason.into() };
+        self.errors.get_or_create(&l).inc();
+    }
+
+    /// Sessions that failed or ended for `reason` so far.
+    pub fn errors(&self, reason: &str) -> u64 {
+        let l = ReasonLabels { pipeline: self.labels.pipeline.clone(), stream: self.labels.stream.clone(), reason: reason.into() };
+        self.errors.get(&l).map_or(0, |c| c.get())
+    }
+}
+
 impl StreamMetrics {
     /// The connection metrics of a pulled source (RTSP, SRT), created on
     /// first use so that pushed sources export none.
-    pub fn ingest(&self) -> crate::ingest::IngestCounters {
+    pub fn ingest(&self) -> IngestCounters {
         let f = &self.ingest;
         let l = &self.labels;
-        crate::ingest::IngestCounters {
+        IngestCounters {
             connected: handle(&f.connected, l),
             reconnects: handle(&f.reconnects, l),
             errors: f.errors.clone(),

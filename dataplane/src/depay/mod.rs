@@ -10,6 +10,7 @@
 //! FU-B and PACI are counted as unsupported and drop their frame.
 
 pub mod au;
+pub mod sprop;
 
 use std::time::Instant;
 

@@ -30,33 +30,5 @@ pub mod ts;
 pub mod udp;
 pub mod worker;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-
-use crate::metrics::{F64Gauge, ReasonLabels, SecondsCounter, StreamLabels};
-
-/// A pulled source's connection metrics.
-#[derive(Clone)]
-pub struct IngestCounters {
-    pub connected: Gauge,
-    pub reconnects: Counter,
-    pub(crate) errors: Family<ReasonLabels, Counter>,
-    pub last_frame: F64Gauge,
-    pub disconnected: SecondsCounter,
-    pub(crate) labels: StreamLabels,
-}
-
-impl IngestCounters {
-    /// Counts one failed or ended session under `reason`.
-    pub fn error(&self, reason: &str) {
-        let l = ReasonLabels { pipeline: self.labels.pipeline.clone(), stream: self.labels.stream.clone(), reason: reason.into() };
-        self.errors.get_or_create(&l).inc();
-    }
-
-    /// Sessions that failed or ended for `reason` so far.
-    pub fn errors(&self, reason: &str) -> u64 {
-        let l = ReasonLabels { pipeline: self.labels.pipeline.clone(), stream: self.labels.stream.clone(), reason: reason.into() };
-        self.errors.get(&l).map_or(0, |c| c.get())
-    }
-}
+/// A pulled source's connection metrics (they live with the other metrics).
+pub use crate::metrics::IngestCounters;

@@ -293,7 +293,7 @@ pub fn sdp_parameter_sets(sdp: &[u8], index: usize, codec: Codec) -> Vec<Vec<u8>
             _ => None,
         },
     };
-    joined.and_then(|j| crate::config::parse_parameter_sets(&j, codec).ok()).unwrap_or_default()
+    joined.and_then(|j| crate::depay::sprop::parse_parameter_sets(&j, codec).ok()).unwrap_or_default()
 }
 
 #[cfg(test)]
